@@ -2,6 +2,10 @@
 
 Sections, top to bottom:
   1. Prompt rendering: a puzzle record -> the exact SPEC.md system and user messages.
+  2. Tokenizer and model: presets built on the puzzle text, loading, token ids with a loss mask.
+  3. Sampling and log-probabilities: batched KV-cache sampling, chunked per-token log-probs.
+  4. Distributed setup and checkpoints: torchrun, FSDP2, Hugging Face folders, resume state.
+  5. The demo: the whole pipeline on the bundled data.
 
 Run the whole pipeline on the bundled data (2-core CPU, under 15 minutes):
     python cello.py demo
@@ -69,3 +73,23 @@ def write_jsonl_atomic(path, rows):
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Tokenizer and model
+# ---------------------------------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Sampling and log-probabilities
+# ---------------------------------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Distributed setup and checkpoints
+# ---------------------------------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. The demo
+# ---------------------------------------------------------------------------------------------
