@@ -1,0 +1,174 @@
+"""eval.py: score responders on a CellPuzzles file and print the paper's metrics.
+
+Each responder (see responders.py) answers every puzzle; each response is scored with reward.score
+(SPEC.md's format rule and reward). Prints one markdown table (a row per responder, then rows by N)
+and writes, in --out-dir:
+  predictions.jsonl  one line per response: responder, id, n, sample, response, answer, and the score
+                     fields (valid, correct, reward, exact, uniqueness, num_tokens, error)
+  summary.json       {responder: reward.metrics(...)} (with "pass_at_k" when --num-samples > 1)
+
+Run (one process; the model responder uses cello's sampler on --device):
+    python eval.py --puzzles test.jsonl --responder random independent expert --train train.jsonl --out-dir out/eval
+    python eval.py --puzzles test.jsonl --responder model --model-path out/sft --out-dir out/eval_sft
+    python eval.py --puzzles test.jsonl --responder api --base-url https://api.openai.com/v1 \\
+        --api-model o1 --api-key-env OPENAI_API_KEY --out-dir out/eval_o1
+"""
+import argparse
+import json
+import os
+import sys
+
+from tqdm import tqdm
+
+import cello
+import responders
+import reward
+
+
+def fail(message):
+    """Bad input: one clear line on stderr, exit status 1, nothing written."""
+    sys.exit(f"eval.py: error: {message}")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Score responders on a puzzles JSONL file.")
+    io = parser.add_argument_group("input and output")
+    io.add_argument("--puzzles", required=True, help="puzzles JSONL to answer (e.g. the test split)")
+    io.add_argument("--out-dir", required=True, help="folder for predictions.jsonl and summary.json")
+    io.add_argument("--limit", type=int, default=None, help="answer only the first this many puzzles")
+    who = parser.add_argument_group("responders")
+    who.add_argument("--responder", nargs="+", default=["expert"], help=f"one or more of {', '.join(responders.NAMES)}")
+    who.add_argument("--train", help="train puzzles JSONL (independent and expert learn marker scores from it)")
+    who.add_argument("--num-samples", type=int, default=1, help="responses per puzzle (k > 1 also reports pass@k)")
+    who.add_argument("--temperature", type=float, default=0.0, help="expert: Gumbel noise scale; model/api: sampling temperature (0 = greedy/deterministic)")
+    who.add_argument("--seed", type=int, default=0, help="seed of random, expert and model sampling")
+    model = parser.add_argument_group("model responder (a Hugging Face checkpoint folder)")
+    model.add_argument("--model-path", help="checkpoint folder (config.json, weights, tokenizer)")
+    model.add_argument("--batch-size", type=int, default=8, help="puzzles per responder call (and per sampler batch)")
+    model.add_argument("--max-new-tokens", type=int, default=1024, help="response length limit in tokens")
+    model.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    model.add_argument("--device", default="cpu", help="torch device for the model responder")
+    api = parser.add_argument_group("api responder (an OpenAI-compatible endpoint)")
+    api.add_argument("--base-url", help="endpoint base URL, e.g. https://api.openai.com/v1")
+    api.add_argument("--api-model", help="model name the endpoint serves")
+    api.add_argument("--api-key-env", default="OPENAI_API_KEY", help="name of the environment variable holding the key")
+    api.add_argument("--api-cache", help="append-only response cache JSONL (default: OUT_DIR/api_cache.jsonl)")
+    api.add_argument("--max-concurrency", type=int, default=8, help="concurrent API requests")
+    args = parser.parse_args(argv)
+
+    for name in args.responder:
+        if name not in responders.NAMES:
+            fail(f"--responder: unknown responder {name!r} (expected one of {', '.join(responders.NAMES)})")
+    if len(set(args.responder)) != len(args.responder):
+        fail("--responder: a responder is named twice")
+    if not os.path.isfile(args.puzzles):
+        fail(f"--puzzles: file not found: {args.puzzles}")
+    needs_train = sorted({"independent", "expert"} & set(args.responder))
+    if needs_train and not args.train:
+        fail(f"--responder {' '.join(needs_train)} needs --train (train puzzles to learn marker scores from)")
+    if args.train and not os.path.isfile(args.train):
+        fail(f"--train: file not found: {args.train}")
+    if "model" in args.responder:
+        if not args.model_path:
+            fail("--responder model needs --model-path (a checkpoint folder)")
+        if not os.path.isfile(os.path.join(args.model_path, "config.json")):
+            fail(f"--model-path: not a Hugging Face model folder (no config.json): {args.model_path}")
+    if "api" in args.responder and not (args.base_url and args.api_model):
+        fail("--responder api needs --base-url and --api-model")
+    if args.num_samples < 1 or args.batch_size < 1:
+        fail("--num-samples and --batch-size must be at least 1")
+    return args
+
+
+def read_puzzles(path, what):
+    """Puzzle records of a JSONL file; one clear line and exit on a file that is not puzzles."""
+    try:
+        records = cello.read_jsonl(path)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        sys.exit(f"eval.py: error: {what} {path}: not a readable JSONL file ({e})")
+    for i, r in enumerate(records):
+        missing = [k for k in ("id", "cells", "candidates", "answer") if k not in r]
+        if missing:
+            sys.exit(f"eval.py: error: {what} {path}: line {i + 1} lacks field(s) {', '.join(missing)}")
+    if not records:
+        sys.exit(f"eval.py: error: {what} {path}: no puzzles")
+    return records
+
+
+def build(name, args, train_records):
+    """The responder called name, with this run's options."""
+    if name in ("random", "independent", "expert"):
+        return responders.make_responder(name, train_records=train_records, temperature=args.temperature, seed=args.seed)
+    if name == "model":
+        return responders.make_responder("model", path=args.model_path, batch_size=args.batch_size,
+                                         max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                         top_p=args.top_p, device=args.device, seed=args.seed)
+    cache = args.api_cache or os.path.join(args.out_dir, "api_cache.jsonl")
+    return responders.make_responder("api", base_url=args.base_url, model=args.api_model,
+                                     api_key_env=args.api_key_env, cache_path=cache,
+                                     max_concurrency=args.max_concurrency, temperature=args.temperature or None)
+
+
+def evaluate(respond, records, num_samples, batch_size, desc):
+    """Answer and score every puzzle; returns prediction rows (one per response) in puzzle order."""
+    rows = []
+    bar = tqdm(total=len(records), desc=desc, unit="puzzle", file=sys.stderr)
+    for start in range(0, len(records), batch_size):
+        chunk = records[start:start + batch_size]
+        texts = respond(chunk, num_samples)
+        lengths = getattr(respond, "num_tokens", None) or [[None] * num_samples for _ in chunk]
+        for record, samples, counts in zip(chunk, texts, lengths):
+            for k, (text, count) in enumerate(zip(samples, counts)):
+                s = reward.score(text, record["answer"], num_tokens=count)
+                rows.append({"id": record["id"], "sample": k, "response": text, "answer": record["answer"], **s})
+        bar.update(len(chunk))
+    bar.close()
+    return rows
+
+
+def summarize(rows, num_samples):
+    """reward.metrics over all responses, plus pass_at_k (share of puzzles with an exact sample) when k > 1."""
+    m = reward.metrics(rows)
+    if num_samples > 1:
+        exact = {}
+        for r in rows:
+            exact[r["id"]] = exact.get(r["id"], False) or r["exact"]
+        m["pass_at_k"] = sum(exact.values()) / len(exact)
+        m["k"] = num_samples
+    return m
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    records = read_puzzles(args.puzzles, "--puzzles")[:args.limit]
+    train_records = read_puzzles(args.train, "--train") if args.train else None
+    os.makedirs(args.out_dir, exist_ok=True)
+    print(f"eval.py: {len(records)} puzzles from {args.puzzles}, {args.num_samples} sample(s) each")
+
+    predictions, summary = [], {}
+    for name in args.responder:
+        respond = build(name, args, train_records)
+        rows = evaluate(respond, records, args.num_samples, args.batch_size, name)
+        predictions += [{"responder": name, **r} for r in rows]
+        summary[name] = summarize(rows, args.num_samples)
+        if getattr(respond, "usage", None):
+            summary[name]["usage"] = dict(respond.usage)
+
+    table = {name: m for name, m in summary.items()}
+    for name, m in summary.items():
+        for n, mn in m["by_n"].items():
+            table[f"{name}, N={n}"] = mn
+    print(reward.format_table(table))
+    for name, m in summary.items():
+        if "pass_at_k" in m:
+            print(f"{name}: pass@{m['k']} (share of puzzles with a fully correct sample) = {100 * m['pass_at_k']:.1f}%")
+    cello.write_jsonl_atomic(os.path.join(args.out_dir, "predictions.jsonl"), predictions)
+    tmp = os.path.join(args.out_dir, f"summary.json.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(summary, f, indent=2)
+    os.replace(tmp, os.path.join(args.out_dir, "summary.json"))
+    print(f"eval.py: wrote {args.out_dir}/predictions.jsonl and summary.json")
+
+
+if __name__ == "__main__":
+    main()
