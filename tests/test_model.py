@@ -1,0 +1,189 @@
+"""Tests for cello.py section 2: the puzzle tokenizer, model presets, loading and loss masks."""
+import json
+import os
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import cello
+from conftest import DATA
+
+CONTEXT = "The cell is from a human, originating from the blood. The patient is healthy with no diagnosed disease."
+
+
+def make_records(genes_per_cell=50, puzzles_per_lane=2, seed=0):
+    """Real puzzles from the bundled pbmc68k data, built simply: per lane (batch), one random cell per
+    label, its top genes by .raw expression, sorted candidates, and a short well-formed response."""
+    import anndata
+
+    with warnings.catch_warnings():  # the bundled file is an old anndata format: harmless warnings
+        warnings.simplefilter("ignore")
+        adata = anndata.read_h5ad(DATA)
+    raw = adata.raw.X.toarray() if hasattr(adata.raw.X, "toarray") else np.asarray(adata.raw.X)
+    genes = np.asarray(adata.raw.var_names)
+    labels = adata.obs["bulk_labels"].astype(str).to_numpy()
+    lanes = np.array([barcode.rsplit("-", 1)[1] for barcode in adata.obs_names])
+    rng = np.random.default_rng(seed)
+    records = []
+    for lane in sorted(set(lanes)):
+        for k in range(puzzles_per_lane):
+            lane_labels = sorted(set(labels[lanes == lane]))
+            cells = [rng.choice(np.where((lanes == lane) & (labels == label))[0]) for label in lane_labels]
+            cells = list(rng.permutation(cells))
+            top = [[str(g) for g in genes[np.argsort(-raw[i], kind="stable")[:genes_per_cell]]] for i in cells]
+            answer = [str(labels[i]) for i in cells]
+            response = (f"<think>Cell 1 expresses {', '.join(top[0][:3])}; weighing all  cells together.\n"
+                        f"Café-style unicode and   spaces survive.</think>\n<answer>{' | '.join(answer)}</answer>")
+            records.append(dict(id=f"pbmc68k_reduced/lane{lane}/{k}", source="pbmc68k_reduced.h5ad", donor="D0",
+                                batch=lane, split="train", context=CONTEXT, cells=top,
+                                candidates=sorted(answer), answer=answer, response=response))
+    return records
+
+
+@pytest.fixture(scope="module")
+def records():
+    return make_records()
+
+
+@pytest.fixture(scope="module")
+def small_dir(records, tmp_path_factory):
+    return cello.build_model("small", str(tmp_path_factory.mktemp("models") / "small"), records, seed=0)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(records, tmp_path_factory):
+    return cello.build_model("tiny", str(tmp_path_factory.mktemp("models") / "tiny"), records, seed=0)
+
+
+@pytest.mark.parametrize("folder", ["tiny_dir", "small_dir"])
+def test_round_trip_every_prompt_and_response(folder, records, request):
+    tokenizer = cello.load_tokenizer(request.getfixturevalue(folder))
+    for record in records:
+        for text in [cello.render_system(record), cello.render_user(record), record["response"]]:
+            ids = tokenizer.encode(text, add_special_tokens=False)
+            assert tokenizer.decode(ids) == text
+        # the whole chat-formatted example, special tokens included
+        ids, _ = cello.example_ids(tokenizer, record, record["response"])
+        full = tokenizer.apply_chat_template(cello.render_messages(record, record["response"]), tokenize=False)
+        assert tokenizer.decode(ids) + "\n" == full
+
+
+TOKENIZER_CACHE = {}
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text())
+def test_round_trip_any_text(text):
+    # byte level: texts the tokenizer never saw (any unicode, odd whitespace) come back exactly too
+    if not TOKENIZER_CACHE:
+        TOKENIZER_CACHE["tokenizer"] = cello.train_tokenizer(make_records(puzzles_per_lane=1), 512)
+    tokenizer = TOKENIZER_CACHE["tokenizer"]
+    assert tokenizer.decode(tokenizer.encode(text, add_special_tokens=False)) == text
+
+
+def test_gene_symbols_are_mostly_single_tokens(small_dir, records):
+    tokenizer = cello.load_tokenizer(small_dir)
+    occurrences = [gene for record in records for cell in record["cells"] for gene in cell]
+    single = sum(len(tokenizer.encode(" " + gene, add_special_tokens=False)) == 1 for gene in occurrences)
+    assert single / len(occurrences) >= 0.95
+    # inside a real prompt a gene keeps its single token: "Cell 1: GNLY, NKG7" -> ..., " GNLY", ",", " NKG7"
+    record = records[0]
+    first, second = record["cells"][0][:2]
+    ids = tokenizer.encode(f"Cell 1: {first}, {second}", add_special_tokens=False)
+    assert tokenizer.convert_ids_to_tokens(ids)[-3:] == ["Ġ" + first, ",", "Ġ" + second]
+
+
+def test_special_tokens_and_chat_template(small_dir, records):
+    tokenizer = cello.load_tokenizer(small_dir)
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token == "<|endoftext|>"
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id
+    record = records[0]
+    expected = (f"<|im_start|>system\n{cello.render_system(record)}<|im_end|>\n"
+                f"<|im_start|>user\n{cello.render_user(record)}<|im_end|>\n<|im_start|>assistant\n")
+    ids = cello.prompt_ids(tokenizer, record)
+    assert tokenizer.decode(ids) == expected
+    # special tokens are single ids, and no BOS or other token is added around the template
+    im_start = tokenizer.convert_tokens_to_ids("<|im_start|>")
+    assert ids[0] == im_start and ids.count(im_start) == 3 and ids.count(tokenizer.eos_token_id) == 2
+    assert tokenizer.encode("ab", add_special_tokens=True) == tokenizer.encode("ab", add_special_tokens=False)
+
+
+def test_example_ids_mask_exactly_the_response_and_eos(small_dir, records):
+    tokenizer = cello.load_tokenizer(small_dir)
+    for record in records[:4]:
+        prompt = cello.prompt_ids(tokenizer, record)
+        ids, mask = cello.example_ids(tokenizer, record, record["response"])
+        assert len(ids) == len(mask)
+        assert ids[:len(prompt)] == prompt
+        assert mask == [0] * len(prompt) + [1] * (len(ids) - len(prompt))  # zero loss over exactly the prompt
+        assert ids[-1] == tokenizer.eos_token_id
+        trained = [i for i, m in zip(ids, mask) if m]
+        assert tokenizer.decode(trained) == record["response"] + "<|im_end|>"
+
+
+def test_build_writes_a_folder_auto_classes_load(tiny_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    for name in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                 "generation_config.json"]:
+        assert os.path.isfile(os.path.join(tiny_dir, name)), name
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    assert model.config.model_type == "llama" and model.config.tie_word_embeddings
+    assert model.config.vocab_size == len(tokenizer)
+    assert model.generation_config.eos_token_id == tokenizer.eos_token_id
+    assert model.generation_config.pad_token_id == tokenizer.pad_token_id
+    with open(os.path.join(tiny_dir, "tokenizer_config.json")) as f:
+        assert json.load(f)["tokenizer_class"] == "PreTrainedTokenizerFast"
+    # the tiny preset is tiny: about 0.1M parameters
+    assert 50_000 < sum(p.numel() for p in model.parameters()) < 200_000
+    # loaded through cello: same weights, sdpa attention, the right eos in generate
+    again = cello.load_model(tiny_dir)
+    assert again.config._attn_implementation == "sdpa"
+    x = torch.tensor([[5, 6, 7, 8]])
+    assert torch.equal(model(x).logits, again(x).logits)
+
+
+def test_small_preset_size():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(**cello.PRESETS["small"], tie_word_embeddings=True))
+    assert 3_000_000 < sum(p.numel() for p in model.parameters()) < 5_000_000
+
+
+def test_build_is_deterministic_for_a_seed(records, tmp_path):
+    a = cello.load_model(cello.build_model("tiny", str(tmp_path / "a"), records[:3], seed=1))
+    b = cello.load_model(cello.build_model("tiny", str(tmp_path / "b"), records[:3], seed=1))
+    c = cello.load_model(cello.build_model("tiny", str(tmp_path / "c"), records[:3], seed=2))
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert not torch.equal(a.model.embed_tokens.weight, c.model.embed_tokens.weight)
+
+
+def test_prepare_model(records, tiny_dir, tmp_path):
+    path = cello.prepare_model("tiny", str(tmp_path / "work"), records[:3])
+    assert path == str(tmp_path / "work" / "tiny-init") and cello.is_model_folder(path)
+    assert cello.prepare_model(tiny_dir, str(tmp_path / "work"), records) == tiny_dir
+
+
+@pytest.mark.parametrize("call", [
+    lambda p, records: cello.prepare_model(p, "/tmp", records),
+    lambda p, records: cello.load_model(p),
+    lambda p, records: cello.load_tokenizer(p),
+])
+def test_bad_path_is_one_clear_error(call, records, tmp_path):
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(SystemExit, match=r"cello: error: .*empty.* (config|tokenizer_config)\.json"):
+        call(str(tmp_path / "empty"), records)
+
+
+def test_bad_preset_and_no_records(tmp_path):
+    with pytest.raises(SystemExit, match="unknown preset 'huge'"):
+        cello.build_model("huge", str(tmp_path / "m"), [])
+    with pytest.raises(SystemExit, match="needs puzzle records"):
+        cello.build_model("tiny", str(tmp_path / "m"), [])
+    assert not os.path.exists(tmp_path / "m")
