@@ -1,0 +1,549 @@
+"""grpo.py: Group Relative Policy Optimization (GRPO) on CellPuzzles, written out in full.
+
+GRPO trains a language model with a rule-based reward and no critic. One step:
+  1. rollout    P puzzles; the current policy samples G responses to each (temperature 1.0).
+  2. reward     reward.score of each response (SPEC.md: -1 if malformed, else (c/N + [c == N]) / 2).
+  3. advantage  within each puzzle's group of G: A_i = (r_i - mean(r)) / (std(r) + 1e-6). The group
+                is its own baseline: a response is pushed up exactly when it beats its siblings.
+  4. reference  log-probs of the responses under the frozen starting model, for the KL penalty.
+  5. update     mu passes over the rollout in minibatches, each one AdamW step on
+                loss = clipped surrogate + beta * k3 KL, averaged over all response tokens.
+
+Run (1 process, or K processes with FSDP2; each rank samples P / K of the puzzles of a step):
+    python grpo.py --model runs/sft --train train.jsonl --val val.jsonl --out-dir runs/grpo
+    torchrun --nproc_per_node 2 grpo.py --model runs/sft --train train.jsonl --val val.jsonl --out-dir runs/grpo
+    python grpo.py ... --resume        # continue from the checkpoint in --out-dir at the next step
+Outputs in --out-dir: the policy as a Hugging Face folder plus resume.pt (cello.save_checkpoint),
+metrics.jsonl (one line per step; val_* keys on evaluation steps), args.json.
+
+The defaults are the CPU demo (the "small" preset after SFT, ~1,000-token prompts, 2 cores). The
+paper's 7B run (Qwen2.5-7B-Instruct after SFT; 8 GPUs) is:
+    torchrun --nproc_per_node 8 grpo.py --model runs/sft-7b --train train.jsonl --val val.jsonl \\
+        --out-dir runs/grpo-7b --puzzles-per-step 64 --group-size 5 --max-prompt-tokens 3072 \\
+        --max-new-tokens 3000 --lr 1e-6 --beta 0.001 --bf16 --activation-checkpointing \\
+        --micro-batch 1 --eval-batch 8 --steps 300 --eval-every 20 --save-every 20
+
+Choices this file makes (each is tested in tests/test_grpo.py):
+- Group std is the unbiased (Bessel, ddof 1) std, as TRL and verl compute it. A group of one has no
+  spread and no baseline: its advantage is defined as 0 (it teaches nothing). --no-std-scaling drops
+  the division (Dr. GRPO): A_i = r_i - mean(r).
+- The importance ratio uses the sampler's log-probs as the old policy (logits / T, the distribution
+  that was sampled). With mu = 1 and one minibatch the policy has not moved yet, so rho is 1 up to
+  the float difference between the sampler's cached forward and the full forward; for mu > 1 or
+  several minibatches it is the true ratio against the sampling policy.
+- Truncated responses (no EOS within --max-new-tokens) are kept in the loss with their reward; they
+  lack a closing </answer> so they score -1 as malformed, which teaches the model to finish in budget
+  (DAPO masks them instead; we keep the paper's plain recipe). EOS is a trained token: a finished
+  response includes it and its log-prob is in the loss. Padding never enters the loss (torch.where
+  on the mask, so even NaN in padded positions cannot leak).
+- "entropy" in the metrics is the Monte-Carlo estimate mean(-log p) of the sampled tokens under the
+  sampling distribution, not the full-vocabulary entropy (that would need the [B, T, V] logits).
+- tokens_per_s is response tokens sampled in the step (all ranks) / wall time of the whole step.
+- Randomness of sampling comes from a generator seeded by (seed, step, puzzle position in the step),
+  so a run samples the same responses whatever the number of ranks, and a resumed run repeats
+  exactly what the uninterrupted run would have done.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import cello
+import reward
+
+ADV_EPS = 1e-6  # the paper's eps in (r - mean) / (std + eps)
+LOG_RATIO_CLAMP = 20.0  # exp(20) ~ 5e8: keeps exp() finite in the ratio and in k3 (verl's bound)
+LOSS_AGG_MODES = ("token-mean", "seq-mean", "token-sum")
+
+
+# ---------------------------------------------------------------------------------------------
+# The math: pure functions on tensors
+# ---------------------------------------------------------------------------------------------
+# Shapes: R responses (group-major: puzzle p's G responses are rows p*G .. p*G+G-1), L = longest
+# response in the batch. mask [R, L] is 1.0 on response tokens (EOS included) and 0.0 on padding.
+
+def group_advantages(rewards, group_size, scale_by_std=True, eps=ADV_EPS):
+    """Group-normalised advantage of each response.
+
+        A_i = (r_i - mean(r_group)) / (std(r_group) + eps)     (scale_by_std, the paper's GRPO)
+        A_i =  r_i - mean(r_group)                             (Dr. GRPO: no std division)
+
+    std is the unbiased std (divides by G - 1). A group of one has no spread: A = 0 by definition.
+    A group whose rewards are all equal gets A = 0 exactly (no learning signal from it).
+    rewards: [R] float tensor, R a multiple of group_size. Returns [R].
+    """
+    r = rewards.view(-1, group_size).to(torch.float64)  # [P, G]; float64 so that equal rewards give exactly 0
+    centred = r - r.mean(dim=1, keepdim=True)  # [P, G]
+    if scale_by_std and group_size > 1:
+        centred = centred / (r.std(dim=1, keepdim=True) + eps)
+    if group_size == 1:
+        centred = torch.zeros_like(centred)
+    return centred.view(-1).to(rewards.dtype)
+
+
+def clipped_surrogate(logp, old_logp, advantages, clip_low=0.2, clip_high=0.2):
+    """PPO's clipped surrogate per token, to be minimised.
+
+        rho  = exp(clamp(logp - old_logp, -20, 20))
+        loss = -min(rho * A, clip(rho, 1 - clip_low, 1 + clip_high) * A)
+
+    A token whose clipped branch is the minimum (rho left the trust region in the direction A
+    favours) has zero gradient. logp, old_logp: [R, L]; advantages: [R] (one per response, broadcast
+    over its tokens). Returns (loss [R, L], rho [R, L], clipped [R, L] bool: the clipped branch was taken).
+    """
+    rho = torch.exp(torch.clamp(logp - old_logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))  # [R, L]
+    adv = advantages.unsqueeze(1)  # [R, 1]
+    unclipped = rho * adv
+    clipped = torch.clamp(rho, 1.0 - clip_low, 1.0 + clip_high) * adv
+    return -torch.minimum(unclipped, clipped), rho, clipped < unclipped
+
+
+def kl_k3(logp, ref_logp):
+    """The "k3" estimator of KL(policy || reference) per sampled token (Schulman 2020):
+
+        d = clamp(ref_logp - logp, -20, 20);   k3 = exp(d) - d - 1   (>= 0, unbiased, low variance)
+
+    logp, ref_logp: [R, L]. Returns [R, L]. Equal log-probs give exactly 0.
+    """
+    d = torch.clamp(ref_logp - logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    return torch.exp(d) - d - 1.0
+
+
+def loss_divisor(mode, num_tokens, num_sequences, max_new_tokens):
+    """The constant the summed per-token loss is divided by, for each aggregation mode.
+
+        token-mean: number of valid response tokens in the whole batch (all micro-batches, all ranks)
+        seq-mean:   number of sequences in the whole batch (each sequence is first averaged over its tokens)
+        token-sum:  num_sequences * max_new_tokens, a constant (Dr. GRPO): long and short responses
+                    weigh each of their tokens the same, and the scale does not depend on lengths.
+    num_tokens and num_sequences must already be summed over micro-batches and ranks.
+    """
+    if mode == "token-mean":
+        return max(float(num_tokens), 1.0)
+    if mode == "seq-mean":
+        return max(float(num_sequences), 1.0)
+    if mode == "token-sum":
+        return float(num_sequences * max_new_tokens)
+    raise ValueError(f"unknown loss aggregation {mode!r}; expected one of {LOSS_AGG_MODES}")
+
+
+def aggregate_loss(per_token, mask, mode, divisor):
+    """Reduce a per-token loss [R, L] to a scalar; padding (mask 0) never contributes.
+
+        token-mean, token-sum:  sum_{r,t} mask * loss / divisor
+        seq-mean:               sum_r (sum_t mask * loss / sum_t mask) / divisor
+    divisor comes from loss_divisor, computed over the whole batch, so that summing this over the
+    micro-batches (and ranks) of a batch gives the batch's loss exactly.
+    """
+    valid = mask > 0
+    masked = torch.where(valid, per_token, torch.zeros_like(per_token))  # where, not *: NaN in padding stays out
+    if mode == "seq-mean":
+        per_seq = masked.sum(dim=1) / valid.sum(dim=1).clamp(min=1)  # [R]
+        return per_seq.sum() / divisor
+    if mode in ("token-mean", "token-sum"):
+        return masked.sum() / divisor
+    raise ValueError(f"unknown loss aggregation {mode!r}; expected one of {LOSS_AGG_MODES}")
+
+
+def grpo_loss(logp, old_logp, ref_logp, advantages, mask, mode, divisor, clip_low=0.2, clip_high=0.2, beta=0.0):
+    """The GRPO loss of a micro-batch: aggregate(clipped_surrogate + beta * k3(logp, ref_logp)).
+
+    ref_logp may be None when beta is 0. Returns (loss scalar, stats) where stats holds sums over the
+    valid tokens, detached, for the metrics: tokens, clipped, kl, rho.
+    """
+    valid = mask > 0
+    # Whatever sits in padded positions (0, junk, NaN) is replaced before any arithmetic, so neither
+    # the loss nor any gradient can see it (0 * NaN would be NaN in backward).
+    zero = torch.zeros_like(logp)
+    logp = torch.where(valid, logp, zero)
+    old_logp = torch.where(valid, old_logp, zero)
+    ref_logp = torch.where(valid, ref_logp, zero) if ref_logp is not None else None
+    per_token, rho, clipped = clipped_surrogate(logp, old_logp, advantages, clip_low, clip_high)
+    kl = kl_k3(logp, ref_logp) if ref_logp is not None else torch.zeros_like(logp)
+    if beta:
+        per_token = per_token + beta * kl
+    loss = aggregate_loss(per_token, mask, mode, divisor)
+    stats = {"tokens": valid.sum().item(),
+             "clipped": (clipped & valid).sum().item(),
+             "kl": torch.where(valid, kl, zero).sum().item(),
+             "rho": torch.where(valid, rho, zero).sum().item()}
+    return loss, stats
+
+
+# ---------------------------------------------------------------------------------------------
+# Flags
+# ---------------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="GRPO on CellPuzzles (see the module docstring).")
+    g = parser.add_argument_group("data")
+    g.add_argument("--train", required=True, help="puzzles JSONL to train on (records with cells, candidates, answer)")
+    g.add_argument("--val", default=None, help="puzzles JSONL for greedy evaluation (optional)")
+    g.add_argument("--max-prompt-tokens", type=int, default=2048,
+                   help="skip training puzzles whose chat prompt is longer than this many tokens (paper: 3072)")
+    g.add_argument("--eval-puzzles", type=int, default=0, help="evaluate on the first this many val puzzles (0: all)")
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", required=True,
+                   help="starting policy: a Hugging Face folder (the SFT checkpoint) or a preset name (tiny, small)")
+    g.add_argument("--bf16", action="store_true", help="bfloat16 compute under FSDP2 (GPU runs)")
+    g.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute each decoder layer's activations in backward (saves memory, GPU runs)")
+    g = parser.add_argument_group("rollout")
+    g.add_argument("--puzzles-per-step", type=int, default=2, help="P: puzzles per step, over all ranks (paper: 64)")
+    g.add_argument("--group-size", type=int, default=8, help="G: responses sampled per puzzle (paper: 5)")
+    g.add_argument("--max-new-tokens", type=int, default=256, help="response budget in tokens (paper: 3000)")
+    g.add_argument("--temperature", type=float, default=1.0,
+                   help="sampling temperature; log-probs in the loss use logits / temperature too")
+    g = parser.add_argument_group("loss")
+    g.add_argument("--clip-low", type=float, default=0.2, help="eps_low: rho is clipped below at 1 - clip_low")
+    g.add_argument("--clip-high", type=float, default=0.2,
+                   help="eps_high: rho is clipped above at 1 + clip_high (DAPO's clip-higher uses 0.28)")
+    g.add_argument("--beta", type=float, default=0.001,
+                   help="weight of the k3 KL to the frozen reference; 0 builds no reference model at all")
+    g.add_argument("--loss-agg", choices=LOSS_AGG_MODES, default="token-mean",
+                   help="token-mean: over all response tokens of the batch; seq-mean: per response then mean "
+                        "(original GRPO); token-sum: sum / (responses * max-new-tokens) (Dr. GRPO)")
+    g.add_argument("--no-std-scaling", action="store_true",
+                   help="advantage r - mean(r) without dividing by the group std (Dr. GRPO)")
+    g = parser.add_argument_group("optimisation")
+    g.add_argument("--lr", type=float, default=2e-5, help="AdamW learning rate, constant after warm-up (paper: 1e-6)")
+    g.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up, in GRPO steps")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    g.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the global gradient norm to this")
+    g.add_argument("--mu", type=int, default=1, help="update passes over each rollout (paper: 1)")
+    g.add_argument("--minibatches", type=int, default=1,
+                   help="optimizer steps per pass: the rollout's puzzles are split into this many minibatches")
+    g.add_argument("--micro-batch", type=int, default=2,
+                   help="puzzles (each with its G responses) per forward/backward; gradients accumulate")
+    g.add_argument("--per-sequence", action="store_true",
+                   help="log-probs with each response's own copy of the prompt (reference path) instead of "
+                        "running each shared prompt once")
+    g = parser.add_argument_group("run")
+    g.add_argument("--out-dir", required=True, help="folder for checkpoints and metrics.jsonl")
+    g.add_argument("--steps", type=int, default=20, help="GRPO steps to run (in total, counting resumed ones)")
+    g.add_argument("--eval-every", type=int, default=10,
+                   help="greedy evaluation on --val every this many steps, at step 0 and at the end (0: never)")
+    g.add_argument("--eval-batch", type=int, default=8, help="val puzzles per greedy sampling call")
+    g.add_argument("--save-every", type=int, default=10, help="checkpoint every this many steps (and at the end)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the data order and of sampling")
+    g.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out-dir")
+    args = parser.parse_args(argv)
+    for name in ("puzzles_per_step", "group_size", "max_new_tokens", "mu", "minibatches", "micro_batch",
+                 "steps", "eval_batch", "save_every", "max_prompt_tokens"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.group_size < 2:
+        parser.error("--group-size must be >= 2: a group of one has advantage 0 and nothing would be learnt")
+    if args.temperature <= 0:
+        parser.error(f"--temperature must be > 0 for GRPO rollouts, got {args.temperature}")
+    if args.beta < 0 or args.clip_low < 0 or args.clip_high < 0 or args.eval_every < 0:
+        parser.error("--beta, --clip-low, --clip-high and --eval-every must be >= 0")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers of the loop
+# ---------------------------------------------------------------------------------------------
+
+def load_puzzles(path, flag):
+    """Puzzle records of a JSONL file; exits with one clear line when the file or a record is bad."""
+    if not os.path.isfile(path):
+        sys.exit(f"grpo.py: error: {flag} {path!r}: no such file")
+    try:
+        records = cello.read_jsonl(path)
+    except json.JSONDecodeError as e:
+        sys.exit(f"grpo.py: error: {flag} {path!r}: not JSONL ({e})")
+    for i, record in enumerate(records):
+        missing = [k for k in ("cells", "candidates", "answer") if k not in record]
+        if missing or len(record["answer"]) != len(record["cells"]):
+            sys.exit(f"grpo.py: error: {flag} {path!r} line {i + 1}: expected a puzzle record with cells, "
+                     f"candidates and one answer label per cell (missing: {missing or 'none'})")
+    if not records:
+        sys.exit(f"grpo.py: error: {flag} {path!r} holds no puzzles")
+    return records
+
+
+def step_puzzles(num_puzzles, consumed, count, seed):
+    """Indices of the next `count` puzzles after `consumed` have been used.
+
+    Each epoch is its own random permutation (seeded by seed + epoch), so the data position is the
+    single number `consumed` and resuming needs nothing else.
+    """
+    out = []
+    while len(out) < count:
+        epoch, pos = divmod(consumed, num_puzzles)
+        perm = torch.randperm(num_puzzles, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        take = min(count - len(out), num_puzzles - pos)
+        out += perm[pos:pos + take]
+        consumed += take
+    return out
+
+
+def sample_seed(seed, step, position):
+    """One integer per (run seed, step, puzzle position in the step): sampling does not depend on ranks."""
+    return (seed * 1_000_003 + step) * 100_003 + position
+
+
+def pad_rows(rows, length=None):
+    """Lists of floats -> (values [R, L] float32, mask [R, L] float32), zero-padded on the right."""
+    length = max([len(r) for r in rows] + [1]) if length is None else length
+    values = torch.zeros(len(rows), length)
+    mask = torch.zeros(len(rows), length)
+    for i, r in enumerate(rows):
+        values[i, :len(r)] = torch.tensor(r, dtype=torch.float32)
+        mask[i, :len(r)] = 1.0
+    return values, mask
+
+
+def all_sum(values, device):
+    """Sum a list of floats over ranks (float64); returns a list of floats."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def all_gather_list(items):
+    """Concatenate a Python list over ranks, rank 0's items first."""
+    if not dist.is_initialized():
+        return list(items)
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, list(items))
+    return [x for part in out for x in part]
+
+
+def append_jsonl(path, row):
+    """Append one metrics line (rank 0 only)."""
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def rollout(model, prompts, step, first_position, args, eos_id, pad_id, device):
+    """Sample G responses to each prompt with the current policy (no gradients).
+
+    Each puzzle gets its own generator seeded by (seed, step, its position in the step), so the
+    samples are the same whatever the number of ranks. Returns dict(responses, logprobs, finished),
+    group-major (puzzle p's responses are rows p*G .. p*G+G-1).
+    """
+    out = {"responses": [], "logprobs": [], "finished": []}
+    with torch.no_grad():
+        for i, prompt in enumerate(prompts):
+            gen = torch.Generator(device=device).manual_seed(sample_seed(args.seed, step, first_position + i))
+            s = cello.sample(model, [prompt], args.group_size, args.max_new_tokens, eos_id, pad_id,
+                             temperature=args.temperature, generator=gen)
+            for key in out:
+                out[key] += s[key]
+    return out
+
+
+def policy_update(model, optimizer, batch, args, device, world_size=1):
+    """mu passes over the rollout; each pass splits its puzzles into --minibatches optimizer steps,
+    each minibatch into micro-batches of --micro-batch puzzles whose gradients accumulate.
+
+    batch: prompts (list of P_local token lists), responses (R = P_local * G token lists), old_logp,
+    mask [R, L], ref_logp [R, L] or None, advantages [R]. The loss divisor is computed over the whole
+    minibatch on all ranks before any forward, so every micro-batch on every rank divides by the same
+    number and the summed gradient is exactly the gradient of the minibatch's loss.
+    A non-finite loss or gradient norm stops the run before optimizer.step touches the weights.
+    Returns metrics summed/averaged over all ranks: loss, grad_norm, clip_frac, kl, rho_mean.
+    """
+    G = args.group_size
+    num_local = len(batch["prompts"])
+    per_mb = num_local // args.minibatches
+    totals = {"tokens": 0.0, "clipped": 0.0, "kl": 0.0, "rho": 0.0}
+    losses, grad_norms = [], []
+    params = [p for p in model.parameters() if p.requires_grad]
+    for _ in range(args.mu):
+        for m in range(args.minibatches):
+            p0, p1 = m * per_mb, (m + 1) * per_mb  # this minibatch's puzzles (local)
+            tokens, seqs = all_sum([batch["mask"][p0 * G:p1 * G].sum().item(), (p1 - p0) * G], device)
+            divisor = loss_divisor(args.loss_agg, tokens, seqs, args.max_new_tokens)
+            optimizer.zero_grad(set_to_none=True)
+            mb_loss, finite = 0.0, True
+            for a in range(p0, p1, args.micro_batch):
+                b = min(a + args.micro_batch, p1)
+                rows = slice(a * G, b * G)
+                logp, _ = cello.response_logprobs(model, batch["prompts"][a:b], batch["responses"][rows],
+                                                  temperature=args.temperature, shared_prompt=not args.per_sequence)
+                L = logp.shape[1]  # the longest response of this micro-batch
+                ref = batch["ref_logp"][rows, :L].to(logp.device) if batch["ref_logp"] is not None else None
+                loss, stats = grpo_loss(logp, batch["old_logp"][rows, :L].to(logp.device), ref,
+                                        batch["advantages"][rows].to(logp.device), batch["mask"][rows, :L].to(logp.device),
+                                        args.loss_agg, divisor, args.clip_low, args.clip_high, args.beta)
+                finite = finite and bool(torch.isfinite(loss))
+                # FSDP2 averages gradients over ranks; the divisor already counts every rank's tokens,
+                # so scaling by world_size turns that average back into the sum the loss defines.
+                (loss * world_size).backward()
+                mb_loss += loss.item()
+                for k in totals:
+                    totals[k] += stats[k]
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+            grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+            bad_ranks = all_sum([0.0 if finite else 1.0], device)[0]
+            if bad_ranks or not math.isfinite(grad_norm):
+                sys.exit(f"grpo.py: error: non-finite loss or gradient (loss finite on all ranks: {not bad_ranks}, "
+                         f"grad norm {grad_norm}); the weights were not updated. Lower --lr, or check the "
+                         "model and data; the last checkpoint in --out-dir is intact.")
+            optimizer.step()
+            losses.append(all_sum([mb_loss], device)[0])
+            grad_norms.append(grad_norm)
+    t = all_sum([totals["tokens"], totals["clipped"], totals["kl"], totals["rho"]], device)
+    return {"loss": sum(losses) / len(losses), "grad_norm": sum(grad_norms) / len(grad_norms),
+            "clip_frac": t[1] / max(t[0], 1.0), "kl": t[2] / max(t[0], 1.0), "rho_mean": t[3] / max(t[0], 1.0)}
+
+
+def evaluate(model, tokenizer, records, args, rank, world_size):
+    """Greedy decoding on the val puzzles, sharded over ranks; reward.metrics of all responses.
+
+    Every rank makes the same number of sampling calls (FSDP2 needs matching collectives): short
+    shards repeat their last puzzle and the repeats are dropped.
+    """
+    mine = records[rank::world_size]
+    per_rank = math.ceil(len(records) / world_size)
+    padded = mine + [mine[-1] if mine else records[0]] * (per_rank - len(mine))
+    scores = []
+    with torch.no_grad():
+        for a in range(0, per_rank, args.eval_batch):
+            chunk = padded[a:a + args.eval_batch]
+            out = cello.sample(model, [cello.prompt_ids(tokenizer, r) for r in chunk], 1, args.max_new_tokens,
+                               tokenizer.eos_token_id, tokenizer.pad_token_id, temperature=0.0)
+            for j, (record, response) in enumerate(zip(chunk, out["responses"])):
+                if a + j < len(mine):
+                    text = tokenizer.decode(response, skip_special_tokens=True)
+                    scores.append(reward.score(text, record["answer"], num_tokens=len(response)))
+    m = reward.metrics(all_gather_list(scores))
+    return {f"val_{k}": m[k] for k in ("cell_accuracy", "batch_accuracy", "format_validity", "uniqueness",
+                                       "mean_reward", "mean_length", "count")}
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world_size, device = cello.setup_distributed()
+    if args.puzzles_per_step % world_size:
+        sys.exit(f"grpo.py: error: --puzzles-per-step {args.puzzles_per_step} must be a multiple of the "
+                 f"number of processes ({world_size})")
+    local_puzzles = args.puzzles_per_step // world_size
+    if local_puzzles % args.minibatches:
+        sys.exit(f"grpo.py: error: each rank's {local_puzzles} puzzles per step must split evenly into "
+                 f"--minibatches {args.minibatches}")
+    torch.manual_seed(args.seed)
+    os.makedirs(args.out_dir, exist_ok=True)
+    train = load_puzzles(args.train, "--train")
+    val = load_puzzles(args.val, "--val")[:args.eval_puzzles or None] if args.val else []
+
+    # Policy (trained), reference (frozen copy of the starting policy, only when beta > 0).
+    model_path = cello.prepare_model(args.model, args.out_dir, train)
+    tokenizer = cello.load_tokenizer(model_path)
+    model = cello.load_model(model_path, device)
+    model.eval()  # no dropout anywhere: the ratio must compare the same function; gradients still flow
+    cello.shard_model(model, device, bf16=args.bf16, activation_checkpointing=args.activation_checkpointing)
+    ref_model = None
+    if args.beta > 0:
+        ref_model = cello.load_model(model_path, device)
+        ref_model.eval().requires_grad_(False)
+        cello.shard_model(ref_model, device, bf16=args.bf16)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (args.warmup_steps + 1)))
+
+    # Training puzzles with their prompts, long ones dropped (their responses could not be trained whole).
+    prompts = [cello.prompt_ids(tokenizer, r) for r in train]
+    keep = [i for i, p in enumerate(prompts) if len(p) <= args.max_prompt_tokens]
+    if not keep:
+        sys.exit(f"grpo.py: error: every --train puzzle's prompt is longer than --max-prompt-tokens "
+                 f"{args.max_prompt_tokens} (shortest: {min(map(len, prompts))} tokens)")
+    train, prompts = [train[i] for i in keep], [prompts[i] for i in keep]
+
+    step, consumed = 0, 0
+    metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
+    if args.resume:
+        state = cello.load_resume(args.out_dir, model, optimizer, scheduler)
+        step, consumed = state["step"], state["consumed"]
+        if rank == 0 and os.path.exists(metrics_path):  # lines written after that checkpoint are redone
+            cello.write_jsonl_atomic(metrics_path, [r for r in cello.read_jsonl(metrics_path) if r["step"] <= step])
+    elif rank == 0 and os.path.exists(metrics_path):
+        os.remove(metrics_path)
+    if rank == 0:
+        with open(os.path.join(args.out_dir, "args.json"), "w") as f:
+            json.dump({**vars(args), "world_size": world_size, "train_puzzles": len(train)}, f, indent=2)
+    cello.print0(f"grpo: {len(train)} train puzzles (prompts <= {args.max_prompt_tokens} tokens), {len(val)} val, "
+                 f"{world_size} process(es), P={args.puzzles_per_step} G={args.group_size}, from step {step}")
+
+    if val and args.eval_every and step == 0:
+        row = {"step": 0, **evaluate(model, tokenizer, val, args, rank, world_size)}
+        if rank == 0:
+            append_jsonl(metrics_path, row)
+    G = args.group_size
+    bar = tqdm(range(step, args.steps), initial=step, total=args.steps, disable=rank != 0, desc="grpo")
+    for step in bar:
+        t0 = time.time()
+        # 1. rollout: this rank's share of the step's puzzles, G samples each
+        indices = step_puzzles(len(train), consumed, args.puzzles_per_step, args.seed)
+        first = rank * local_puzzles
+        mine = indices[first:first + local_puzzles]
+        batch_prompts = [prompts[i] for i in mine]
+        out = rollout(model, batch_prompts, step, first, args, tokenizer.eos_token_id, tokenizer.pad_token_id, device)
+        consumed += args.puzzles_per_step
+        # 2. reward
+        scores = []
+        for k, response in enumerate(out["responses"]):
+            text = tokenizer.decode(response, skip_special_tokens=True)
+            scores.append(reward.score(text, train[mine[k // G]]["answer"], num_tokens=len(response)))
+        rewards = torch.tensor([s["reward"] for s in scores], dtype=torch.float32)
+        # 3. advantages, per group of G
+        advantages = group_advantages(rewards, G, scale_by_std=not args.no_std_scaling)
+        old_logp, mask = pad_rows(out["logprobs"])
+        t1 = time.time()
+        # 4. reference log-probs (frozen model, no gradients)
+        ref_logp = None
+        if ref_model is not None:
+            with torch.no_grad():
+                ref_logp, _ = cello.response_logprobs(ref_model, batch_prompts, out["responses"],
+                                                      temperature=args.temperature, shared_prompt=not args.per_sequence)
+            ref_logp = ref_logp.float().cpu()
+        t2 = time.time()
+        # 5. update
+        batch = {"prompts": batch_prompts, "responses": out["responses"], "old_logp": old_logp, "mask": mask,
+                 "ref_logp": ref_logp, "advantages": advantages}
+        upd = policy_update(model, optimizer, batch, args, device, world_size)
+        scheduler.step()
+        t3 = time.time()
+
+        # metrics over all ranks
+        all_scores = all_gather_list(scores)
+        m = reward.metrics(all_scores)
+        all_rewards = torch.tensor([s["reward"] for s in all_scores])
+        zero_groups = (all_rewards.view(-1, G).std(dim=1) == 0).float().mean().item()
+        sums = all_sum([mask.sum().item(), -(old_logp * mask).sum().item(), float(sum(not f for f in out["finished"]))],
+                       device)
+        row = {"step": step + 1, "reward_mean": all_rewards.mean().item(), "reward_std": all_rewards.std().item(),
+               "cell_accuracy": m["cell_accuracy"], "batch_accuracy": m["batch_accuracy"],
+               "format_validity": m["format_validity"], **upd, "entropy": sums[1] / max(sums[0], 1.0),
+               "response_length": sums[0] / len(all_scores), "truncated_frac": sums[2] / len(all_scores),
+               "zero_adv_groups": zero_groups, "lr": scheduler.get_last_lr()[0],
+               "time_rollout": t1 - t0, "time_reference": t2 - t1, "time_update": t3 - t2,
+               "time_step": t3 - t0, "tokens_per_s": sums[0] / (t3 - t0)}
+        last = step + 1 == args.steps
+        if val and args.eval_every and ((step + 1) % args.eval_every == 0 or last):
+            row.update(evaluate(model, tokenizer, val, args, rank, world_size))
+        if rank == 0:  # the line first: a resume drops lines newer than its checkpoint, never misses one
+            append_jsonl(metrics_path, row)
+            bar.set_postfix(reward=f"{row['reward_mean']:.3f}", acc=f"{row['cell_accuracy']:.3f}",
+                            kl=f"{row['kl']:.4f}", gnorm=f"{row['grad_norm']:.3f}", s=f"{row['time_step']:.1f}")
+        if (step + 1) % args.save_every == 0 or last:
+            cello.save_checkpoint(args.out_dir, model, tokenizer, optimizer, scheduler,
+                                  state={"step": step + 1, "consumed": consumed})
+    cello.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main()

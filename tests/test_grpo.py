@@ -1,0 +1,213 @@
+"""GRPO: the math on hand-computed cases, one update on a toy reward, and the loop end to end
+(1 process, 2-process torchrun with FSDP2, resume after a kill)."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import grpo
+from conftest import ROOT
+
+T = torch.tensor
+
+
+# ---------------------------------------------------------------------------------------------
+# Advantages
+# ---------------------------------------------------------------------------------------------
+
+def test_advantage_uses_unbiased_std_and_eps():
+    # [1, 0]: mean 0.5, unbiased std sqrt(0.5) = 0.70710678 (population std would be 0.5 -> A = +-1)
+    a = grpo.group_advantages(T([1.0, 0.0]), 2)
+    assert a.tolist() == pytest.approx([0.5 / 0.70710778, -0.5 / 0.70710778], abs=1e-7)
+    assert a[0].item() == pytest.approx(0.7071057, abs=1e-6)
+    # [1, 1, 0, 0]: mean 0.5, unbiased var (4 * 0.25) / 3 = 1/3, std 0.57735027
+    a = grpo.group_advantages(T([1.0, 1.0, 0.0, 0.0]), 4)
+    assert a.tolist() == pytest.approx([0.8660239, 0.8660239, -0.8660239, -0.8660239], abs=1e-6)
+
+
+def test_advantage_per_group_and_dr_grpo():
+    # two groups of 2: the second has equal rewards, so exactly zero
+    a = grpo.group_advantages(T([1.0, -1.0, 0.25, 0.25]), 2)
+    assert a[2].item() == 0.0 and a[3].item() == 0.0
+    assert a[0].item() == pytest.approx(1 / (math.sqrt(2) + 1e-6), abs=1e-6)  # mean 0, std sqrt(2)
+    # Dr. GRPO: no std division
+    a = grpo.group_advantages(T([1.0, 0.0, 0.5, 0.5, 0.5, -1.0]), 3, scale_by_std=False)
+    assert a.tolist() == pytest.approx([0.5, -0.5, 0.0, 0.5, 0.5, -1.0], abs=1e-7)
+
+
+def test_advantage_equal_rewards_and_group_of_one_are_zero():
+    assert grpo.group_advantages(T([0.3, 0.3, 0.3]), 3).tolist() == [0.0, 0.0, 0.0]
+    assert grpo.group_advantages(T([-1.0] * 4), 4).tolist() == [0.0] * 4
+    # a group of one has no spread: defined as 0 (unbiased std would be NaN)
+    assert grpo.group_advantages(T([0.7, -1.0]), 1).tolist() == [0.0, 0.0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Clipped surrogate, k3, aggregation
+# ---------------------------------------------------------------------------------------------
+
+def test_clipped_surrogate_values_and_gradients():
+    # one token per response; rho = 1.5, 1.5, 0.5, 0.5, 1.0 and A = +1, -1, +1, -1, +2
+    old = T([[0.0], [0.0], [0.0], [0.0], [0.0]])
+    logp = T([[math.log(1.5)], [math.log(1.5)], [math.log(0.5)], [math.log(0.5)], [0.0]], requires_grad=True)
+    adv = T([1.0, -1.0, 1.0, -1.0, 2.0])
+    loss, rho, clipped = grpo.clipped_surrogate(logp, old, adv, 0.2, 0.2)
+    assert rho.view(-1).tolist() == pytest.approx([1.5, 1.5, 0.5, 0.5, 1.0], abs=1e-6)
+    # -min(1.5, 1.2) = -1.2 ; -min(-1.5, -1.2) = 1.5 ; -min(0.5, 0.8) = -0.5 ; -min(-0.5, -0.8) = 0.8 ; -2
+    assert loss.view(-1).tolist() == pytest.approx([-1.2, 1.5, -0.5, 0.8, -2.0], abs=1e-6)
+    assert clipped.view(-1).tolist() == [True, False, False, True, False]
+    loss.sum().backward()
+    # d(-rho * A)/dlogp = -rho * A where unclipped, 0 where clipped
+    assert logp.grad.view(-1).tolist() == pytest.approx([0.0, 1.5, -0.5, 0.0, -2.0], abs=1e-6)
+
+
+def test_clip_higher_is_asymmetric():
+    logp = T([[math.log(1.25)]])
+    loss, _, clipped = grpo.clipped_surrogate(logp, T([[0.0]]), T([1.0]), clip_low=0.2, clip_high=0.28)
+    assert loss.item() == pytest.approx(-1.25) and not clipped.item()  # 1.25 < 1.28: inside
+    loss, _, clipped = grpo.clipped_surrogate(logp, T([[0.0]]), T([1.0]), clip_low=0.2, clip_high=0.2)
+    assert loss.item() == pytest.approx(-1.2) and clipped.item()
+
+
+def test_tokens_outside_clip_range_get_zero_gradient():
+    g = torch.Generator().manual_seed(0)
+    logp = (torch.randn(6, 7, generator=g) * 0.5).requires_grad_()
+    old = torch.zeros(6, 7)
+    adv = T([1.0, -1.0, 0.5, -0.5, 2.0, -2.0])
+    loss, rho, clipped = grpo.clipped_surrogate(logp, old, adv, 0.2, 0.2)
+    loss.sum().backward()
+    assert clipped.any() and (~clipped).any()
+    assert (logp.grad[clipped] == 0).all()
+    expected = (-rho * adv[:, None]).detach()
+    assert torch.allclose(logp.grad[~clipped], expected[~clipped])
+    # every clipped token is outside [0.8, 1.2] on the side its advantage favours
+    a = adv[:, None].expand_as(rho)
+    assert ((rho > 1.2) & (a > 0) | (rho < 0.8) & (a < 0))[clipped].all()
+
+
+def test_log_ratio_is_clamped():
+    loss, rho, _ = grpo.clipped_surrogate(T([[0.0]]), T([[-1000.0]]), T([-1.0]))
+    assert rho.item() == pytest.approx(math.exp(20)) and torch.isfinite(loss).all()
+    kl = grpo.kl_k3(T([[-1000.0]]), T([[0.0]]))
+    assert kl.item() == pytest.approx(math.exp(20) - 21)
+
+
+def test_k3_values():
+    logp = T([[0.0, 0.0, math.log(2.0), -1.3]])
+    ref = T([[math.log(2.0), -math.log(2.0), 0.0, -1.3]])
+    # d = ref - logp = log 2, -log 2, -log 2, 0 -> 2 - log2 - 1, 0.5 + log2 - 1, same, 0
+    assert grpo.kl_k3(logp, ref).view(-1).tolist() == pytest.approx([0.3068528, 0.1931472, 0.1931472, 0.0], abs=1e-6)
+
+
+def test_policy_equal_to_reference_gives_kl_zero_and_rho_one():
+    g = torch.Generator().manual_seed(1)
+    logp = (-torch.rand(3, 5, generator=g) * 4).requires_grad_()
+    same = logp.detach().clone()
+    mask = torch.ones(3, 5)
+    loss, stats = grpo.grpo_loss(logp, same, same, T([0.0, 0.0, 0.0]), mask, "token-mean", 15.0, beta=1.0)
+    assert stats["kl"] == 0.0 and stats["rho"] == pytest.approx(15.0) and stats["clipped"] == 0
+    _, rho, _ = grpo.clipped_surrogate(logp, same, T([1.0, 1.0, 1.0]))
+    assert (rho == 1.0).all()
+    loss.backward()
+    assert (logp.grad == 0).all()  # k3's gradient vanishes at policy == reference
+
+
+def test_aggregation_modes():
+    per_token = T([[1.0, 2.0, 3.0], [4.0, 99.0, 99.0]])
+    mask = T([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    agg = grpo.aggregate_loss
+    # token-mean: (1 + 2 + 3 + 4) / 4 tokens
+    assert agg(per_token, mask, "token-mean", grpo.loss_divisor("token-mean", 4, 2, 3)).item() == pytest.approx(2.5)
+    # seq-mean: (mean(1, 2, 3) + mean(4)) / 2 sequences
+    assert agg(per_token, mask, "seq-mean", grpo.loss_divisor("seq-mean", 4, 2, 3)).item() == pytest.approx(3.0)
+    # token-sum: 10 / (2 sequences * 3 max new tokens)
+    assert agg(per_token, mask, "token-sum", grpo.loss_divisor("token-sum", 4, 2, 3)).item() == pytest.approx(10 / 6)
+    with pytest.raises(ValueError, match="unknown loss aggregation"):
+        grpo.loss_divisor("mean", 4, 2, 3)
+
+
+def test_token_mean_over_micro_batches_equals_whole_batch():
+    # micro-batches of different lengths: dividing each by its own token count would be biased;
+    # dividing by the whole batch's count makes the sum of micro-batch losses the batch loss.
+    per_token = T([[1.0, 1.0, 1.0, 1.0], [5.0, 0.0, 0.0, 0.0]])
+    mask = T([[1.0, 1.0, 1.0, 1.0], [1.0, 0.0, 0.0, 0.0]])
+    d = grpo.loss_divisor("token-mean", 5, 2, 4)
+    whole = grpo.aggregate_loss(per_token, mask, "token-mean", d)
+    parts = grpo.aggregate_loss(per_token[:1], mask[:1], "token-mean", d) + \
+        grpo.aggregate_loss(per_token[1:], mask[1:], "token-mean", d)
+    assert whole.item() == pytest.approx(9 / 5) and parts.item() == pytest.approx(9 / 5)
+    per_micro = (grpo.aggregate_loss(per_token[:1], mask[:1], "token-mean", 4)
+                 + grpo.aggregate_loss(per_token[1:], mask[1:], "token-mean", 1)) / 2
+    assert per_micro.item() == pytest.approx(3.0)  # the biased per-micro-batch mean differs
+
+
+def test_grpo_loss_hand_case_with_kl():
+    # two responses of 2 and 1 tokens; rho = 1 everywhere; A = +1, -1; ref differs by log 2 on one token
+    logp = T([[-1.0, -2.0], [-0.5, 0.0]], requires_grad=True)
+    ref = T([[-1.0 + math.log(2.0), -2.0], [-0.5, 0.0]])
+    mask = T([[1.0, 1.0], [1.0, 0.0]])
+    loss, stats = grpo.grpo_loss(logp, logp.detach(), ref, T([1.0, -1.0]), mask, "token-mean", 3.0, beta=0.1)
+    # policy part: (-1 - 1 + 1) / 3 ; KL part: 0.1 * (2 - log 2 - 1) / 3
+    assert loss.item() == pytest.approx((-1.0 + 0.1 * (1 - math.log(2))) / 3, abs=1e-6)
+    assert stats == {"tokens": 3, "clipped": 0, "kl": pytest.approx(1 - math.log(2)), "rho": pytest.approx(3.0)}
+
+
+def test_equal_rewards_give_zero_policy_gradient():
+    adv = grpo.group_advantages(T([0.5, 0.5, 0.5, 0.5]), 4)
+    logp = (-torch.rand(4, 6, generator=torch.Generator().manual_seed(2))).requires_grad_()
+    old = logp.detach() + 0.05
+    loss, _ = grpo.grpo_loss(logp, old, None, adv, torch.ones(4, 6), "token-mean", 24.0)
+    loss.backward()
+    assert loss.item() == 0.0 and (logp.grad == 0).all()
+
+
+@pytest.mark.parametrize("mode", grpo.LOSS_AGG_MODES)
+def test_padding_never_changes_the_loss(mode):
+    g = torch.Generator().manual_seed(3)
+    mask = T([[1.0, 1.0, 1.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0, 1.0]])
+    logp = -torch.rand(3, 5, generator=g)
+    old = logp + 0.3 * torch.randn(3, 5, generator=g)
+    ref = logp + 0.3 * torch.randn(3, 5, generator=g)
+    adv = T([1.0, -0.5, 0.7])
+
+    def run(logp, old, ref, mask):
+        logp = logp.clone().requires_grad_()
+        loss, stats = grpo.grpo_loss(logp, old, ref, adv, mask, mode, 7.0, beta=0.5)
+        loss.backward()
+        return loss.item(), logp.grad, stats
+
+    clean = run(logp, old, ref, mask)
+    junk = torch.full((3, 5), float("nan"))
+    junk[0, 3], junk[1, 2] = float("inf"), -1e9
+    pad = mask == 0
+    dirty = run(torch.where(pad, junk, logp), torch.where(pad, -junk, old), torch.where(pad, junk * 3, ref), mask)
+    assert dirty[0] == clean[0] and dirty[2] == clean[2]
+    assert torch.equal(dirty[1], clean[1]) and (dirty[1][pad] == 0).all()
+    # extra all-padding columns (a longer micro-batch) change nothing either
+    wide = [torch.cat([x, torch.full((3, 4), 7.0)], dim=1) for x in (logp, old, ref)]
+    widened = run(*wide, torch.cat([mask, torch.zeros(3, 4)], dim=1))
+    assert widened[0] == pytest.approx(clean[0], abs=1e-7)
+    assert torch.allclose(widened[1][:, :5], clean[1], atol=1e-7)
+
+
+def test_step_puzzles_are_epoch_permutations():
+    seen = grpo.step_puzzles(5, 0, 5, seed=0)
+    assert sorted(seen) == [0, 1, 2, 3, 4]
+    # reading 2 + 3 + 5 in pieces gives the same order as reading 10 at once (resume = consumed count)
+    pieces = grpo.step_puzzles(5, 0, 2, 0) + grpo.step_puzzles(5, 2, 3, 0) + grpo.step_puzzles(5, 5, 5, 0)
+    assert pieces == grpo.step_puzzles(5, 0, 10, 0)
+    assert sorted(pieces[5:]) == [0, 1, 2, 3, 4]
+
+
+def test_bad_flags_exit_with_clear_messages(capsys):
+    base = ["--model", "tiny", "--train", "t.jsonl", "--out-dir", "o"]
+    for extra, text in [(["--group-size", "1"], "--group-size must be >= 2"),
+                        (["--temperature", "0"], "--temperature must be > 0"),
+                        (["--loss-agg", "mean"], "invalid choice")]:
+        with pytest.raises(SystemExit):
+            grpo.parse_args(base + extra)
+        assert text in capsys.readouterr().err
