@@ -1,0 +1,501 @@
+"""puzzles.py: build CellPuzzles from an AnnData (.h5ad) file, or import the released CellPuzzles files.
+
+A puzzle is N cells of N distinct cell types from one donor (and experimental batch), each cell shown
+as its top M genes, highest first; the candidates are the N types, sorted; the answer is the type of
+each cell in cell order (SPEC.md). Records are JSON lines (see cello.py, section 1).
+
+Build (train.jsonl, val.jsonl, test.jsonl and summary.json in --out-dir), e.g. on the bundled data:
+    python puzzles.py build data/pbmc68k_reduced.h5ad --out-dir runs/puzzles --cell-type-key bulk_labels \\
+        --donor-key none --context "The cell is from a human donor, originating from the peripheral blood. \\
+The patient is healthy with no diagnosed disease."
+Import a released file (JSONL, or parquet with pyarrow installed) with system_msg/user_msg/assistant_msg:
+    python puzzles.py import cellpuzzles_test.jsonl --out runs/released/test.jsonl
+
+How build works:
+  1. Cells: those with a cell type (values such as "unknown" or empty are skipped) and at least M
+     genes with expression > 0. Expression comes from layers['counts'], else .raw, else X (printed).
+     Gene symbols from var['feature_name'] when present (an "_ENSG..." suffix stripped), else var_names.
+  2. Groups: cells sharing donor, batch and context sentence; a puzzle never mixes groups.
+  3. Split, without leakage: by donor when the file has >= 3 donors (each donor in one split),
+     else by cell (each cell in one split, stratified by donor and type), so no test cell is in a
+     train or val puzzle. The mode is printed and stored in summary.json.
+  4. For each split, group and N in [--n-min, --n-max]: up to K puzzles (K = --puzzles-per-group,
+     --val-puzzles-per-group or --test-puzzles-per-group). A puzzle takes N random distinct types of
+     the group, one random cell of each, in random cell order; a drawn set of cells that already
+     made a puzzle is drawn again (at most 20 K tries), so no two puzzles hold the same cells.
+     Groups with fewer than N types are skipped and counted.
+  5. A cell's genes: the M highest values of its row, descending; equal values keep gene order
+     (a stable sort, so the lower gene index comes first). Symbols that collide after stripping the
+     suffix appear once, at their best rank.
+All output files are written under temporary names and renamed at the end: an error leaves nothing.
+"""
+import argparse
+import json
+import math
+import os
+import re
+import sys
+import warnings
+from collections import Counter, defaultdict
+
+import numpy as np
+import reward
+
+SPLITS = ("train", "val", "test")
+ABSENT = {"", "unknown", "na", "n/a", "nan", "none", "null"}   # metadata values that mean "not known"
+ENSG_SUFFIX = re.compile(r"_ENSG\d+(\.\d+)?$")
+MATCH_LINE = "\n\nMatch the cells above to one of the following cell types:\n"  # as cello.MATCH_LINE
+
+
+def fail(message):
+    """One clear line on stderr and exit status 1."""
+    sys.exit(f"puzzles.py: error: {message}")
+
+
+def present(value):
+    """A metadata value as a string, or None when it means "not known"."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    text = str(value).strip()
+    return None if text.lower() in ABSENT else text
+
+
+def context_sentence(sex, stage, ethnicity, tissue, disease):
+    """SPEC.md's context: "The cell is from" + " a {sex}" + " at the {stage}" + " with {ethnicity}
+    background" + ", originating from the {tissue}" + a disease sentence; absent fields (None) are left
+    out; None when every field is absent."""
+    if not any((sex, stage, ethnicity, tissue, disease)):
+        return None
+    text = "The cell is from"
+    text += f" a {sex}" if sex else ""
+    text += f" at the {stage}" if stage else ""
+    text += f" with {ethnicity} background" if ethnicity else ""
+    text += f", originating from the {tissue}" if tissue else ""
+    if disease is None:
+        return text + "."
+    if disease.lower() == "normal":
+        return text + ". The patient is healthy with no diagnosed disease."
+    return text + f". The patient has been diagnosed with {disease}."
+
+
+def top_genes(row, symbols, m):
+    """The m genes with the highest values of one cell's row, highest first.
+
+    Order: a stable sort of -row, so equal values keep ascending gene index. Symbols that appear twice
+    (collisions after stripping "_ENSG..." suffixes) are kept once, at their best rank.
+    """
+    genes, seen = [], set()
+    for j in np.argsort(-row, kind="stable"):
+        if row[j] <= 0 or len(genes) == m:
+            break
+        if symbols[j] not in seen:
+            seen.add(symbols[j])
+            genes.append(symbols[j])
+    return genes
+
+
+def split_counts(n, val_frac, test_frac):
+    """How many of n items go to (test, val): each rounded half up, train keeps the rest."""
+    n_test = min(n, math.floor(n * test_frac + 0.5))
+    n_val = min(n - n_test, math.floor(n * val_frac + 0.5))
+    return n_test, n_val
+
+
+def draw_puzzles(pools, n, k, rng, seen):
+    """Up to k puzzles of n cells from pools (type -> cell indices), as lists of (cell, type).
+
+    Each puzzle: n distinct types chosen uniformly, one uniform cell of each, shuffled cell order.
+    A cell set already in `seen` is rejected; after 20 k tries we stop with what we have.
+    """
+    types = sorted(pools)
+    out = []
+    for _ in range(20 * k):
+        if len(out) == k:
+            break
+        chosen = [types[i] for i in rng.choice(len(types), size=n, replace=False)]
+        cells = [(int(rng.choice(pools[t])), t) for t in chosen]
+        key = frozenset(c for c, _ in cells)
+        if key in seen:
+            continue
+        seen.add(key)
+        out.append([cells[i] for i in rng.permutation(n)])
+    return out
+
+
+def load_h5ad(path):
+    import anndata  # imported here so that `import` and --help do not pay for it
+
+    if not os.path.isfile(path):
+        fail(f"{path}: no such file")
+    try:
+        with warnings.catch_warnings():  # old files trigger anndata's warnings about moved or old fields
+            warnings.simplefilter("ignore")
+            return anndata.read_h5ad(path)
+    except Exception as e:  # h5py/anndata raise many kinds of errors for a file that is not an h5ad
+        fail(f"{path}: not a readable .h5ad file ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+
+
+def expression_matrix(adata):
+    """(matrix as CSR or dense array, var table, which) from layers['counts'], else .raw, else X."""
+    import scipy.sparse
+
+    if "counts" in adata.layers:
+        matrix, var, which = adata.layers["counts"], adata.var, "layers['counts']"
+    elif adata.raw is not None:
+        matrix, var, which = adata.raw.X, adata.raw.var, ".raw.X"
+    else:
+        matrix, var, which = adata.X, adata.var, "X"
+    if scipy.sparse.issparse(matrix):
+        matrix = scipy.sparse.csr_matrix(matrix)
+        values = matrix.data
+    else:
+        matrix = np.asarray(matrix)
+        values = matrix
+    if values.dtype.kind not in "biuf":
+        fail(f"expression matrix {which} is not numeric (dtype {values.dtype})")
+    if values.dtype.kind == "f" and not np.isfinite(values).all():
+        fail(f"expression matrix {which} holds NaN or infinite values")
+    return matrix, var, which
+
+
+def build(args):
+    if not args.n_min >= 2:
+        fail(f"--n-min must be >= 2 (got {args.n_min})")
+    if args.n_max < args.n_min:
+        fail(f"--n-max must be >= --n-min (got {args.n_max} < {args.n_min})")
+    if args.genes < 1:
+        fail(f"--genes must be >= 1 (got {args.genes})")
+    if not (0 <= args.val_frac < 1 and 0 < args.test_frac < 1 and args.val_frac + args.test_frac < 1):
+        fail(f"--val-frac and --test-frac must be fractions with val + test < 1 (got {args.val_frac}, {args.test_frac})")
+    adata = load_h5ad(args.input)
+    obs = adata.obs
+    stem = os.path.splitext(os.path.basename(args.input))[0]
+
+    def column(key, flag):
+        if key not in obs.columns:
+            fail(f"{flag} {key!r}: no such obs column in {args.input}; obs columns are: {', '.join(map(str, obs.columns))}")
+        return obs[key].tolist()
+
+    # Cell types, donors, batches and context, one value per cell.
+    cell_types = [present(v) for v in column(args.cell_type_key, "--cell-type-key")]
+    donors = [stem] * adata.n_obs if args.donor_key == "none" else [str(v) for v in column(args.donor_key, "--donor-key")]
+    if args.batch_key is None:
+        batches = [None] * adata.n_obs
+    elif args.batch_key == "barcode-suffix":
+        batches = []
+        for name in adata.obs_names:
+            match = re.search(r"-(\d+)$", name)
+            if not match:
+                fail(f"--batch-key barcode-suffix: obs name {name!r} does not end in -<lane number>")
+            batches.append(match.group(1))
+    else:
+        batches = [str(v) for v in column(args.batch_key, "--batch-key")]
+    if args.context is not None:
+        contexts = [args.context] * adata.n_obs
+    else:
+        fields = []
+        for key, flag in [(args.sex_key, "--sex-key"), (args.development_stage_key, "--development-stage-key"),
+                          (args.ethnicity_key, "--ethnicity-key"), (args.tissue_key, "--tissue-key"),
+                          (args.disease_key, "--disease-key")]:
+            fields.append([present(v) for v in obs[key].tolist()] if key in obs.columns else [None] * adata.n_obs)
+        contexts = [context_sentence(*values) for values in zip(*fields)]
+        if all(c is None for c in contexts):
+            fail(f"{args.input} has none of the context columns ({args.sex_key}, {args.development_stage_key}, "
+                 f"{args.ethnicity_key}, {args.tissue_key}, {args.disease_key}): pass --context TEXT")
+        contexts = [c or "The cell is from an unknown donor." for c in contexts]
+
+    # Expression and gene symbols.
+    matrix, var, which = expression_matrix(adata)
+    names = [str(v) for v in (var["feature_name"] if "feature_name" in var.columns else var.index)]
+    name_source = "var['feature_name']" if "feature_name" in var.columns else "var_names"
+    duplicated = [name for name, count in Counter(names).items() if count > 1]
+    if duplicated:
+        fail(f"duplicate gene names in {name_source} of {args.input}: {', '.join(duplicated[:5])}")
+    symbols = [ENSG_SUFFIX.sub("", name) for name in names]
+    if args.genes > len(symbols):
+        fail(f"--genes {args.genes} is more than the {len(symbols)} genes in {args.input}")
+    expressed = np.asarray((matrix > 0).sum(axis=1)).ravel()
+    print(f"expression: {which} ({matrix.shape[0]} cells x {matrix.shape[1]} genes), gene symbols: {name_source}")
+
+    # Eligible cells, by group.
+    usable = [i for i in range(adata.n_obs) if cell_types[i] is not None and expressed[i] >= args.genes]
+    skipped_cells = {"no cell type": sum(t is None for t in cell_types),
+                     f"fewer than {args.genes} expressed genes": sum(int(t is not None and expressed[i] < args.genes)
+                                                                     for i, t in enumerate(cell_types))}
+    rng = np.random.default_rng(args.seed)
+
+    # Split assignment: split_of[cell index] in SPLITS.
+    donor_names = sorted({donors[i] for i in usable})
+    split_of = {}
+    if len(donor_names) >= 3:
+        mode = "donor"
+        order = [donor_names[i] for i in rng.permutation(len(donor_names))]
+        n_test, n_val = split_counts(len(order), args.val_frac, args.test_frac)
+        n_test = max(n_test, 1)
+        n_val = max(n_val, 1) if args.val_frac > 0 and len(order) - n_test >= 2 else n_val
+        donor_split = {d: "test" if r < n_test else "val" if r < n_test + n_val else "train"
+                       for r, d in enumerate(order)}
+        split_of = {i: donor_split[donors[i]] for i in usable}
+    else:
+        mode = "cell"
+        strata = defaultdict(list)
+        for i in usable:
+            strata[(donors[i], cell_types[i])].append(i)
+        for key in sorted(strata):
+            cells = [strata[key][j] for j in rng.permutation(len(strata[key]))]
+            n_test, n_val = split_counts(len(cells), args.val_frac, args.test_frac)
+            for r, i in enumerate(cells):
+                split_of[i] = "test" if r < n_test else "val" if r < n_test + n_val else "train"
+    print(f"split: by {mode} ({len(donor_names)} donor{'s' if len(donor_names) != 1 else ''}; "
+          + ("each donor in one split)" if mode == "donor" else "each cell in one split, stratified by donor and type)"))
+
+    # Puzzles.
+    groups = defaultdict(lambda: defaultdict(list))   # (split, donor, batch, context) -> type -> cells
+    for i in usable:
+        groups[(split_of[i], donors[i], batches[i] or "", contexts[i])][cell_types[i]].append(i)
+    context_ids = {c: k for k, c in enumerate(sorted({key[3] for key in groups}))}
+    per_group = {"train": args.puzzles_per_group, "val": args.val_puzzles_per_group,
+                 "test": args.test_puzzles_per_group}
+    barcodes = [str(v) for v in adata.obs_names]
+    cache = {}
+    records = {split: [] for split in SPLITS}
+    skipped_groups = 0
+    seen = set()
+    for key in sorted(groups):
+        split, donor, batch, context = key
+        pools = groups[key]
+        for n in range(args.n_min, args.n_max + 1):
+            if len(pools) < n:
+                skipped_groups += 1
+                continue
+            for puzzle in draw_puzzles(pools, n, per_group[split], rng, seen):
+                cells = []
+                for i, _ in puzzle:
+                    if i not in cache:
+                        row = matrix[i].toarray().ravel() if hasattr(matrix, "toarray") else np.asarray(matrix[i]).ravel()
+                        cache[i] = top_genes(row.astype(np.float64), symbols, args.genes)
+                    cells.append(cache[i])
+                answer = [t for _, t in puzzle]
+                group = "/".join(x for x in (donor, batch, f"c{context_ids[context]}" if len(context_ids) > 1 else "") if x)
+                records[split].append({
+                    "id": f"{stem}/{split}/{group}/n{n}/{len(records[split]):05d}",
+                    "source": os.path.basename(args.input),
+                    "donor": donor,
+                    "batch": batch or None,
+                    "split": split,
+                    "context": context,
+                    "cells": cells,
+                    "candidates": sorted(answer),
+                    "answer": answer,
+                    "cell_ids": [barcodes[i] for i, _ in puzzle],
+                })
+    total = sum(len(r) for r in records.values())
+    if total == 0:
+        fail(f"no puzzle could be built: every group has fewer than --n-min {args.n_min} cell types "
+             f"({skipped_groups} group/N pairs skipped)")
+
+    summary = {
+        "source": os.path.basename(args.input),
+        "split_mode": mode,
+        "expression": which,
+        "gene_symbols": name_source,
+        "cell_type_key": args.cell_type_key,
+        "splits": {split: {"puzzles": len(records[split]),
+                           "by_n": dict(sorted(Counter(len(r["cells"]) for r in records[split]).items())),
+                           "cells": sum(s == split for s in split_of.values()),
+                           "donors": sorted({donors[i] for i, s in split_of.items() if s == split})}
+                   for split in SPLITS},
+        "skipped_group_n_pairs_with_too_few_types": skipped_groups,
+        "skipped_cells": skipped_cells,
+        "args": vars(args),
+    }
+    os.makedirs(args.out_dir, exist_ok=True)
+    outputs = {f"{split}.jsonl": "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records[split])
+               for split in SPLITS}
+    outputs["summary.json"] = json.dumps(summary, indent=2, ensure_ascii=False) + "\n"
+    write_all_atomic(args.out_dir, outputs)
+    for split in SPLITS:
+        s = summary["splits"][split]
+        print(f"{split}: {s['puzzles']} puzzles {s['by_n']} from {s['cells']} cells")
+    print(f"skipped: {skipped_groups} group/N pairs with too few types; cells: {skipped_cells}")
+    print(f"wrote {', '.join(outputs)} to {args.out_dir}")
+
+
+def write_all_atomic(out_dir, outputs):
+    """Write every file to a temporary name first, then rename them all: an error leaves no output."""
+    tmp = {name: os.path.join(out_dir, f".{name}.tmp{os.getpid()}") for name in outputs}
+    try:
+        for name, text in outputs.items():
+            with open(tmp[name], "w") as f:
+                f.write(text)
+    except BaseException:
+        for path in tmp.values():
+            if os.path.exists(path):
+                os.remove(path)
+        raise
+    for name in outputs:
+        os.replace(tmp[name], os.path.join(out_dir, name))
+
+
+# ---------------------------------------------------------------------------------------------
+# import: released CellPuzzles records -> puzzle records
+# ---------------------------------------------------------------------------------------------
+
+def parse_released(system_msg, user_msg, assistant_msg, system_template):
+    """One released record -> (context, cells, candidates, answer, layout); raises ValueError saying why.
+
+    user_msg is "Context: " + context + sep + "Cell 1: g, g, ..." lines + MATCH_LINE + candidates
+    (one per line) + tail, where sep is whitespace ending in a newline (" \\n\\n" in most records) and
+    tail is trailing whitespace. The answer is the lenient '|' parse of assistant_msg's last
+    <answer>...</answer> (reward.parse_answer), or of the whole text when it has no tags.
+    """
+    if not user_msg.startswith("Context: "):
+        raise ValueError("user_msg does not start with 'Context: '")
+    start = user_msg.find("\nCell 1: ")
+    end = user_msg.find(MATCH_LINE)
+    if start < 0 or end < start:
+        raise ValueError("user_msg has no 'Cell 1: ' line followed by the 'Match the cells above' line")
+    head = user_msg[len("Context: "):start + 1]
+    context = head.rstrip()
+    cell_lines = user_msg[start + 1:end].split("\n")
+    cells = []
+    for k, line in enumerate(cell_lines):
+        prefix = f"Cell {k + 1}: "
+        if not line.startswith(prefix):
+            raise ValueError(f"cell line {k + 1} does not start with {prefix!r}")
+        cells.append(line[len(prefix):].split(", "))
+    rest = user_msg[end + len(MATCH_LINE):]
+    body = rest.rstrip()
+    candidates = body.split("\n")
+    if len(candidates) != len(cells):
+        raise ValueError(f"{len(cells)} cells but {len(candidates)} candidates")
+    labels = reward.parse_answer(assistant_msg, len(cells))["labels"]
+    if labels is None and "<answer>" not in assistant_msg:
+        labels = [part.strip() for part in assistant_msg.split("|")]
+    if not labels or len(labels) != len(cells):
+        raise ValueError(f"assistant_msg has {len(labels or [])} answer labels, expected {len(cells)}")
+    by_name = {c.strip().lower(): c for c in candidates}
+    if any(label.lower() not in by_name for label in labels):
+        raise ValueError(f"answer labels {labels} are not all among the candidates")
+    answer = [by_name[label.lower()] for label in labels]
+    layout = {}
+    if head[len(context):] != " \n\n":
+        layout["context_sep"] = head[len(context):]
+    if rest[len(body):]:
+        layout["tail"] = rest[len(body):]
+    if system_msg != system_template.format(n=len(cells)):
+        layout["system"] = system_msg
+    return context, cells, candidates, answer, layout
+
+
+def read_released(path):
+    """Rows of a released file as (row number, dict): JSONL (or a JSON array), or parquet via pandas."""
+    if not os.path.isfile(path):
+        fail(f"{path}: no such file")
+    if path.endswith(".parquet"):
+        import pandas
+
+        try:
+            frame = pandas.read_parquet(path)
+        except ImportError:
+            fail(f"{path}: reading parquet needs pyarrow (pip install pyarrow), or convert it to JSONL")
+        return list(enumerate(frame.to_dict("records"), start=1))
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if text.lstrip().startswith("["):
+        try:
+            return list(enumerate(json.loads(text), start=1))
+        except json.JSONDecodeError as e:
+            fail(f"{path}: not valid JSON ({e})")
+    rows = []
+    for number, line in enumerate(text.split("\n"), start=1):
+        if line.strip():
+            try:
+                rows.append((number, json.loads(line)))
+            except json.JSONDecodeError as e:
+                fail(f"{path}:{number}: not valid JSON ({e})")
+    return rows
+
+
+def import_released(args):
+    import cello  # the renderer checks each record; imported here so that `build` does not load torch
+
+    rows = read_released(args.input)
+    split = args.split or ("test" if "test" in os.path.basename(args.input).lower() else "train")
+    stem = os.path.splitext(os.path.basename(args.input))[0]
+    records = []
+    for number, row in rows:
+        where = f"{args.input}:{number}"
+        if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("system_msg", "user_msg", "assistant_msg")):
+            fail(f"{where}: expected string fields system_msg, user_msg and assistant_msg")
+        try:
+            context, cells, candidates, answer, layout = parse_released(
+                row["system_msg"], row["user_msg"], row["assistant_msg"], cello.SYSTEM_TEMPLATE)
+        except ValueError as e:
+            fail(f"{where}: cannot parse the record: {e}")
+        record = {"id": f"{stem}/{number:06d}", "source": os.path.basename(args.input), "donor": None,
+                  "batch": None, "split": split, "context": context, "cells": cells,
+                  "candidates": candidates, "answer": answer}
+        if layout:
+            record["layout"] = layout
+        record["response"] = row["assistant_msg"]
+        if cello.render_user(record) != row["user_msg"] or cello.render_system(record) != row["system_msg"]:
+            fail(f"{where}: the record does not render back to its user_msg/system_msg exactly")
+        records.append(record)
+    if not records:
+        fail(f"{args.input}: no records")
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    os.makedirs(out_dir, exist_ok=True)
+    write_all_atomic(out_dir, {os.path.basename(args.out): "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)})
+    print(f"imported {len(records)} records as split {split!r}: {dict(sorted(Counter(len(r['cells']) for r in records).items()))} "
+          f"by N; {sum('layout' in r for r in records)} keep a non-standard layout; wrote {args.out}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="puzzles.py",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("build", help="build puzzles from an .h5ad file", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = b.add_argument_group("input and output")
+    g.add_argument("input", help="AnnData .h5ad file")
+    g.add_argument("--out-dir", required=True, help="folder for train.jsonl, val.jsonl, test.jsonl, summary.json")
+    g = b.add_argument_group("obs columns (CELLxGENE names by default)")
+    g.add_argument("--cell-type-key", default="cell_type", help="obs column of cell type labels")
+    g.add_argument("--donor-key", default="donor_id", help="obs column of donors; 'none': one donor named after the file")
+    g.add_argument("--batch-key", default=None,
+                   help="obs column of experimental batches (default: none); 'barcode-suffix': the -N lane suffix of obs_names")
+    g.add_argument("--sex-key", default="sex", help="obs column for the context sentence (used when present)")
+    g.add_argument("--development-stage-key", default="development_stage", help="as --sex-key")
+    g.add_argument("--ethnicity-key", default="self_reported_ethnicity", help="as --sex-key")
+    g.add_argument("--tissue-key", default="tissue", help="as --sex-key")
+    g.add_argument("--disease-key", default="disease", help="as --sex-key")
+    g.add_argument("--context", default=None, help="context sentence for every puzzle (for files without metadata); "
+                                                   "overrides the context columns")
+    g = b.add_argument_group("puzzles")
+    g.add_argument("--n-min", type=int, default=4, help="fewest cells (= cell types) per puzzle, >= 2")
+    g.add_argument("--n-max", type=int, default=8, help="most cells per puzzle")
+    g.add_argument("--genes", type=int, default=50, help="M: top genes shown per cell")
+    g.add_argument("--puzzles-per-group", type=int, default=130,
+                   help="train puzzles per N per group (group = donor, batch and context within a split); "
+                        "fewer when the group cannot make that many distinct puzzles")
+    g.add_argument("--val-puzzles-per-group", type=int, default=10, help="as --puzzles-per-group, for val")
+    g.add_argument("--test-puzzles-per-group", type=int, default=20, help="as --puzzles-per-group, for test")
+    g = b.add_argument_group("splits and randomness")
+    g.add_argument("--val-frac", type=float, default=0.1, help="share of donors (>= 3 donors) or of each type's cells for val")
+    g.add_argument("--test-frac", type=float, default=0.2, help="share of donors or of each type's cells for test")
+    g.add_argument("--seed", type=int, default=0, help="random seed: same seed and flags give identical files")
+
+    i = sub.add_parser("import", help="import released CellPuzzles records (system_msg, user_msg, assistant_msg)")
+    i.add_argument("input", help="released file: JSONL (or a JSON array), or .parquet (needs pyarrow)")
+    i.add_argument("--out", required=True, help="output puzzles JSONL")
+    i.add_argument("--split", choices=SPLITS, default=None,
+                   help="split stored in the records (default: test when the file name says test, else train)")
+
+    args = parser.parse_args(argv)
+    build(args) if args.command == "build" else import_released(args)
+
+
+if __name__ == "__main__":
+    main()

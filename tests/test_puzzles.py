@@ -1,0 +1,381 @@
+"""puzzles.py: builder invariants on the bundled file, CELLxGENE-style metadata, bad inputs, import round trip."""
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import anndata
+import numpy as np
+import pandas as pd
+import pytest
+
+import cello
+import puzzles
+from conftest import DATA, ROOT
+
+SMALL = ["--cell-type-key", "bulk_labels", "--donor-key", "none", "--context", "The cell is from a human donor.",
+         "--n-min", "3", "--n-max", "5", "--genes", "20", "--puzzles-per-group", "12",
+         "--val-puzzles-per-group", "3", "--test-puzzles-per-group", "4"]
+
+
+def build(out_dir, *flags, data=DATA):
+    puzzles.main(["build", str(data), "--out-dir", str(out_dir), *flags])
+    return {split: cello.read_jsonl(os.path.join(out_dir, f"{split}.jsonl")) for split in puzzles.SPLITS}
+
+
+def read(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+@pytest.fixture(scope="module")
+def pbmc():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        adata = anndata.read_h5ad(DATA)
+    raw = adata.raw.X.toarray()
+    return adata, raw, {name: i for i, name in enumerate(adata.obs_names)}, list(adata.raw.var_names)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pbmc")
+    return out, build(out, *SMALL)
+
+
+# ---------------------------------------------------------------------------------------------
+# builder invariants on the bundled file
+# ---------------------------------------------------------------------------------------------
+
+def test_record_invariants(built, pbmc):
+    out, splits = built
+    adata, raw, row_of, genes = pbmc
+    col_of = {g: j for j, g in enumerate(genes)}
+    labels = adata.obs["bulk_labels"].astype(str)
+    for split, records in splits.items():
+        assert records, split
+        for r in records:
+            n = len(r["cells"])
+            assert 3 <= n <= 5 and r["split"] == split
+            assert len(r["answer"]) == len(r["cell_ids"]) == n
+            assert len(set(r["answer"])) == n                           # N distinct types
+            assert r["candidates"] == sorted(r["answer"])
+            assert [labels[c] for c in r["cell_ids"]] == r["answer"]    # the gold answer is each cell's label
+            for cell_id, cell_genes in zip(r["cell_ids"], r["cells"]):
+                assert len(cell_genes) == 20 and len(set(cell_genes)) == 20
+                row = raw[row_of[cell_id]]
+                cols = [col_of[g] for g in cell_genes]
+                values = row[cols]
+                assert np.all(np.diff(values) <= 0)                          # descending expression
+                rest = np.delete(row, cols)
+                assert rest.max() <= values[-1]                              # nothing left out beats the last one
+                for a, b in zip(cols, cols[1:]):                             # ties: lower gene index first
+                    if row[a] == row[b]:
+                        assert a < b
+                tied = set(np.flatnonzero(row == values[-1]).tolist())
+                assert all(j in cols for j in tied if j < cols[-1])             # no lower-index tie was passed over
+            text = cello.render_user(r)
+            assert text.startswith("Context: The cell is from a human donor. \n\nCell 1: ")
+    ids = [r["id"] for records in splits.values() for r in records]
+    assert len(ids) == len(set(ids))
+
+
+def test_no_cell_in_two_splits_and_no_repeated_puzzle(built):
+    _, splits = built
+    cells = {split: {c for r in records for c in r["cell_ids"]} for split, records in splits.items()}
+    assert not cells["train"] & cells["test"] and not cells["val"] & cells["test"] and not cells["train"] & cells["val"]
+    sets = [frozenset(r["cell_ids"]) for records in splits.values() for r in records]
+    assert len(sets) == len(set(sets))
+
+
+def test_summary_matches_files(built):
+    out, splits = built
+    summary = json.load(open(out / "summary.json"))
+    assert summary["split_mode"] == "cell" and summary["expression"] == ".raw.X"
+    assert summary["gene_symbols"] == "var_names"
+    for split, records in splits.items():
+        assert summary["splits"][split]["puzzles"] == len(records)
+        by_n = {str(n): sum(len(r["cells"]) == n for r in records) for n in (3, 4, 5)}
+        assert summary["splits"][split]["by_n"] == {k: v for k, v in by_n.items() if v}
+    assert len(splits["train"]) == 3 * 12 and len(splits["val"]) == 3 * 3 and len(splits["test"]) == 3 * 4
+    assert summary["splits"]["train"]["cells"] + summary["splits"]["val"]["cells"] + summary["splits"]["test"]["cells"] == 700
+    assert sorted(os.listdir(out)) == ["summary.json", "test.jsonl", "train.jsonl", "val.jsonl"]   # no temp files left
+
+
+def test_same_seed_same_files_other_seed_differs(built, tmp_path):
+    out, _ = built
+    build(tmp_path / "again", *SMALL)
+    build(tmp_path / "seed1", *SMALL, "--seed", "1")
+    for name in ("train.jsonl", "val.jsonl", "test.jsonl"):
+        assert read(out / name) == read(tmp_path / "again" / name)
+        assert read(out / name) != read(tmp_path / "seed1" / name)
+
+
+def test_barcode_suffix_batches(tmp_path):
+    splits = build(tmp_path, *SMALL, "--batch-key", "barcode-suffix")
+    records = [r for rs in splits.values() for r in rs]
+    assert {r["batch"] for r in records} <= {str(k) for k in range(1, 9)} and len({r["batch"] for r in records}) == 8
+    for r in records:
+        assert all(c.endswith("-" + r["batch"]) for c in r["cell_ids"])   # a puzzle never mixes lanes
+
+
+def test_default_demo_sizes(tmp_path, capsys):
+    """The bundled file with the default flags gives the demo's sizes (N 4..8, M 50)."""
+    splits = build(tmp_path, "--cell-type-key", "bulk_labels", "--donor-key", "none", "--context", "x.")
+    assert [len(splits[s]) for s in puzzles.SPLITS] == [650, 50, 100]
+    assert {len(r["cells"]) for r in splits["test"]} == {4, 5, 6, 7, 8}
+    assert all(len(g) == 50 for r in splits["test"] for g in r["cells"])
+    printed = capsys.readouterr().out
+    assert "split: by cell" in printed and "expression: .raw.X" in printed
+
+
+# ---------------------------------------------------------------------------------------------
+# CELLxGENE-style files: metadata context, donor split, counts layer, feature_name
+# ---------------------------------------------------------------------------------------------
+
+def write_h5ad(path, X, obs, var_names, feature_name=None, counts=None, raw=None):
+    var = pd.DataFrame(index=var_names)
+    if feature_name is not None:
+        var["feature_name"] = feature_name
+    adata = anndata.AnnData(X=X, obs=pd.DataFrame(obs, index=[f"cell{i}" for i in range(len(X))]), var=var)
+    if counts is not None:
+        adata.layers["counts"] = counts
+    if raw is not None:
+        adata.raw = anndata.AnnData(X=raw, var=var)
+    adata.write_h5ad(path)
+    return path
+
+
+def cellxgene_like(path, donors=4, types=5, per_type=3, genes=12, seed=0, **changes):
+    """donors x types x per_type cells; counts layer with a distinct order from X; metadata per donor."""
+    rng = np.random.default_rng(seed)
+    n = donors * types * per_type
+    counts = rng.permutation(n * genes).reshape(n, genes).astype(np.float32) + 1   # all distinct, > 0
+    obs = {"cell_type": [f"type {t}, subtype" for d in range(donors) for t in range(types) for _ in range(per_type)],
+           "donor_id": [f"D{d}" for d in range(donors) for _ in range(types * per_type)],
+           "sex": ["female" if d % 2 == 0 else "male" for d in range(donors) for _ in range(types * per_type)],
+           "development_stage": ["66-year-old stage"] * n,
+           "self_reported_ethnicity": ["unknown" if d % 2 == 0 else "European" for d in range(donors) for _ in range(types * per_type)],
+           "tissue": ["lung"] * n,
+           "disease": ["normal" if d % 2 == 0 else "COVID-19" for d in range(donors) for _ in range(types * per_type)]}
+    obs.update(changes.pop("obs", {}))
+    feature_name = [f"G{j}_ENSG{j:011d}" if j % 3 == 0 else f"G{j}" for j in range(genes)]
+    args = dict(X=-counts, obs=obs, var_names=[f"ENSG{j:011d}" for j in range(genes)],
+                feature_name=feature_name, counts=counts)
+    args.update(changes)
+    return write_h5ad(path, **args), counts
+
+
+def test_cellxgene_metadata_donor_split_counts_layer(tmp_path, capsys):
+    path, counts = cellxgene_like(tmp_path / "cxg.h5ad")
+    splits = build(tmp_path / "out", "--n-min", "3", "--n-max", "5", "--genes", "4", "--puzzles-per-group", "5",
+                   "--val-puzzles-per-group", "5", "--test-puzzles-per-group", "5", "--val-frac", "0.25",
+                   "--test-frac", "0.25", data=path)
+    printed = capsys.readouterr().out
+    assert "expression: layers['counts']" in printed and "split: by donor" in printed
+    summary = json.load(open(tmp_path / "out" / "summary.json"))
+    assert summary["split_mode"] == "donor" and summary["gene_symbols"] == "var['feature_name']"
+    donors = {split: {r["donor"] for r in records} for split, records in splits.items()}
+    assert [len(donors[s]) for s in puzzles.SPLITS] == [2, 1, 1] and len(set.union(*donors.values())) == 4
+    assert not (donors["train"] & donors["test"]) and not (donors["val"] & donors["test"])
+    sentences = {"D0": "The cell is from a female at the 66-year-old stage, originating from the lung. "
+                       "The patient is healthy with no diagnosed disease.",
+                 "D1": "The cell is from a male at the 66-year-old stage with European background, originating "
+                       "from the lung. The patient has been diagnosed with COVID-19."}
+    for records in splits.values():
+        for r in records:
+            assert r["context"] == sentences["D0" if r["donor"] in ("D0", "D2") else "D1"]
+            for cell_id, genes in zip(r["cell_ids"], r["cells"]):
+                row = counts[int(cell_id[4:])]
+                expected = [f"G{j}" for j in np.argsort(-row)[:4]]   # counts are distinct: no ties; suffix stripped
+                assert genes == expected
+
+
+def test_context_sentence():
+    assert puzzles.context_sentence("female", "66-year-old stage", None, "lung", "normal") == (
+        "The cell is from a female at the 66-year-old stage, originating from the lung. "
+        "The patient is healthy with no diagnosed disease.")
+    assert puzzles.context_sentence(None, None, None, "blood", None) == "The cell is from, originating from the blood."
+    assert puzzles.context_sentence(None, None, None, None, None) is None
+    assert [puzzles.present(v) for v in ("unknown", " NA ", float("nan"), "", "male")] == [None, None, None, None, "male"]
+
+
+def test_group_with_too_few_types_is_skipped_and_counted(tmp_path):
+    # D3 has only 2 types: every (split, D3, N >= 3) pair is skipped, the rest still builds.
+    obs_types = [f"t{t}" for d in range(3) for t in range(5) for _ in range(3)] + ["t0"] * 9 + ["t1"] * 6
+    path, _ = cellxgene_like(tmp_path / "f.h5ad", obs={"cell_type": obs_types})
+    build(tmp_path / "out", "--n-min", "3", "--n-max", "4", "--genes", "4", "--val-frac", "0.25", "--test-frac", "0.25",
+          "--puzzles-per-group", "2", "--val-puzzles-per-group", "2", "--test-puzzles-per-group", "2", data=path)
+    summary = json.load(open(tmp_path / "out" / "summary.json"))
+    assert summary["skipped_group_n_pairs_with_too_few_types"] == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input: one clear line, non-zero exit, no output files
+# ---------------------------------------------------------------------------------------------
+
+def expect_error(tmp_path, data, flags, *fragments):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        puzzles.main(["build", str(data), "--out-dir", str(out), *flags])
+    message = str(e.value.code)
+    assert message.startswith("puzzles.py: error: ") and "\n" not in message
+    for fragment in fragments:
+        assert fragment in message
+    assert not out.exists() or os.listdir(out) == []
+
+
+FLAGS = ["--n-min", "3", "--n-max", "4", "--genes", "4"]
+
+
+def test_missing_file(tmp_path):
+    expect_error(tmp_path, tmp_path / "nope.h5ad", FLAGS, "nope.h5ad: no such file")
+
+
+def test_not_an_h5ad(tmp_path):
+    path = tmp_path / "text.h5ad"
+    path.write_text("cell,type\n")
+    expect_error(tmp_path, path, FLAGS, "text.h5ad: not a readable .h5ad file")
+
+
+def test_missing_obs_key_lists_keys(tmp_path):
+    path, _ = cellxgene_like(tmp_path / "f.h5ad")
+    expect_error(tmp_path, path, FLAGS + ["--cell-type-key", "celltype"],
+                 "--cell-type-key 'celltype': no such obs column", "obs columns are: cell_type, donor_id, sex")
+    expect_error(tmp_path, DATA, SMALL[:2] + ["--context", "x."], "--donor-key 'donor_id'", "bulk_labels, n_genes")
+
+
+def test_nan_matrix(tmp_path):
+    path, counts = cellxgene_like(tmp_path / "f.h5ad")
+    counts[3, 2] = np.nan
+    write_h5ad(path, X=counts, obs=anndata.read_h5ad(path).obs, var_names=[f"g{j}" for j in range(counts.shape[1])])
+    expect_error(tmp_path, path, FLAGS, "expression matrix X holds NaN")
+
+
+def test_non_numeric_matrix(tmp_path):
+    path, counts = cellxgene_like(tmp_path / "f.h5ad")
+    text = counts.astype(int).astype(str).astype(object)
+    write_h5ad(path, X=text, obs=anndata.read_h5ad(path).obs, var_names=[f"g{j}" for j in range(counts.shape[1])])
+    expect_error(tmp_path, path, FLAGS, "expression matrix X is not numeric")
+
+
+def test_duplicate_gene_names(tmp_path):
+    genes = 12
+    path, _ = cellxgene_like(tmp_path / "f.h5ad", feature_name=["G1"] * 2 + [f"G{j}" for j in range(2, genes)])
+    expect_error(tmp_path, path, FLAGS, "duplicate gene names in var['feature_name']", "G1")
+
+
+def test_no_puzzle_at_all(tmp_path):
+    path, _ = cellxgene_like(tmp_path / "f.h5ad")
+    expect_error(tmp_path, path, ["--n-min", "6", "--n-max", "8", "--genes", "4"], "no puzzle could be built")
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--n-min", "1"], "--n-min must be >= 2"),
+    (["--n-min", "5", "--n-max", "4"], "--n-max must be >= --n-min"),
+    (["--genes", "0"], "--genes must be >= 1"),
+    (["--genes", "13"], "--genes 13 is more than the 12 genes"),
+    (["--test-frac", "0"], "--val-frac and --test-frac"),
+])
+def test_out_of_range(tmp_path, flags, fragment):
+    path, _ = cellxgene_like(tmp_path / "f.h5ad")
+    expect_error(tmp_path, path, ["--n-min", "3", "--n-max", "4", "--genes", "4", *flags], fragment)
+
+
+def test_barcode_suffix_missing(tmp_path):
+    path, _ = cellxgene_like(tmp_path / "f.h5ad")
+    expect_error(tmp_path, path, FLAGS + ["--batch-key", "barcode-suffix"], "'cell0' does not end in -<lane number>")
+
+
+def test_no_context_metadata(tmp_path):
+    expect_error(tmp_path, DATA, SMALL[:4], "has none of the context columns", "pass --context")
+
+
+def test_command_line_exit_code(tmp_path):
+    """The real process: status 1 and the one line on stderr, nothing on stdout."""
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "puzzles.py"), "build", str(tmp_path / "x.h5ad"),
+                             "--out-dir", str(tmp_path / "out")], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"puzzles.py: error: {tmp_path / 'x.h5ad'}: no such file"
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# import: released records round-trip byte for byte
+# ---------------------------------------------------------------------------------------------
+
+def released(cells, candidates, answer, context="The cell is from a female at the 66-year-old stage, originating "
+             "from the lung. The patient is healthy with no diagnosed disease.", sep=" \n\n", tail="",
+             system=None, think="Cell 1 shows ..."):
+    user = ("Context: " + context + sep + "\n".join(f"Cell {i + 1}: " + ", ".join(g) for i, g in enumerate(cells))
+            + "\n\nMatch the cells above to one of the following cell types:\n" + "\n".join(candidates) + tail)
+    return {"system_msg": system or cello.SYSTEM_TEMPLATE.format(n=len(cells)), "user_msg": user,
+            "assistant_msg": f"<think>{think}</think>\n<answer>{' | '.join(answer)}</answer>"}
+
+
+COMMA = ["CD4-positive, alpha-beta T cell", "CD8-positive, alpha-beta T cell", "B cell"]
+CELLS = [["CD8A", "CD8B", "GZMK"], ["MS4A1", "CD79A", "IGHM"], ["CD4", "IL7R", "LTB"]]
+ROWS = [
+    released(CELLS, sorted(COMMA), [COMMA[1], COMMA[2], COMMA[0]]),
+    released(CELLS, sorted(COMMA), [COMMA[1], COMMA[2], COMMA[0]], sep="\n\n"),                 # no space
+    released(CELLS, sorted(COMMA), [COMMA[1], COMMA[2], COMMA[0]], tail="\n"),                  # trailing newline
+    released(CELLS[:2], ["B cell", "T cell"], ["t cell", "B CELL"], system="Custom system.\n"),  # case differs
+]
+
+
+def run_import(tmp_path, rows, name="cellpuzzles_test.jsonl", *flags):
+    src = tmp_path / name
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    puzzles.main(["import", str(src), "--out", str(tmp_path / "out.jsonl"), *flags])
+    return cello.read_jsonl(tmp_path / "out.jsonl")
+
+
+def test_import_round_trip(tmp_path):
+    records = run_import(tmp_path, ROWS)
+    assert len(records) == 4
+    for row, r in zip(ROWS, records):
+        assert cello.render_user(r) == row["user_msg"]
+        assert cello.render_system(r) == row["system_msg"]
+        assert r["response"] == row["assistant_msg"] and r["split"] == "test"
+    assert records[0]["cells"] == CELLS and records[0]["candidates"] == sorted(COMMA)
+    assert records[0]["answer"] == [COMMA[1], COMMA[2], COMMA[0]]
+    assert records[0]["context"].endswith("no diagnosed disease.") and "layout" not in records[0]
+    assert records[1]["layout"] == {"context_sep": "\n\n"}
+    assert records[2]["layout"] == {"tail": "\n"}
+    assert records[3]["layout"] == {"system": "Custom system.\n"} and records[3]["answer"] == ["T cell", "B cell"]
+
+
+def test_import_of_built_records(built, tmp_path):
+    """Built puzzles rendered to the released layout import back to the same content."""
+    _, splits = built
+    rows = [{"system_msg": cello.render_system(r), "user_msg": cello.render_user(r),
+             "assistant_msg": "<answer>" + " | ".join(r["answer"]) + "</answer>"} for r in splits["val"]]
+    records = run_import(tmp_path, rows, "reasoning.jsonl")
+    for r, back in zip(splits["val"], records):
+        assert (back["context"], back["cells"], back["candidates"], back["answer"]) == \
+            (r["context"], r["cells"], r["candidates"], r["answer"])
+        assert "layout" not in back and back["split"] == "train"
+
+
+def test_import_bare_answer_and_split_flag(tmp_path):
+    row = dict(ROWS[0], assistant_msg="CD8-positive, alpha-beta T cell | B cell | CD4-positive, alpha-beta T cell")
+    records = run_import(tmp_path, [row], "x.jsonl", "--split", "val")
+    assert records[0]["answer"] == [COMMA[1], COMMA[2], COMMA[0]] and records[0]["split"] == "val"
+
+
+@pytest.mark.parametrize("change, fragment", [
+    ({"user_msg": "Hello"}, "does not start with 'Context: '"),
+    ({"assistant_msg": "<answer>B cell</answer>"}, "1 answer labels, expected 3"),
+    ({"assistant_msg": "<answer>B cell | NK cell | T cell</answer>"}, "not all among the candidates"),
+    ({"user_msg": ROWS[0]["user_msg"].replace("Cell 2: ", "Cell 7: ")}, "cell line 2 does not start with 'Cell 2: '"),
+    ({"user_msg": ROWS[0]["user_msg"] + "\nExtra"}, "3 cells but 4 candidates"),
+    ({"system_msg": None}, "expected string fields"),
+])
+def test_import_errors_name_the_line(tmp_path, change, fragment):
+    rows = [ROWS[0], ROWS[1], dict(ROWS[0], **change)]
+    with pytest.raises(SystemExit) as e:
+        run_import(tmp_path, rows)
+    message = str(e.value.code)
+    assert message.startswith(f"puzzles.py: error: {tmp_path / 'cellpuzzles_test.jsonl'}:3: ") and fragment in message
+    assert not (tmp_path / "out.jsonl").exists()
