@@ -211,3 +211,123 @@ def test_bad_flags_exit_with_clear_messages(capsys):
         with pytest.raises(SystemExit):
             grpo.parse_args(base + extra)
         assert text in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# With a tiny model
+# ---------------------------------------------------------------------------------------------
+import cello  # noqa: E402
+
+GENES = ["GNLY", "NKG7", "CST3", "LST1", "AIF1", "MZB1", "CD79A", "MS4A1", "CD3E", "IL7R", "CCR7", "S100A8",
+         "LYZ", "FCGR3A", "HLA-DRA", "CD8A", "PPBP", "PF4"]
+LABELS = ["CD56+ NK", "CD14+ Monocyte", "CD19+ B", "CD8+ Cytotoxic T", "Dendritic"]
+
+
+def make_records(count=8, n=3, seed=0):
+    """Small hand-made puzzles (short prompts): n cells with 6 genes each, gold labels, a response."""
+    g = torch.Generator().manual_seed(seed)
+    records = []
+    for k in range(count):
+        labels = [LABELS[i] for i in torch.randperm(len(LABELS), generator=g)[:n].tolist()]
+        cells = [[GENES[i] for i in torch.randperm(len(GENES), generator=g)[:6].tolist()] for _ in range(n)]
+        records.append({"id": f"toy/{k}", "source": "hand", "donor": "D0", "batch": None, "split": "train",
+                        "context": "The cell is from a human.", "cells": cells, "candidates": sorted(labels),
+                        "answer": labels, "response": f"<think>ok</think>\n<answer>{' | '.join(labels)}</answer>"})
+    return records
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(records, path of a fresh tiny model folder built on them)."""
+    torch.set_num_threads(1)
+    records = make_records()
+    path = cello.prepare_model("tiny", str(tmp_path_factory.mktemp("grpo-model")), records)
+    return records, path
+
+
+def update_args(path, *extra):
+    return grpo.parse_args(["--model", path, "--train", "unused", "--out-dir", "unused", *extra])
+
+
+def test_one_step_on_a_toy_reward_raises_the_rewarded_response(tiny):
+    # reward 1 for responses that start with the first sample's first token, 0 otherwise
+    records, path = tiny
+    tok = cello.load_tokenizer(path)
+    model = cello.load_model(path)
+    prompts = [cello.prompt_ids(tok, r) for r in records[:2]]
+    G = 8
+    out = cello.sample(model, prompts, G, 3, tok.eos_token_id, tok.pad_token_id,
+                       generator=torch.Generator().manual_seed(0))
+    targets = [out["responses"][0][0], out["responses"][G][0]]
+    rewards = T([float(r[0] == targets[k // G]) for k, r in enumerate(out["responses"])])
+    assert 0 < rewards[:G].sum() < G and 0 < rewards[G:].sum() < G  # both groups carry a signal
+    old, mask = grpo.pad_rows(out["logprobs"])
+    batch = {"prompts": prompts, "responses": out["responses"], "old_logp": old, "mask": mask, "ref_logp": None,
+             "advantages": grpo.group_advantages(rewards, G)}
+
+    def first_token_logp():
+        with torch.no_grad():
+            lp, _ = cello.response_logprobs(model, prompts, [[t] for t in targets])
+        return lp[:, 0]
+
+    def seq_logp():
+        with torch.no_grad():
+            lp, m = cello.response_logprobs(model, prompts, out["responses"])
+        return (lp * m).sum(1)
+
+    before, seq_before = first_token_logp(), seq_logp()
+    args = update_args(path, "--lr", "1e-2", "--beta", "0", "--group-size", str(G), "--micro-batch", "1")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    metrics = grpo.policy_update(model, optimizer, batch, args, "cpu")
+    after, seq_after = first_token_logp(), seq_logp()
+    assert (after > before + 0.1).all(), (before, after)
+    up = rewards.bool()
+    assert ((seq_after - seq_before)[up] > 0).all() and ((seq_after - seq_before)[~up] < 0).all()
+    # mu = 1, one minibatch: nothing moved before the gradient, so rho = 1 up to float noise
+    assert metrics["rho_mean"] == pytest.approx(1.0, abs=1e-4) and metrics["clip_frac"] == 0.0
+    assert metrics["grad_norm"] > 0 and abs(metrics["loss"]) < 1e-3  # loss ~0, gradient not
+
+
+def test_update_is_the_same_with_shared_prompt_or_per_sequence(tiny):
+    records, path = tiny
+    tok = cello.load_tokenizer(path)
+    prompts = [cello.prompt_ids(tok, r) for r in records[2:4]]
+    models = [cello.load_model(path), cello.load_model(path)]
+    out = cello.sample(models[0], prompts, 4, 6, tok.eos_token_id, tok.pad_token_id,
+                       generator=torch.Generator().manual_seed(1))
+    old, mask = grpo.pad_rows(out["logprobs"])
+    with torch.no_grad():
+        ref, _ = cello.response_logprobs(models[1], prompts, out["responses"], shared_prompt=False)
+    ref = ref + 0.1 * torch.randn(ref.shape, generator=torch.Generator().manual_seed(2))  # a KL to pull on
+    batch = {"prompts": prompts, "responses": out["responses"], "old_logp": old, "mask": mask, "ref_logp": ref,
+             "advantages": grpo.group_advantages(T([1.0, 0.0, 0.5, 0.0, 0.0, 1.0, 1.0, 0.2]), 4)}
+    results = []
+    for model, flag in zip(models, ([], ["--per-sequence"])):
+        args = update_args(path, "--beta", "0.1", "--group-size", "4", "--mu", "2", *flag)
+        # SGD, not Adam: Adam turns float noise in near-zero gradients into full +-lr steps
+        results.append(grpo.policy_update(model, torch.optim.SGD(model.parameters(), lr=0.5), batch, args, "cpu"))
+    for key in ("loss", "grad_norm", "kl", "clip_frac", "rho_mean"):
+        assert results[0][key] == pytest.approx(results[1][key], rel=1e-4, abs=1e-6), key
+    start = cello.load_model(path)
+    moved = max((p - p0).abs().max().item() for p, p0 in zip(models[0].parameters(), start.parameters()))
+    assert moved > 1e-3  # the step did something
+    for p, q in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.allclose(p, q, atol=1e-6)
+    # mu = 2: the second pass sees a moved policy, so rho is no longer 1
+    assert results[0]["rho_mean"] != pytest.approx(1.0, abs=1e-6)
+
+
+def test_non_finite_loss_stops_before_the_weights_change(tiny):
+    records, path = tiny
+    tok = cello.load_tokenizer(path)
+    model = cello.load_model(path)
+    prompts = [cello.prompt_ids(tok, records[0])]
+    responses = [[5, 6], [7]]
+    old, mask = grpo.pad_rows([[-1.0, -1.0], [-1.0]])
+    batch = {"prompts": prompts, "responses": responses, "old_logp": old, "mask": mask, "ref_logp": None,
+             "advantages": T([float("nan"), 0.0])}
+    before = [p.detach().clone() for p in model.parameters()]
+    args = update_args(path, "--group-size", "2", "--beta", "0")
+    with pytest.raises(SystemExit, match="non-finite loss or gradient.*weights were not updated"):
+        grpo.policy_update(model, torch.optim.AdamW(model.parameters(), lr=1e-2), batch, args, "cpu")
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
