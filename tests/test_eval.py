@@ -1,0 +1,105 @@
+"""eval.py end to end on tiny hand-made puzzles: files written, numbers checked by hand, bad input."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import cello
+import eval as evaluate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def puzzle(pid, cells, answer):
+    return {"id": pid, "source": "hand", "donor": "D0", "batch": None, "split": "test",
+            "context": "The cell is from a healthy donor.", "cells": cells,
+            "candidates": sorted(answer), "answer": answer}
+
+
+@pytest.fixture
+def files(tmp_path):
+    """Train: one clean cell per type X, Y, Z (markers x*, y*, z*). Test:
+    p1 (N = 2, gold X | Y): cell 2's top gene is an X marker, so on its own it also says X;
+    p2 (N = 3, gold Z | X | Y): clean cells."""
+    train = [puzzle("t1", [["x1", "x2", "h"], ["y1", "y2", "h"], ["z1", "z2", "h"]], ["X", "Y", "Z"])]
+    test = [puzzle("p1", [["x1", "x2", "h"], ["x2", "y1", "h"]], ["X", "Y"]),
+            puzzle("p2", [["z1", "h", "z2"], ["h", "x1", "x2"], ["y2", "y1", "h"]], ["Z", "X", "Y"])]
+    cello.write_jsonl_atomic(tmp_path / "train.jsonl", train)
+    cello.write_jsonl_atomic(tmp_path / "test.jsonl", test)
+    return tmp_path
+
+
+def test_cli_scores_by_hand(files, capsys):
+    out = files / "out"
+    evaluate.main(["--puzzles", str(files / "test.jsonl"), "--train", str(files / "train.jsonl"),
+                   "--responder", "independent", "expert", "--out-dir", str(out)])
+    rows = cello.read_jsonl(out / "predictions.jsonl")
+    assert [(r["responder"], r["id"], r["sample"]) for r in rows] == [
+        ("independent", "p1", 0), ("independent", "p2", 0), ("expert", "p1", 0), ("expert", "p2", 0)]
+    by = {(r["responder"], r["id"]): r for r in rows}
+    # independent: p1 answers X | X (repeated -> malformed, 0 correct, reward -1), p2 all right (reward 1).
+    assert by["independent", "p1"]["response"].endswith("<answer>X | X</answer>")
+    assert (by["independent", "p1"]["valid"], by["independent", "p1"]["correct"], by["independent", "p1"]["reward"]) == (False, 0, -1.0)
+    assert (by["independent", "p2"]["valid"], by["independent", "p2"]["correct"], by["independent", "p2"]["reward"]) == (True, 3, 1.0)
+    # expert: the joint assignment moves p1's cell 2 to Y; both puzzles fully right.
+    assert by["expert", "p1"]["response"].endswith("<answer>X | Y</answer>")
+    assert all(by["expert", p]["exact"] for p in ("p1", "p2"))
+
+    summary = json.load(open(out / "summary.json"))
+    ind = summary["independent"]
+    # cells: 0 + 3 of 2 + 3; batches: 1 of 2; valid 1 of 2; uniqueness (1/2 + 1) / 2; reward (-1 + 1) / 2
+    assert ind["cell_accuracy"] == pytest.approx(3 / 5)
+    assert ind["batch_accuracy"] == 0.5 and ind["format_validity"] == 0.5
+    assert ind["uniqueness"] == pytest.approx(0.75) and ind["mean_reward"] == 0.0 and ind["count"] == 2
+    assert ind["by_n"]["2"]["cell_accuracy"] == 0.0 and ind["by_n"]["3"]["cell_accuracy"] == 1.0
+    assert summary["expert"]["cell_accuracy"] == 1.0 and summary["expert"]["batch_accuracy"] == 1.0
+    table = capsys.readouterr().out
+    assert "| independent | 60.0% | 50.0% | 50.0% | 75.0% |" in table
+    assert "| expert | 100.0% | 100.0% | 100.0% | 100.0% |" in table
+    assert "| independent, N=2 | 0.0% | 0.0% | 0.0% | 50.0% |" in table
+
+
+def test_cli_samples_and_pass_at_k(files, capsys):
+    out = files / "out"
+    evaluate.main(["--puzzles", str(files / "test.jsonl"), "--responder", "random", "--num-samples", "3",
+                   "--seed", "4", "--out-dir", str(out)])
+    rows = cello.read_jsonl(out / "predictions.jsonl")
+    assert [(r["id"], r["sample"]) for r in rows] == [("p1", 0), ("p1", 1), ("p1", 2), ("p2", 0), ("p2", 1), ("p2", 2)]
+    summary = json.load(open(out / "summary.json"))["random"]
+    assert summary["count"] == 6 and summary["k"] == 3 and summary["format_validity"] == 1.0
+    assert summary["cell_accuracy"] == pytest.approx(sum(r["correct"] for r in rows) / 15)
+    solved = {r["id"] for r in rows if r["exact"]}
+    assert summary["pass_at_k"] == len(solved) / 2
+    assert f"random: pass@3 (share of puzzles with a fully correct sample) = {50 * len(solved):.1f}%" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "eval.py: error: --puzzles: file not found: "),
+    ("no-train", "eval.py: error: --responder expert needs --train (train puzzles to learn marker scores from)"),
+    ("unknown", "eval.py: error: --responder: unknown responder 'oracle' (expected one of random, independent, expert, model, api)"),
+    ("not-a-model", "eval.py: error: --model-path: not a Hugging Face model folder (no config.json): "),
+    ("not-puzzles", "lacks field(s) cells, candidates, answer"),
+])
+def test_cli_bad_input(files, case, message):
+    out = files / "out"
+    (files / "bad.jsonl").write_text('{"id": "x"}\n')
+    args = {"missing": ["--puzzles", str(files / "nope.jsonl"), "--responder", "random"],
+            "no-train": ["--puzzles", str(files / "test.jsonl"), "--responder", "random", "expert"],
+            "unknown": ["--puzzles", str(files / "test.jsonl"), "--responder", "oracle"],
+            "not-a-model": ["--puzzles", str(files / "test.jsonl"), "--responder", "model", "--model-path", str(files)],
+            "not-puzzles": ["--puzzles", str(files / "bad.jsonl"), "--responder", "random"]}[case]
+    with pytest.raises(SystemExit) as exit_info:  # sys.exit("...") prints that one line, exit status 1
+        evaluate.main([*args, "--out-dir", str(out)])
+    assert isinstance(exit_info.value.code, str) and "\n" not in exit_info.value.code
+    assert message in exit_info.value.code
+    assert not os.path.exists(out)
+
+
+def test_cli_bad_input_exit_status(files):
+    """The same as a real process: status 1, the one line on stderr, nothing on stdout."""
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "--puzzles", str(files / "test.jsonl"),
+                             "--responder", "expert", "--out-dir", str(files / "out")], capture_output=True, text=True)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr == "eval.py: error: --responder expert needs --train (train puzzles to learn marker scores from)\n"

@@ -1,0 +1,184 @@
+"""Responders: the expert's learned profile, joint assignment and traces; independent; random; model."""
+import math
+import random
+
+import numpy as np
+import pytest
+
+import cello
+import responders
+import reward
+
+TYPES = ["B cell", "CD4-positive, alpha-beta T cell", "Monocyte", "NK cell", "Dendritic", "Platelet"]
+
+
+def synthetic_records(n_records, seed, split="train", n_range=(3, 6), noise=0.0):
+    """Puzzles whose cells carry their type's 3 marker genes among shared housekeeping genes.
+
+    Each type k has markers g{k}a, g{k}b, g{k}c; with probability `noise` a cell's markers are replaced
+    by another type's, so the expert is not always right (tests that sampling matters need errors).
+    """
+    rng = random.Random(seed)
+    records = []
+    for p in range(n_records):
+        n = rng.randint(*n_range)
+        types = rng.sample(TYPES, n)
+        cells = []
+        for t in types:
+            k = TYPES.index(t) if rng.random() >= noise else rng.randrange(len(TYPES))
+            genes = [f"g{k}a", f"g{k}b", f"g{k}c"] + [f"h{j}" for j in rng.sample(range(20), 7)]
+            rng.shuffle(genes)
+            cells.append(genes)
+        records.append({"id": f"syn/{split}/{seed}/{p}", "source": "synthetic", "donor": "D0", "batch": None,
+                        "split": split, "context": "The cell is from a healthy donor.", "cells": cells,
+                        "candidates": sorted(types), "answer": types})
+    return records
+
+
+def answer_labels(text, n):
+    parsed = reward.parse_answer(text, n)
+    assert parsed["valid"], (parsed["error"], text)
+    return parsed["labels"]
+
+
+def test_fit_expert_log_odds_by_hand():
+    # Two train cells: X = [A, B], Y = [C, B]. w(0) = 1, w(1) = 1/log2(3); smoothing a = 0.1.
+    # p_X(A) = (1 + 0.1) / (1 + 0.2), p_Y(A) = 0.1 / 1.2: score_X(A) = log 11. B is equally common
+    # in both types (score 0) so it is no marker of either.
+    train = [{"id": "t", "cells": [["A", "B"], ["C", "B"]], "candidates": ["X", "Y"], "answer": ["X", "Y"]}]
+    profile = responders.fit_expert(train)
+    assert profile["cells"] == {"X": 1, "Y": 1}
+    assert profile["types"].keys() == {"X", "Y"}
+    assert profile["types"]["X"] == {"A": pytest.approx(math.log(11), abs=1e-4)}
+    assert profile["types"]["Y"] == {"C": pytest.approx(math.log(11), abs=1e-4)}
+    # Score matrix: a rank-weighted mean. Cell [A, C] -> X: 1 * log 11 / (1 + 1/log2 3).
+    record = {"cells": [["A", "C"]], "candidates": ["X", "Y"]}
+    S = responders.score_matrix(record, profile)
+    w1 = 1 / math.log2(3)
+    assert S[0, 0] == pytest.approx(math.log(11) / (1 + w1), abs=1e-4)
+    assert S[0, 1] == pytest.approx(w1 * math.log(11) / (1 + w1), abs=1e-4)
+
+
+def test_expert_trace_and_conflict_by_hand():
+    """Both cells point to X on their own; cell 1 fits X better, so cell 2 moves to Y."""
+    train = [{"id": "t", "cells": [["x1", "x2", "h"], ["y1", "y2", "h"]], "candidates": ["X", "Y"], "answer": ["X", "Y"]}]
+    profile = responders.fit_expert(train)
+    record = {"id": "p", "cells": [["x1", "x2", "h"], ["x2", "y1", "h"]], "candidates": ["X", "Y"], "answer": ["X", "Y"]}
+    text = responders.expert_response(record, profile, None, temperature=0.0)
+    assert text == ("<think>\n"
+                    "Cell 1: x1, x2 point to X over Y.\n"
+                    "Cell 2: x2 point to X over Y.\n"
+                    "Cell 2 and Cell 1 both fit X; Cell 1 fits better, so Cell 2 takes Y (y1).\n"
+                    "</think>\n<answer>X | Y</answer>")
+    assert reward.reward(text, record["answer"]) == 1.0
+    # Ignoring the batch, both cells take X: a repeated label, so the response is malformed (-1).
+    independent = responders.independent_response(record, profile)
+    assert reward.parse_answer(independent, 2)["labels"] == ["X", "X"]
+    assert reward.reward(independent, record["answer"]) == -1.0
+
+
+def test_expert_learns_from_train_only():
+    train, test = synthetic_records(60, seed=1), synthetic_records(20, seed=2, split="test")
+    respond = responders.make_responder("expert", train_records=train, temperature=0.0)
+    assert respond.profile == responders.fit_expert(train)
+    before = respond(test, 1)
+    # Scrambled gold answers on the test records change nothing: the answer is never read.
+    scrambled = [dict(r, answer=list(reversed(r["answer"]))) for r in test]
+    assert respond(scrambled, 1) == before
+    assert respond.profile == responders.fit_expert(train)  # answering puzzles never updates the profile
+    # And the profile does depend on the train labels (so the check above is not vacuous).
+    relabelled = [dict(r, answer=list(reversed(r["answer"]))) for r in train]
+    assert responders.fit_expert(relabelled) != respond.profile
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.1, 1.0, 10.0])
+def test_expert_answers_are_valid_permutations(temperature):
+    train = synthetic_records(60, seed=3, noise=0.2)
+    test = synthetic_records(40, seed=4, split="test", n_range=(2, 6), noise=0.3)
+    test.append(dict(test[0], id="unseen", candidates=sorted(["Never seen", *test[0]["answer"][1:]]),
+                     answer=["Never seen", *test[0]["answer"][1:]]))  # a label absent from training
+    respond = responders.make_responder("expert", train_records=train, temperature=temperature)
+    for record, texts in zip(test, respond(test, 3)):
+        for text in texts:
+            labels = answer_labels(text, len(record["cells"]))
+            assert sorted(labels) == sorted(record["candidates"])
+            assert text.startswith("<think>\nCell ") and "\n</think>\n<answer>" in text
+
+
+def test_expert_is_accurate_on_clean_puzzles():
+    train, test = synthetic_records(60, seed=5), synthetic_records(30, seed=6, split="test")
+    respond = responders.make_responder("expert", train_records=train, temperature=0.0)
+    assert all(reward.reward(t[0], r["answer"]) == 1.0 for r, t in zip(test, respond(test, 1)))
+
+
+def test_temperature_zero_is_deterministic_and_sampling_varies():
+    train = synthetic_records(60, seed=7, noise=0.2)
+    test = synthetic_records(20, seed=8, split="test", noise=0.3)
+    greedy = responders.make_responder("expert", train_records=train, temperature=0.0)(test, 4)
+    assert all(len(set(texts)) == 1 for texts in greedy)
+    sampler = responders.make_responder("expert", train_records=train, temperature=0.5, seed=0)
+    sampled = sampler(test, 4)
+    assert sum(len(set(texts)) > 1 for texts in sampled) >= len(test) // 2  # traces differ within a puzzle
+    answers = {reward.parse_answer(t, len(r["cells"]))["labels"].__repr__() for r, ts in zip(test, sampled) for t in ts}
+    assert len(answers) > len(test)  # and so do assignments, not only the order of the lines
+    # Keyed by (seed, puzzle id, sample): the same samples whether puzzles come alone or together.
+    assert sampler(test[3:4], 4) == sampled[3:4]
+    assert responders.make_responder("expert", train_records=train, temperature=0.5, seed=1)(test, 4) != sampled
+
+
+def test_independent_repeats_labels_where_expert_does_not():
+    train = synthetic_records(60, seed=9, noise=0.2)
+    test = synthetic_records(60, seed=10, split="test", noise=0.4)
+    independent = responders.make_responder("independent", train_records=train)(test, 2)
+    expert = responders.make_responder("expert", train_records=train, temperature=0.0)(test, 1)
+    repeats = 0
+    for record, texts, exp in zip(test, independent, expert):
+        assert texts[0] == texts[1]
+        labels = reward.parse_answer(texts[0], len(record["cells"]))["labels"]
+        assert len(labels) == len(record["cells"]) and set(labels) <= set(record["candidates"])
+        repeats += len(set(labels)) < len(labels)
+        assert reward.parse_answer(exp[0], len(record["cells"]))["valid"]
+    assert repeats > 0
+
+
+def test_random_cell_accuracy_near_one_over_n():
+    # 2,000 puzzles of N = 5: correct cells per puzzle have mean 1 and variance 1, so the pooled
+    # accuracy has standard deviation sqrt(2000) / 10000 = 0.0045; the bound 0.03 is ~6.7 sd.
+    rng = random.Random(0)
+    records = [{"id": f"r{i}", "cells": [[]] * 5, "candidates": sorted(TYPES[:5]),
+                "answer": rng.sample(TYPES[:5], 5)} for i in range(2000)]
+    respond = responders.make_responder("random", seed=0)
+    texts = respond(records, 1)
+    m = reward.metrics([reward.score(t[0], r["answer"]) for r, t in zip(records, texts)])
+    assert m["format_validity"] == 1.0 and m["uniqueness"] == 1.0
+    assert abs(m["cell_accuracy"] - 1 / 5) < 0.03
+    assert respond(records[:50], 1) == texts[:50]  # seeded
+    assert responders.make_responder("random", seed=1)(records[:50], 1) != texts[:50]
+
+
+def test_make_responder_bad_input():
+    with pytest.raises(ValueError, match="unknown responder 'oracle'"):
+        responders.make_responder("oracle")
+    with pytest.raises(ValueError, match="needs train records"):
+        responders.make_responder("expert")
+    with pytest.raises(ValueError, match="needs path"):
+        responders.make_responder("model")
+
+
+def test_model_responder_tiny_checkpoint(tmp_path):
+    if not all(hasattr(cello, f) for f in ("prepare_model", "sample", "load_model", "prompt_ids")):
+        pytest.skip("cello.prepare_model / cello.sample not written yet (sampler helper)")
+    import torch
+
+    torch.set_num_threads(1)
+    train = synthetic_records(8, seed=11)
+    expert = responders.make_responder("expert", train_records=train, temperature=0.0)
+    sft = [dict(r, response=t[0]) for r, t in zip(train, expert(train, 1))]
+    path = cello.prepare_model("tiny", str(tmp_path), sft)
+    respond = responders.make_responder("model", path=path, batch_size=2, max_new_tokens=12, temperature=0.0)
+    texts = respond(train[:3], 2)
+    assert [len(t) for t in texts] == [2, 2, 2]
+    assert all(isinstance(t, str) for ts in texts for t in ts)
+    assert all(t[0] == t[1] for t in texts)  # greedy: both samples equal
+    assert [[n <= 12 for n in ns] for ns in respond.num_tokens] == [[True, True]] * 3
+    assert respond(train[:3], 2) == texts  # greedy is deterministic across calls
