@@ -10,6 +10,7 @@ Sections, top to bottom:
 Run the whole pipeline on the bundled data (2-core CPU, under 15 minutes):
     python cello.py demo
 """
+import contextlib
 import json
 import os
 import random
@@ -19,6 +20,9 @@ import sys
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
+from torch.utils.checkpoint import checkpoint
+from transformers import DynamicCache
 
 # ---------------------------------------------------------------------------------------------
 # 1. Prompt rendering
@@ -255,6 +259,264 @@ def example_ids(tokenizer, record, response):
 # ---------------------------------------------------------------------------------------------
 # 3. Sampling and log-probabilities
 # ---------------------------------------------------------------------------------------------
+# Token lists go in and out; padded tensors exist only inside these functions. Rows are group-major
+# everywhere: prompt p's G samples (or responses) are rows p*G .. p*G+G-1.
+
+
+def _device_of(model):
+    return next(model.parameters()).device
+
+
+def _left_pad(seqs, pad_id, device):
+    """Left-pad token lists -> ids [B, T], attention mask [B, T] (1 on real tokens), positions [B, T]."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, width - len(s):] = torch.tensor(s)
+            mask[i, width - len(s):] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # every real token at its unpadded position
+    return ids.to(device), mask.to(device), positions.to(device)
+
+
+@contextlib.contextmanager
+def gathered_weights(model):
+    """Under FSDP2, all-gather every sharded weight once for a whole rollout instead of per decode step.
+
+    Every FSDP module is unsharded and told not to reshard after its forward; at the end each is
+    resharded and put back to FSDP2's defaults (decoder layers reshard after forward, the root does
+    not), which is what cello.shard_model sets up. A no-op for an ordinary (unsharded) model.
+    """
+    fsdp_modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in fsdp_modules:
+        m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    try:
+        yield model
+    finally:
+        for m in fsdp_modules:
+            m.reshard()
+            m.set_reshard_after_forward(m is not model, recurse=False)
+
+
+def _next_token(logits, temperature, top_p, generator):
+    """Pick one token per row. logits [b, V] float32 -> tokens [b], their log-probs [b].
+
+    The log-prob is log softmax(logits / T)[token], the distribution GRPO's ratio must use (top-p only
+    restricts which tokens can be drawn; it does not renormalise the log-probs). T = 0 is greedy
+    (argmax) and its log-probs are under T = 1.
+    """
+    if temperature == 0:
+        logp = logits.log_softmax(-1)
+        tokens = logits.argmax(-1)
+    else:
+        logp = (logits / temperature).log_softmax(-1)
+        probs = logp.exp()
+        if top_p < 1.0:
+            # nucleus: keep the most likely tokens until their mass reaches top_p (always the first)
+            sorted_probs, order = probs.sort(-1, descending=True)
+            mass_before = sorted_probs.cumsum(-1) - sorted_probs
+            sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)
+            probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+        tokens = torch.multinomial(probs, 1, generator=generator)[:, 0]
+    return tokens, logp.gather(-1, tokens[:, None])[:, 0]
+
+
+@torch.no_grad()
+def sample(model, prompts, num_samples, max_new_tokens, eos_id, pad_id, temperature=1.0, top_p=1.0,
+           generator=None):
+    """Sample num_samples responses per prompt with a KV cache; each prompt is prefilled once.
+
+    prompts: P token lists (any lengths, left-padded inside). Returns dict(responses, logprobs,
+    finished), each a list of R = P * num_samples rows, group-major. A response stops at its EOS
+    (included, finished=True) or after max_new_tokens tokens (finished=False); it never holds padding.
+    logprobs[r][t] = log softmax(logits / temperature)[token] (under T = 1 for greedy, temperature=0).
+    generator: a torch.Generator on the model's device for reproducible sampling.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("sample: every prompt needs at least one token")
+    if num_samples < 1 or max_new_tokens < 0 or temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"sample: bad num_samples={num_samples}, max_new_tokens={max_new_tokens}, "
+                         f"temperature={temperature} or top_p={top_p}")
+    device = _device_of(model)
+    rows = len(prompts) * num_samples
+    tokens = torch.full((rows, max(max_new_tokens, 1)), pad_id, dtype=torch.long, device=device)
+    logprobs = torch.zeros((rows, max(max_new_tokens, 1)), dtype=torch.float32, device=device)
+    lengths = torch.zeros(rows, dtype=torch.long, device=device)
+    finished = torch.zeros(rows, dtype=torch.bool, device=device)
+    with gathered_weights(model):
+        # prefill: every prompt once, logits only for its last position
+        ids, mask, positions = _left_pad(prompts, pad_id, device)
+        cache = DynamicCache(config=model.config)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+                    logits_to_keep=1)
+        # copy each prompt's cache to its G rows (group-major), then decode all rows together
+        cache.batch_repeat_interleave(num_samples)
+        logits = out.logits[:, -1].float().repeat_interleave(num_samples, 0)  # [R, V]
+        mask = mask.repeat_interleave(num_samples, 0)  # [R, T]
+        next_pos = positions[:, -1].repeat_interleave(num_samples, 0) + 1  # [R]
+        live = torch.arange(rows, device=device)  # output row of each row still decoding
+        for step in range(max_new_tokens):
+            token, logprob = _next_token(logits, temperature, top_p, generator)
+            tokens[live, step] = token
+            logprobs[live, step] = logprob
+            lengths[live] = step + 1
+            stop = token == eos_id
+            if step == max_new_tokens - 1:
+                finished[live[stop]] = True
+                break
+            if stop.any():  # drop finished rows from the batch (and their cache) rather than decode padding
+                finished[live[stop]] = True
+                keep = (~stop).nonzero()[:, 0]
+                if len(keep) == 0:
+                    break
+                live, token, mask, next_pos = live[keep], token[keep], mask[keep], next_pos[keep]
+                cache.batch_select_indices(keep)
+            mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=1)
+            out = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_pos[:, None],
+                        cache=cache, use_cache=True)
+            logits = out.logits[:, -1].float()
+            next_pos = next_pos + 1
+    lengths = lengths.tolist()
+    return {"responses": [t[:n] for t, n in zip(tokens.tolist(), lengths)],
+            "logprobs": [lp[:n] for lp, n in zip(logprobs.tolist(), lengths)],
+            "finished": finished.tolist()}
+
+
+def _final_hidden(model, **inputs):
+    """The final (normed) hidden states [B, T, H] of a causal LM, without its [B, T, V] logits.
+
+    The model runs through its own forward (so FSDP2's hooks gather and free the weights as usual);
+    logits_to_keep=[] makes it project no position, and a hook catches the decoder's output.
+    """
+    caught = []
+    hook = model.get_decoder().register_forward_hook(lambda module, args, out: caught.append(out.last_hidden_state))
+    try:
+        model(**inputs, use_cache=False, logits_to_keep=torch.zeros(0, dtype=torch.long, device=_device_of(model)))
+    finally:
+        hook.remove()
+    return caught[0]
+
+
+def _chunk_logprobs(lm_head, hidden, targets, temperature):
+    """hidden [n, H], targets [n] -> log softmax(lm_head(hidden) / T)[target], as [n] float32."""
+    logits = lm_head(hidden).float() / temperature  # [n, V]: the only place logits exist
+    return logits.gather(-1, targets[:, None])[:, 0] - logits.logsumexp(-1)
+
+
+def _logprobs_of(model, hidden, targets, temperature, chunk_size):
+    """log-probs of targets [n] from the hidden states [n, H] that predict them, chunk_size rows at a time.
+
+    Only one chunk's [chunk_size, V] float32 logits exist at once; with grad enabled each chunk is
+    checkpointed, so backward recomputes its logits instead of keeping all of them.
+    chunk_size=None: as many rows as keep a chunk's float32 logits under 2**25 values (128 MB).
+    """
+    lm_head = model.get_output_embeddings()
+    chunk_size = chunk_size or max(1, 2 ** 25 // lm_head.out_features)
+    temperature = temperature or 1.0  # greedy (T = 0) log-probs are under T = 1, as in sample
+    pieces = []
+    for start in range(0, len(targets), chunk_size):
+        h, t = hidden[start:start + chunk_size], targets[start:start + chunk_size]
+        if torch.is_grad_enabled():
+            pieces.append(checkpoint(_chunk_logprobs, lm_head, h, t, temperature, use_reentrant=False))
+        else:
+            pieces.append(_chunk_logprobs(lm_head, h, t, temperature))
+    return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+
+
+def token_logprobs(model, input_ids, attention_mask, temperature=1.0, chunk_size=None):
+    """Per-token log-probs: out[b, t] = log softmax(logits[b, t] / T)[input_ids[b, t + 1]].
+
+    input_ids, attention_mask: [B, T] (left or right padding). Returns [B, T - 1] float32, 0 where
+    token t + 1 is padding. The [B, T, V] float32 logits never exist: only chunks of positions do.
+    """
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    hidden = _final_hidden(model, input_ids=input_ids, attention_mask=attention_mask, position_ids=positions)
+    real = attention_mask[:, 1:].bool()  # [B, T-1]: positions whose next token is a real token
+    values = _logprobs_of(model, hidden[:, :-1][real], input_ids[:, 1:][real], temperature, chunk_size)
+    return torch.zeros(real.shape, dtype=torch.float32, device=values.device).masked_scatter(real, values)
+
+
+def _packed_rows(prompts, responses, group, device, attn_implementation):
+    """One row per prompt: [prompt, response_1, ..., response_G], right-padded to the longest row.
+
+    Returns ids [P, T], positions [P, T] (each response restarts right after its prompt), a 4D
+    attention mask [P, 1, T, T] (a token sees its prompt and the earlier tokens of its own response),
+    and for every response token: its packed row, the position of the hidden state that predicts
+    it (the previous token of its response; the prompt's last token for the first one).
+    """
+    width = max(len(p) + sum(len(r) for r in responses[i * group:(i + 1) * group]) for i, p in enumerate(prompts))
+    ids = torch.zeros((len(prompts), width), dtype=torch.long)
+    positions = torch.zeros((len(prompts), width), dtype=torch.long)
+    segment = torch.full((len(prompts), width), -1, dtype=torch.long)  # 0 prompt, g+1 response g, -1 pad
+    rows, predictors = [], []
+    for i, prompt in enumerate(prompts):
+        n = len(prompt)
+        ids[i, :n] = torch.tensor(prompt)
+        positions[i, :n] = torch.arange(n)
+        segment[i, :n] = 0
+        start = n
+        for g, response in enumerate(responses[i * group:(i + 1) * group]):
+            m = len(response)
+            if m:
+                ids[i, start:start + m] = torch.tensor(response)
+                positions[i, start:start + m] = torch.arange(n, n + m)
+                segment[i, start:start + m] = g + 1
+            rows += [i] * m
+            predictors += [n - 1] + list(range(start, start + m - 1)) if m else []
+            start += m
+    causal = torch.ones((width, width), dtype=torch.bool).tril()
+    seg_q, seg_k = segment[:, :, None], segment[:, None, :]
+    allowed = causal & (seg_k >= 0) & ((seg_k == 0) | (seg_k == seg_q))
+    allowed |= torch.eye(width, dtype=torch.bool)  # padding sees itself: no fully masked row (NaN) anywhere
+    allowed = allowed[:, None]  # [P, 1, T, T]
+    if attn_implementation != "sdpa":  # eager attention adds the mask to its scores
+        allowed = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    return (ids.to(device), positions.to(device), allowed.to(device),
+            torch.tensor(rows, dtype=torch.long, device=device), torch.tensor(predictors, dtype=torch.long, device=device))
+
+
+def response_logprobs(model, prompts, responses, temperature=1.0, shared_prompt=True, chunk_size=None):
+    """Log-probs of each response's tokens given its prompt, with gradients to the parameters.
+
+    prompts: P token lists; responses: R = P * G token lists, group-major (response r belongs to prompt
+    r // G). Returns (logprobs [R, L], mask [R, L]) float32, L = longest response:
+    logprobs[r, t] = log softmax(logits / T)[responses[r][t]] given prompt + responses[r][:t], 0 where
+    mask is 0. shared_prompt=True packs each prompt with its G responses into one row and one forward
+    (a block attention mask keeps the responses apart), so the prompt is computed once and its keys and
+    values carry the gradients of all G responses. shared_prompt=False is the per-sequence reference
+    (prompt + response per row). Logits are computed only at response positions, in chunks.
+    """
+    if not prompts or len(responses) % len(prompts) or any(len(p) == 0 for p in prompts):
+        raise ValueError(f"response_logprobs: need P non-empty prompts and a multiple of P responses, "
+                         f"got {len(prompts)} prompts and {len(responses)} responses")
+    group = len(responses) // len(prompts)
+    device = _device_of(model)
+    lengths = torch.tensor([len(r) for r in responses], device=device)
+    width = max(1, int(lengths.max()))
+    mask = torch.arange(width, device=device)[None, :] < lengths[:, None]  # [R, L]
+    targets = torch.tensor([t for r in responses for t in r], dtype=torch.long, device=device)
+    if shared_prompt:
+        ids, positions, attention, rows, predictors = _packed_rows(
+            prompts, responses, group, device, model.config._attn_implementation)
+        hidden = _final_hidden(model, input_ids=ids, attention_mask=attention, position_ids=positions)
+    else:
+        seqs = [prompts[r // group] + responses[r] for r in range(len(responses))]
+        seq_width = max(len(s) for s in seqs)
+        ids = torch.zeros((len(seqs), seq_width), dtype=torch.long)
+        attention = torch.zeros((len(seqs), seq_width), dtype=torch.long)
+        for r, s in enumerate(seqs):
+            ids[r, :len(s)] = torch.tensor(s)
+            attention[r, :len(s)] = 1
+        hidden = _final_hidden(model, input_ids=ids.to(device), attention_mask=attention.to(device))
+        rows = torch.arange(len(seqs), device=device).repeat_interleave(lengths)
+        prompt_lengths = torch.tensor([len(prompts[r // group]) for r in range(len(responses))], device=device)
+        predictors = prompt_lengths[rows] - 1 + (torch.arange(len(targets), device=device)
+                                                 - (lengths.cumsum(0) - lengths)[rows])
+    values = _logprobs_of(model, hidden[rows, predictors], targets, temperature, chunk_size)
+    logprobs = torch.zeros(mask.shape, dtype=torch.float32, device=device).masked_scatter(mask, values)
+    return logprobs, mask.float()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,258 @@
+"""Sampler and log-probs (cello.py section 3) on tiny random Llama models built from a config.
+
+Run: python -m pytest -q tests/test_sampling.py
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import cello
+
+torch.set_num_threads(1)
+EOS, PAD = 1, 0
+
+
+def tiny_llama(seed=0, vocab=61, attn="sdpa"):
+    """A 2-layer Llama with peaked (not near-uniform) next-token distributions, so greedy has no near-ties."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         initializer_range=0.3, bos_token_id=None, eos_token_id=EOS, pad_token_id=PAD,
+                         attn_implementation=attn)
+    return LlamaForCausalLM(config).eval()
+
+
+def random_tokens(lengths, seed, vocab=61):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(2, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama()
+
+
+PROMPTS = random_tokens([7, 13, 2, 10], seed=1)  # different lengths: left padding inside sample
+
+
+def padded(rows):
+    out = torch.zeros((len(rows), max(len(r) for r in rows)))
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = torch.tensor(r)
+    return out
+
+
+def test_greedy_equals_generate_token_for_token(model):
+    ids, mask, _ = cello._left_pad(PROMPTS, PAD, "cpu")
+    new = 20
+    generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
+                               eos_token_id=EOS, pad_token_id=PAD)[:, ids.shape[1]:].tolist()
+    # a token the greedy run really produces serves as EOS for the second comparison, so rows stop early
+    eos = generated[0][5]
+    generated_eos = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
+                                   eos_token_id=eos, pad_token_id=PAD)[:, ids.shape[1]:].tolist()
+    for eos_id, expected in ((EOS, generated), (eos, generated_eos)):
+        out = cello.sample(model, PROMPTS, 2, new, eos_id=eos_id, pad_id=PAD, temperature=0)
+        for r, response in enumerate(out["responses"]):
+            want = expected[r // 2]
+            if eos_id in want:
+                want = want[:want.index(eos_id) + 1]
+            assert response == want
+            assert out["finished"][r] == (eos_id in want)
+    assert len({len(r) for r in out["responses"]}) > 1  # rows really stopped at different steps
+
+
+def test_eos_stops_a_row_and_is_included_and_max_new_tokens_is_respected(model):
+    free = cello.sample(model, PROMPTS, 1, 15, eos_id=-1, pad_id=PAD, temperature=0)["responses"]
+    assert all(len(r) == 15 for r in free)
+    eos = free[1][4]  # row 1 produces this token at step 4 (maybe earlier too)
+    out = cello.sample(model, PROMPTS, 1, 15, eos_id=eos, pad_id=PAD, temperature=0)
+    for full, response, finished in zip(free, out["responses"], out["finished"]):
+        if eos in full:
+            assert response == full[:full.index(eos) + 1] and finished
+        else:
+            assert response == full and not finished
+    assert len(out["responses"][1]) <= 5 and out["responses"][1][-1] == eos
+    short = cello.sample(model, PROMPTS, 3, 3, eos_id=-1, pad_id=PAD, temperature=1.0)
+    assert [len(r) for r in short["responses"]] == [3] * 12 and short["finished"] == [False] * 12
+    assert cello.sample(model, PROMPTS, 2, 0, eos_id=EOS, pad_id=PAD)["responses"] == [[]] * 8
+
+
+def test_seeded_sampling_is_reproducible_and_seed_dependent(model):
+    def run(seed):
+        return cello.sample(model, PROMPTS, 3, 12, eos_id=EOS, pad_id=PAD, temperature=1.0, top_p=0.95,
+                            generator=torch.Generator().manual_seed(seed))
+    a, b, c = run(5), run(5), run(6)
+    assert a == b
+    assert a["responses"] != c["responses"]
+    assert len({tuple(r) for r in a["responses"]}) > 1  # the G samples of a prompt differ from each other
+
+
+def test_tiny_top_p_is_greedy(model):
+    greedy = cello.sample(model, PROMPTS, 1, 10, eos_id=EOS, pad_id=PAD, temperature=0)
+    nucleus = cello.sample(model, PROMPTS, 1, 10, eos_id=EOS, pad_id=PAD, temperature=0.7, top_p=1e-6,
+                           generator=torch.Generator().manual_seed(0))
+    assert nucleus["responses"] == greedy["responses"]
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 1.0), (0.7, 0.8), (0, 1.0)])
+def test_sampled_logprobs_equal_recomputed_logprobs(model, temperature, top_p):
+    out = cello.sample(model, PROMPTS, 3, 12, eos_id=5, pad_id=PAD, temperature=temperature, top_p=top_p,
+                       generator=torch.Generator().manual_seed(11))
+    sampled = padded(out["logprobs"])
+    with torch.no_grad():
+        for shared in (True, False):
+            logprobs, mask = cello.response_logprobs(model, PROMPTS, out["responses"], temperature=temperature,
+                                                     shared_prompt=shared)
+            assert mask.sum() == sum(len(r) for r in out["responses"])
+            assert torch.allclose(logprobs, sampled, atol=1e-5, rtol=0)
+    assert (sampled < 0).any()
+
+
+def naive_token_logprobs(model, ids, mask, temperature):
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits.float() / temperature
+    return logits.log_softmax(-1)[:, :-1].gather(-1, ids[:, 1:, None])[..., 0] * mask[:, 1:]
+
+
+def grads_of(model, fn):
+    model.zero_grad()
+    fn().backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    return grads
+
+
+def assert_grads_close(a, b):
+    """Parameter gradients agree to |a - b| <= 1e-5 + 1e-4 |b| elementwise (float32 sums in another order)."""
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-5, rtol=1e-4), (name, (a[name] - b[name]).abs().max())
+    assert max(g.abs().max() for g in a.values()) > 1e-2  # the gradients are not trivially zero
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, None])
+def test_chunked_logprobs_equal_naive_values_and_gradients(model, chunk_size):
+    seqs = random_tokens([9, 4, 12], seed=3)
+    weights = torch.randn(3, 11, generator=torch.Generator().manual_seed(0))
+    for ids, mask, _ in (cello._left_pad(seqs, PAD, "cpu"),
+                         (padded(seqs).long(), (padded([[1] * len(s) for s in seqs])).long(), None)):
+        chunked = cello.token_logprobs(model, ids, mask, temperature=0.7, chunk_size=chunk_size)
+        naive = naive_token_logprobs(model, ids, mask, 0.7)
+        assert chunked.shape == (3, 11)
+        assert torch.allclose(chunked, naive, atol=1e-5, rtol=0)
+        assert (chunked[mask[:, 1:] == 0] == 0).all()
+        g_chunked = grads_of(model, lambda: (cello.token_logprobs(model, ids, mask, 0.7, chunk_size) * weights).sum())
+        g_naive = grads_of(model, lambda: (naive_token_logprobs(model, ids, mask, 0.7) * weights).sum())
+        assert_grads_close(g_chunked, g_naive)
+
+
+def test_padding_never_changes_logprobs(model):
+    seqs = random_tokens([6, 15, 3], seed=4)
+    with torch.no_grad():
+        ids, mask, _ = cello._left_pad(seqs, PAD, "cpu")
+        batch = cello.token_logprobs(model, ids, mask)
+        for i, s in enumerate(seqs):
+            alone = cello.token_logprobs(model, torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long))
+            assert torch.allclose(batch[i, -(len(s) - 1):], alone[0], atol=1e-5, rtol=0)
+        # one group alone vs. the same group next to prompts and responses of other lengths
+        prompts = random_tokens([3, 11], seed=5)
+        responses = random_tokens([4, 1, 9, 2], seed=6)
+        for shared in (True, False):
+            both, _ = cello.response_logprobs(model, prompts, responses, 0.9, shared_prompt=shared)
+            alone, _ = cello.response_logprobs(model, prompts[:1], responses[:2], 0.9, shared_prompt=shared)
+            assert torch.allclose(both[:2, :4], alone, atol=1e-5, rtol=0)
+            assert (both[1, 1:] == 0).all()
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_shared_prompt_equals_per_sequence_values_and_gradients(attn):
+    model = tiny_llama(seed=2, attn=attn)
+    prompts = random_tokens([8, 3, 14], seed=7)  # different lengths in one batch
+    responses = random_tokens([5, 0, 9, 1, 4, 4, 7, 2, 6], seed=8)  # G = 3, one empty response
+    weights = torch.randn(9, 9, generator=torch.Generator().manual_seed(1))
+
+    def loss(shared):
+        logprobs, mask = cello.response_logprobs(model, prompts, responses, 0.7, shared_prompt=shared, chunk_size=4)
+        return (logprobs * mask * weights).sum()
+
+    with torch.no_grad():
+        a, mask_a = cello.response_logprobs(model, prompts, responses, 0.7, shared_prompt=True)
+        b, mask_b = cello.response_logprobs(model, prompts, responses, 0.7, shared_prompt=False)
+    assert torch.equal(mask_a, mask_b) and mask_a.sum() == 38 and a.shape == (9, 9)
+    assert torch.allclose(a, b, atol=1e-5, rtol=0)
+    assert_grads_close(grads_of(model, lambda: loss(True)), grads_of(model, lambda: loss(False)))
+
+
+def test_bad_input_is_rejected_with_a_clear_message(model):
+    with pytest.raises(ValueError, match="at least one token"):
+        cello.sample(model, [[3], []], 1, 4, eos_id=EOS, pad_id=PAD)
+    with pytest.raises(ValueError, match="top_p"):
+        cello.sample(model, [[3]], 1, 4, eos_id=EOS, pad_id=PAD, top_p=0)
+    with pytest.raises(ValueError, match="multiple of P"):
+        cello.response_logprobs(model, [[3], [4]], [[5], [6], [7]])
+
+
+FSDP_SCRIPT = r'''
+import json, os, sys
+import torch, torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+sys.path.insert(0, sys.argv[1])
+sys.path.insert(0, os.path.dirname(sys.argv[2]))
+import cello
+from test_sampling import tiny_llama, random_tokens, PROMPTS, EOS, PAD
+torch.set_num_threads(1)
+sharded = int(os.environ.get("WORLD_SIZE", "0")) > 1
+model = tiny_llama(seed=4)
+if sharded:
+    dist.init_process_group("gloo")
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+out = cello.sample(model, PROMPTS, 2, 8, eos_id=EOS, pad_id=PAD, temperature=0.8,
+                   generator=torch.Generator().manual_seed(0))
+responses = out["responses"]
+result = {"responses": responses, "sample_logprobs": out["logprobs"]}
+for shared in (True, False):
+    logprobs, mask = cello.response_logprobs(model, PROMPTS, responses, 0.8, shared_prompt=shared)
+    (logprobs * mask).sum().backward()
+    grads = {}
+    for name, p in model.named_parameters():
+        g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+        grads[name] = g.flatten()[:50].tolist()
+    model.zero_grad()
+    result[f"logprobs_{shared}"] = logprobs.detach().tolist()
+    result[f"grads_{shared}"] = grads
+if not sharded or dist.get_rank() == 0:
+    json.dump(result, open(sys.argv[3], "w"))
+if sharded:
+    dist.destroy_process_group()
+'''
+
+
+@pytest.mark.slow
+def test_two_process_fsdp2_matches_one_process(tmp_path):
+    """sample + response_logprobs under torchrun (gloo, FSDP2 per layer then root) equal one process."""
+    script = tmp_path / "fsdp_probe.py"
+    script.write_text(FSDP_SCRIPT)
+    root, here = os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.path.abspath(__file__)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable, str(script), root, here, str(tmp_path / "one.json")], check=True, env=env,
+                   timeout=300)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29617",
+                    str(script), root, here, str(tmp_path / "two.json")], check=True, env=env, timeout=300)
+    import json
+    one, two = json.loads((tmp_path / "one.json").read_text()), json.loads((tmp_path / "two.json").read_text())
+    assert one["responses"] == two["responses"]
+    assert torch.allclose(padded(one["sample_logprobs"]), padded(two["sample_logprobs"]), atol=1e-5)
+    for shared in (True, False):
+        assert torch.allclose(torch.tensor(one[f"logprobs_{shared}"]), torch.tensor(two[f"logprobs_{shared}"]),
+                              atol=1e-5)
+        for name, g in one[f"grads_{shared}"].items():
+            assert torch.allclose(torch.tensor(g), torch.tensor(two[f"grads_{shared}"][name]), atol=1e-5), name
