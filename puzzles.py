@@ -24,10 +24,14 @@ How build works:
      the group, one random cell of each, in random cell order; a drawn set of cells that already
      made a puzzle is drawn again (at most 20 K tries), so no two puzzles hold the same cells.
      Groups with fewer than N types are skipped and counted.
+     Context: --context, else SPEC.md's sentence from the metadata columns that exist (cells whose
+     fields are all unknown get "The cell is from an unknown donor."; a file with no such column
+     needs --context).
   5. A cell's genes: the M highest values of its row, descending; equal values keep gene order
      (a stable sort, so the lower gene index comes first). Symbols that collide after stripping the
      suffix appear once, at their best rank.
-All output files are written under temporary names and renamed at the end: an error leaves nothing.
+The defaults (N 4..8, M 50, 130/10/20 puzzles per N per group) give 650 train, 50 val and 100 test
+puzzles on the bundled file with the command above. All output files are written under temporary names and renamed at the end: an error leaves nothing.
 """
 import argparse
 import json
@@ -44,7 +48,6 @@ import reward
 SPLITS = ("train", "val", "test")
 ABSENT = {"", "unknown", "na", "n/a", "nan", "none", "null"}   # metadata values that mean "not known"
 ENSG_SUFFIX = re.compile(r"_ENSG\d+(\.\d+)?$")
-MATCH_LINE = "\n\nMatch the cells above to one of the following cell types:\n"  # as cello.MATCH_LINE
 
 
 def fail(message):
@@ -341,18 +344,20 @@ def write_all_atomic(out_dir, outputs):
 # import: released CellPuzzles records -> puzzle records
 # ---------------------------------------------------------------------------------------------
 
-def parse_released(system_msg, user_msg, assistant_msg, system_template):
+def parse_released(system_msg, user_msg, assistant_msg):
     """One released record -> (context, cells, candidates, answer, layout); raises ValueError saying why.
 
     user_msg is "Context: " + context + sep + "Cell 1: g, g, ..." lines + MATCH_LINE + candidates
     (one per line) + tail, where sep is whitespace ending in a newline (" \\n\\n" in most records) and
     tail is trailing whitespace. The answer is the lenient '|' parse of assistant_msg's last
-    <answer>...</answer> (reward.parse_answer), or of the whole text when it has no tags.
+    <answer>...</answer> (reward.parse_answer), or of the whole text when it has no tags. Answer labels
+    match candidates case-insensitively and take the candidate's spelling.
     """
+    import cello  # imported here so that `build` does not load torch
     if not user_msg.startswith("Context: "):
         raise ValueError("user_msg does not start with 'Context: '")
     start = user_msg.find("\nCell 1: ")
-    end = user_msg.find(MATCH_LINE)
+    end = user_msg.find(cello.MATCH_LINE)
     if start < 0 or end < start:
         raise ValueError("user_msg has no 'Cell 1: ' line followed by the 'Match the cells above' line")
     head = user_msg[len("Context: "):start + 1]
@@ -364,7 +369,7 @@ def parse_released(system_msg, user_msg, assistant_msg, system_template):
         if not line.startswith(prefix):
             raise ValueError(f"cell line {k + 1} does not start with {prefix!r}")
         cells.append(line[len(prefix):].split(", "))
-    rest = user_msg[end + len(MATCH_LINE):]
+    rest = user_msg[end + len(cello.MATCH_LINE):]
     body = rest.rstrip()
     candidates = body.split("\n")
     if len(candidates) != len(cells):
@@ -379,11 +384,11 @@ def parse_released(system_msg, user_msg, assistant_msg, system_template):
         raise ValueError(f"answer labels {labels} are not all among the candidates")
     answer = [by_name[label.lower()] for label in labels]
     layout = {}
-    if head[len(context):] != " \n\n":
+    if head[len(context):] != cello.CONTEXT_SEP:
         layout["context_sep"] = head[len(context):]
     if rest[len(body):]:
         layout["tail"] = rest[len(body):]
-    if system_msg != system_template.format(n=len(cells)):
+    if system_msg != cello.SYSTEM_TEMPLATE.format(n=len(cells)):
         layout["system"] = system_msg
     return context, cells, candidates, answer, layout
 
@@ -429,8 +434,7 @@ def import_released(args):
         if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("system_msg", "user_msg", "assistant_msg")):
             fail(f"{where}: expected string fields system_msg, user_msg and assistant_msg")
         try:
-            context, cells, candidates, answer, layout = parse_released(
-                row["system_msg"], row["user_msg"], row["assistant_msg"], cello.SYSTEM_TEMPLATE)
+            context, cells, candidates, answer, layout = parse_released(row["system_msg"], row["user_msg"], row["assistant_msg"])
         except ValueError as e:
             fail(f"{where}: cannot parse the record: {e}")
         record = {"id": f"{stem}/{number:06d}", "source": os.path.basename(args.input), "donor": None,
@@ -451,13 +455,17 @@ def import_released(args):
           f"by N; {sum('layout' in r for r in records)} keep a non-standard layout; wrote {args.out}")
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keep the docstring's layout and show each flag's default."""
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="puzzles.py",
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     b = sub.add_parser("build", help="build puzzles from an .h5ad file", description=__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+                       formatter_class=HelpFormatter)
     g = b.add_argument_group("input and output")
     g.add_argument("input", help="AnnData .h5ad file")
     g.add_argument("--out-dir", required=True, help="folder for train.jsonl, val.jsonl, test.jsonl, summary.json")
@@ -487,7 +495,8 @@ def main(argv=None):
     g.add_argument("--test-frac", type=float, default=0.2, help="share of donors or of each type's cells for test")
     g.add_argument("--seed", type=int, default=0, help="random seed: same seed and flags give identical files")
 
-    i = sub.add_parser("import", help="import released CellPuzzles records (system_msg, user_msg, assistant_msg)")
+    i = sub.add_parser("import", help="import released CellPuzzles records (system_msg, user_msg, assistant_msg)",
+                       formatter_class=HelpFormatter)
     i.add_argument("input", help="released file: JSONL (or a JSON array), or .parquet (needs pyarrow)")
     i.add_argument("--out", required=True, help="output puzzles JSONL")
     i.add_argument("--split", choices=SPLITS, default=None,

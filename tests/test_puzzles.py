@@ -379,3 +379,27 @@ def test_import_errors_name_the_line(tmp_path, change, fragment):
     message = str(e.value.code)
     assert message.startswith(f"puzzles.py: error: {tmp_path / 'cellpuzzles_test.jsonl'}:3: ") and fragment in message
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_import_json_array(tmp_path):
+    src = tmp_path / "released.json"
+    src.write_text(json.dumps(ROWS))
+    puzzles.main(["import", str(src), "--out", str(tmp_path / "out.jsonl")])
+    records = cello.read_jsonl(tmp_path / "out.jsonl")
+    assert [cello.render_user(r) for r in records] == [row["user_msg"] for row in ROWS]
+
+
+def test_import_parquet(tmp_path):
+    """Parquet through pandas: round-trips with pyarrow installed, else one clear line about pyarrow."""
+    src = tmp_path / "test-00000-of-00001.parquet"
+    try:
+        pd.DataFrame(ROWS).to_parquet(src)
+    except ImportError:
+        src.write_bytes(b"PAR1")
+        with pytest.raises(SystemExit) as e:
+            puzzles.main(["import", str(src), "--out", str(tmp_path / "out.jsonl")])
+        assert "reading parquet needs pyarrow" in str(e.value.code)
+        return
+    puzzles.main(["import", str(src), "--out", str(tmp_path / "out.jsonl")])
+    records = cello.read_jsonl(tmp_path / "out.jsonl")
+    assert [cello.render_user(r) for r in records] == [row["user_msg"] for row in ROWS]
