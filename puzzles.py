@@ -168,6 +168,8 @@ def build(args):
         fail(f"--n-max must be >= --n-min (got {args.n_max} < {args.n_min})")
     if args.genes < 1:
         fail(f"--genes must be >= 1 (got {args.genes})")
+    if min(args.puzzles_per_group, args.val_puzzles_per_group, args.test_puzzles_per_group) < 0:
+        fail("--puzzles-per-group, --val-puzzles-per-group and --test-puzzles-per-group must be >= 0")
     if not (0 <= args.val_frac < 1 and 0 < args.test_frac < 1 and args.val_frac + args.test_frac < 1):
         fail(f"--val-frac and --test-frac must be fractions with val + test < 1 (got {args.val_frac}, {args.test_frac})")
     adata = load_h5ad(args.input)
@@ -196,10 +198,8 @@ def build(args):
     if args.context is not None:
         contexts = [args.context] * adata.n_obs
     else:
-        fields = []
-        for key, flag in [(args.sex_key, "--sex-key"), (args.development_stage_key, "--development-stage-key"),
-                          (args.ethnicity_key, "--ethnicity-key"), (args.tissue_key, "--tissue-key"),
-                          (args.disease_key, "--disease-key")]:
+        fields = []   # columns that are missing count as unknown, so CELLxGENE defaults are safe to keep
+        for key in (args.sex_key, args.development_stage_key, args.ethnicity_key, args.tissue_key, args.disease_key):
             fields.append([present(v) for v in obs[key].tolist()] if key in obs.columns else [None] * adata.n_obs)
         contexts = [context_sentence(*values) for values in zip(*fields)]
         if all(c is None for c in contexts):
@@ -295,7 +295,7 @@ def build(args):
     total = sum(len(r) for r in records.values())
     if total == 0:
         fail(f"no puzzle could be built: every group has fewer than --n-min {args.n_min} cell types "
-             f"({skipped_groups} group/N pairs skipped)")
+             f"({skipped_groups} group/N pairs skipped; cells left out: {skipped_cells})")
 
     summary = {
         "source": os.path.basename(args.input),
@@ -455,8 +455,13 @@ def import_released(args):
           f"by N; {sum('layout' in r for r in records)} keep a non-standard layout; wrote {args.out}")
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Keep the docstring's layout and show each flag's default."""
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keep the docstring's layout; show a flag's default unless it is None or the help already says it."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, argparse.SUPPRESS) or "default" in action.help:
+            return action.help
+        return action.help + " (default: %(default)s)"
 
 
 def main(argv=None):

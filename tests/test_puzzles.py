@@ -277,6 +277,7 @@ def test_no_puzzle_at_all(tmp_path):
     (["--genes", "0"], "--genes must be >= 1"),
     (["--genes", "13"], "--genes 13 is more than the 12 genes"),
     (["--test-frac", "0"], "--val-frac and --test-frac"),
+    (["--test-puzzles-per-group", "-1"], "must be >= 0"),
 ])
 def test_out_of_range(tmp_path, flags, fragment):
     path, _ = cellxgene_like(tmp_path / "f.h5ad")
