@@ -1,0 +1,350 @@
+"""Supervised fine-tuning (SFT) on accepted reasoning traces: the first stage of Cell-o1.
+
+Input: a JSONL of puzzle records with a "response" field (distill.py writes them). Each example is
+the chat prompt + response + EOS; the loss is the token-mean cross-entropy over response tokens only
+(EOS included, the prompt masked), normalised by the response tokens of the whole global batch
+(all micro-batches, all ranks), so that a micro-batch of short responses does not weigh as much as
+one of long responses (GRPO-NOTES.md: per-micro-batch normalisation is biased).
+
+Batches: each epoch the examples are shuffled (seeded), cut into buckets of --bucket-batches global
+batches, each bucket is sorted by length and cut into global batches of --batch-size sequences, and
+the batch order is shuffled: sequences of a batch have similar lengths, so little padding. A global
+batch is split over ranks (rank r takes every world-th sequence) and, on each rank, into micro-batches
+of --micro-batch-size sequences whose gradients are accumulated: the optimizer step, loss and
+gradients are the same for 1 process and K processes with the same --batch-size.
+
+Outputs in --out-dir: metrics.jsonl (one row per step: step, epoch, loss, lr, grad_norm, tokens,
+tokens_per_s, and val_loss every --eval-every steps), last/ (the latest checkpoint: a Hugging Face
+folder plus resume.pt, written every --save-every steps), final/ (the trained model as a Hugging Face
+folder, which eval.py's model responder and grpo.py load). --resume continues from last/ at the next
+step, with the same optimizer, schedule, data position and RNG as an uninterrupted run.
+
+Bad input stops with one line and a non-zero exit: missing file, a line that is not JSON, a record
+without a "response". Examples longer than --max-length tokens are skipped (truncation would cut the
+answer and the EOS the model must learn) and their count is printed; no example left is an error.
+
+Run (CPU demo defaults: the `small` preset, ~500 traces of ~1,500 tokens, a few minutes on 2 cores):
+    python sft.py --data sft.jsonl --model small --out-dir runs/sft
+    torchrun --nproc_per_node 2 sft.py --data sft.jsonl --model small --out-dir runs/sft
+Continue an interrupted run (same flags):
+    python sft.py --data sft.jsonl --model small --out-dir runs/sft --resume
+The paper's 7B settings (Qwen2.5-7B-Instruct, 8 GPUs, full fine-tuning rather than the paper's DoRA):
+    torchrun --nproc_per_node 8 sft.py --data reasoning.jsonl --model /models/Qwen2.5-7B-Instruct \\
+        --out-dir runs/sft-7b --lr 5e-5 --epochs 1 --max-length 4096 --batch-size 64 \\
+        --micro-batch-size 1 --warmup-steps 5 --weight-decay 0.0 --bf16 --activation-checkpointing \\
+        --eval-every 10 --save-every 20
+"""
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import cello
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: read, tokenize, batch
+# ---------------------------------------------------------------------------------------------
+
+def read_sft_records(path, flag):
+    """SFT records of a JSONL file; exits with one line on a missing file, bad JSON or no response."""
+    if not os.path.isfile(path):
+        sys.exit(f"sft.py: error: {flag} {path}: no such file")
+    records = []
+    with open(path) as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                sys.exit(f"sft.py: error: {path} line {line_no}: not valid JSON ({e.msg})")
+            if not isinstance(record, dict) or not isinstance(record.get("response"), str):
+                sys.exit(f"sft.py: error: {path} line {line_no}: record has no \"response\" string "
+                         f"(expected puzzle records with an accepted response, as distill.py writes)")
+            records.append(record)
+    if not records:
+        sys.exit(f"sft.py: error: {flag} {path}: no records")
+    return records
+
+
+def tokenize(tokenizer, records, max_length):
+    """(ids, loss_mask) of each record no longer than max_length tokens, and the number skipped."""
+    examples = [cello.example_ids(tokenizer, r, r["response"]) for r in records]
+    kept = [(ids, mask) for ids, mask in examples if len(ids) <= max_length]
+    return kept, len(examples) - len(kept)
+
+
+def epoch_batches(lengths, batch_size, bucket_batches, seed, epoch):
+    """Global batches (lists of example indices) of one epoch, length-bucketed and seeded.
+
+    Shuffle all indices with a generator seeded by (seed, epoch), cut them into buckets of
+    batch_size * bucket_batches, sort each bucket by length (longest first), cut it into batches of
+    batch_size, then shuffle the order of the batches. The last batch may be smaller.
+    The same (seed, epoch) gives the same batches on every rank and after a resume.
+    """
+    rng = random.Random(f"sft-{seed}-{epoch}")
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    bucket = batch_size * bucket_batches
+    batches = []
+    for start in range(0, len(order), bucket):
+        chunk = sorted(order[start:start + bucket], key=lambda i: -lengths[i])
+        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def rank_micro_batches(batch, rank, world_size, micro_batch_size):
+    """This rank's micro-batches of a global batch: every world_size-th index, in chunks.
+
+    Every rank gets the same number of micro-batches, ceil(ceil(len(batch) / world_size) /
+    micro_batch_size), some possibly empty, because under FSDP2 each forward and backward is a
+    collective that all ranks must join.
+    """
+    share = batch[rank::world_size]
+    count = math.ceil(math.ceil(len(batch) / world_size) / micro_batch_size)
+    return [share[i * micro_batch_size:(i + 1) * micro_batch_size] for i in range(count)]
+
+
+def collate(examples, indices, pad_id):
+    """Right-padded input_ids, attention_mask and loss_mask [B, T] of the given examples.
+
+    An empty micro-batch (a rank with nothing left in this global batch) becomes two pad tokens with
+    no loss, so that the rank still joins FSDP2's collectives while adding nothing to the gradient.
+    """
+    rows = [examples[i] for i in indices] or [([pad_id, pad_id], [0, 0])]
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    loss_mask = torch.zeros((len(rows), width), dtype=torch.float32)
+    for b, (ids, mask) in enumerate(rows):
+        input_ids[b, :len(ids)] = torch.tensor(ids)
+        attention_mask[b, :len(ids)] = 1
+        loss_mask[b, :len(ids)] = torch.tensor(mask, dtype=torch.float32)
+    return input_ids, attention_mask, loss_mask
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss, schedule, one optimizer step, validation
+# ---------------------------------------------------------------------------------------------
+
+def summed_response_nll(model, input_ids, attention_mask, loss_mask, device):
+    """Sum over response tokens of -log p(token | prefix): a scalar tensor.
+
+    input_ids, attention_mask, loss_mask: [B, T]. Token t+1 is predicted from positions <= t, so
+    the log-probs [B, T-1] line up with loss_mask[:, 1:]. cello.token_logprobs chunks the output
+    projection so the [B, T, vocab] float32 logits never exist at once.
+    """
+    logprobs = cello.token_logprobs(model, input_ids.to(device), attention_mask.to(device))  # [B, T-1]
+    return -(logprobs * loss_mask[:, 1:].to(device)).sum()
+
+
+def lr_factor(step, warmup_steps, total_steps, min_lr_ratio):
+    """Multiplier of the peak learning rate at optimizer step `step` (0-based).
+
+    Linear warmup: (step + 1) / warmup_steps for step < warmup_steps; then cosine decay
+    min_lr_ratio + (1 - min_lr_ratio) * (1 + cos(pi * p)) / 2 with p = (step - warmup_steps) /
+    max(1, total_steps - warmup_steps - 1), from 1 at the first step after warmup to min_lr_ratio at
+    the last step.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps - 1))
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def train_step(model, optimizer, scheduler, examples, micro_batches, num_tokens, pad_id, device,
+               world_size, grad_clip):
+    """One optimizer step over this rank's micro-batches; returns (loss, grad_norm) of the global batch.
+
+    loss = sum of response-token NLLs over the global batch / num_tokens (its response tokens over
+    all micro-batches and ranks). Each rank backpropagates its sum / num_tokens * world_size because
+    FSDP2 averages gradients over ranks; the average of the ranks' gradients is then the gradient of
+    the global loss.
+    """
+    model.train()
+    loss_sum = torch.zeros((), device=device)
+    for indices in micro_batches:
+        input_ids, attention_mask, loss_mask = collate(examples, indices, pad_id)
+        nll = summed_response_nll(model, input_ids, attention_mask, loss_mask, device)
+        (nll * (world_size / num_tokens)).backward()
+        loss_sum += nll.detach()
+    if world_size > 1:
+        dist.all_reduce(loss_sum)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
+        grad_norm = grad_norm.full_tensor()
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum.item() / num_tokens, grad_norm.item()
+
+
+@torch.no_grad()
+def validation_loss(model, examples, rank, world_size, micro_batch_size, pad_id, device):
+    """Token-mean NLL over the response tokens of all validation examples (every rank gets the value)."""
+    model.eval()
+    totals = torch.zeros(2, device=device)  # [summed NLL, response tokens]
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i][0]))  # similar lengths together
+    for indices in rank_micro_batches(order, rank, world_size, micro_batch_size):
+        input_ids, attention_mask, loss_mask = collate(examples, indices, pad_id)
+        totals[0] += summed_response_nll(model, input_ids, attention_mask, loss_mask, device)
+        totals[1] += loss_mask[:, 1:].sum().item()
+    if world_size > 1:
+        dist.all_reduce(totals)
+    return (totals[0] / totals[1]).item()
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    data = parser.add_argument_group("data")
+    data.add_argument("--data", required=True, help="SFT JSONL: puzzle records with a \"response\" field")
+    data.add_argument("--val-data", help="validation SFT JSONL (default: hold out --val-fraction of --data)")
+    data.add_argument("--val-fraction", type=float, default=0.05,
+                      help="share of --data held out for the validation loss when --val-data is not given")
+    data.add_argument("--max-length", type=int, default=2048,
+                      help="longest example in tokens (prompt + response + EOS); longer ones are skipped")
+    model = parser.add_argument_group("model and output")
+    model.add_argument("--model", default="small",
+                       help="a preset name (tiny, small: a fresh model with a tokenizer trained on --data) "
+                            "or a Hugging Face model folder")
+    model.add_argument("--out-dir", required=True, help="folder for metrics.jsonl, last/ and final/")
+    model.add_argument("--resume", action="store_true", help="continue from OUT_DIR/last (same flags)")
+    batching = parser.add_argument_group("batching")
+    batching.add_argument("--batch-size", type=int, default=16, help="global batch in sequences per optimizer step")
+    batching.add_argument("--micro-batch-size", type=int, default=4,
+                          help="sequences per forward/backward on each rank (gradients are accumulated)")
+    batching.add_argument("--bucket-batches", type=int, default=8,
+                          help="global batches per length bucket (1: sort within each batch only)")
+    optim = parser.add_argument_group("optimization")
+    optim.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of AdamW")
+    optim.add_argument("--min-lr-ratio", type=float, default=0.1, help="final learning rate / peak (cosine)")
+    optim.add_argument("--warmup-steps", type=int, default=10, help="optimizer steps of linear warmup")
+    optim.add_argument("--epochs", type=int, default=3, help="passes over the training examples")
+    optim.add_argument("--max-steps", type=int, default=0, help="optimizer steps (0: --epochs decides)")
+    optim.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay of matrices")
+    optim.add_argument("--grad-clip", type=float, default=1.0, help="max global gradient norm")
+    optim.add_argument("--seed", type=int, default=0, help="seed of the model init, data split and order")
+    loop = parser.add_argument_group("evaluation and checkpoints")
+    loop.add_argument("--eval-every", type=int, default=20, help="optimizer steps between validation losses")
+    loop.add_argument("--save-every", type=int, default=50, help="optimizer steps between checkpoints in OUT_DIR/last")
+    system = parser.add_argument_group("system")
+    system.add_argument("--bf16", action="store_true", help="bf16 mixed precision under FSDP2 (GPU)")
+    system.add_argument("--activation-checkpointing", action="store_true",
+                        help="recompute decoder-layer activations in backward to save memory (under FSDP2)")
+    args = parser.parse_args(argv)
+    for flag in ("max_length", "batch_size", "micro_batch_size", "bucket_batches", "epochs",
+                 "eval_every", "save_every"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1")
+    if not 0 <= args.val_fraction < 1:
+        parser.error("--val-fraction must be in [0, 1)")
+    if args.resume and not os.path.isfile(os.path.join(args.out_dir, "last", "resume.pt")):
+        parser.error(f"--resume: no checkpoint {os.path.join(args.out_dir, 'last')} to resume from")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world_size, device = cello.setup_distributed()
+    torch.manual_seed(args.seed)
+
+    # Data: the validation split is drawn with its own seeded generator, the same on every rank.
+    train_records = read_sft_records(args.data, "--data")
+    if args.val_data:
+        val_records = read_sft_records(args.val_data, "--val-data")
+    else:
+        order = list(range(len(train_records)))
+        random.Random(f"sft-val-{args.seed}").shuffle(order)
+        n_val = round(len(order) * args.val_fraction) if len(order) > 1 else 0
+        val_records = [train_records[i] for i in sorted(order[:n_val])]
+        train_records = [train_records[i] for i in sorted(order[n_val:])]
+
+    # Model: a preset is built once by rank 0 (tokenizer trained on the training text, weights
+    # seeded) and loaded by every rank from the same folder, so all ranks start from the same weights.
+    last_dir, final_dir = os.path.join(args.out_dir, "last"), os.path.join(args.out_dir, "final")
+    model_path = last_dir if args.resume else cello.prepare_model(args.model, args.out_dir, train_records, seed=args.seed)
+    tokenizer = cello.load_tokenizer(model_path)
+    model = cello.load_model(model_path, device=device)
+    pad_id = tokenizer.pad_token_id
+
+    train, skipped = tokenize(tokenizer, train_records, args.max_length)
+    val, val_skipped = tokenize(tokenizer, val_records, args.max_length)
+    if skipped or val_skipped:
+        cello.print0(f"sft.py: skipped {skipped} training and {val_skipped} validation examples longer "
+                     f"than --max-length {args.max_length} tokens")
+    if not train:
+        sys.exit(f"sft.py: error: no training example fits --max-length {args.max_length}")
+    lengths = [len(ids) for ids, _ in train]
+    steps_per_epoch = math.ceil(len(train) / args.batch_size)
+    total_steps = args.max_steps or args.epochs * steps_per_epoch
+    cello.print0(f"sft.py: {len(train)} training / {len(val)} validation examples, {world_size} process(es), "
+                 f"{steps_per_epoch} steps per epoch, {total_steps} steps")
+
+    model = cello.shard_model(model, device, bf16=args.bf16,
+                              activation_checkpointing=args.activation_checkpointing) or model
+    decay = [p for p in model.parameters() if p.ndim >= 2]  # matrices decay; norms and biases do not
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, args.warmup_steps, total_steps, args.min_lr_ratio))
+
+    step = 0
+    metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
+    if args.resume:
+        step = cello.load_resume(last_dir, model, optimizer, scheduler)["step"]
+        cello.print0(f"sft.py: resuming at step {step + 1} from {last_dir}")
+    if rank == 0:  # keep the metrics of steps done up to the checkpoint, drop those after it
+        old = cello.read_jsonl(metrics_path) if args.resume and os.path.exists(metrics_path) else []
+        cello.write_jsonl_atomic(metrics_path, [row for row in old if row["step"] <= step])
+
+    progress = tqdm(total=total_steps, initial=step, desc="sft", disable=rank != 0)
+    batches, batches_epoch = None, None
+    while step < total_steps:
+        epoch, position = divmod(step, steps_per_epoch)
+        if batches_epoch != epoch:  # the data position is a function of the step: nothing else to save
+            batches, batches_epoch = epoch_batches(lengths, args.batch_size, args.bucket_batches, args.seed, epoch), epoch
+        batch = batches[position]
+        num_tokens = sum(sum(train[i][1]) for i in batch)  # response tokens of the global batch
+        lr = optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler moves it after)
+        started = time.perf_counter()
+        loss, grad_norm = train_step(model, optimizer, scheduler, train,
+                                     rank_micro_batches(batch, rank, world_size, args.micro_batch_size),
+                                     num_tokens, pad_id, device, world_size, args.grad_clip)
+        step += 1
+        tokens = sum(lengths[i] for i in batch)
+        row = {"step": step, "epoch": epoch, "loss": loss, "lr": lr,
+               "grad_norm": grad_norm, "tokens": tokens,
+               "tokens_per_s": tokens / (time.perf_counter() - started)}
+        if val and (step % args.eval_every == 0 or step == total_steps):
+            row["val_loss"] = validation_loss(model, val, rank, world_size, args.micro_batch_size, pad_id, device)
+        if rank == 0:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        progress.update(1)
+        progress.set_postfix(loss=f"{loss:.4f}", **({"val": f"{row['val_loss']:.4f}"} if "val_loss" in row else {}))
+        if step % args.save_every == 0 and step < total_steps:
+            cello.save_checkpoint(last_dir, model, tokenizer, optimizer, scheduler,
+                                  state={"step": step, "epoch": epoch, "batch_in_epoch": position + 1})
+    progress.close()
+    cello.save_checkpoint(final_dir, model, tokenizer)
+    cello.print0(f"sft.py: final model in {final_dir}")
+    cello.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main()
