@@ -31,7 +31,8 @@ How build works:
      (a stable sort, so the lower gene index comes first). Symbols that collide after stripping the
      suffix appear once, at their best rank.
 The defaults (N 4..8, M 50, 130/10/20 puzzles per N per group) give 650 train, 50 val and 100 test
-puzzles on the bundled file with the command above. All output files are written under temporary names and renamed at the end: an error leaves nothing.
+puzzles on the bundled file with the command above. All output files are written under temporary
+names and renamed at the end: an error leaves nothing.
 """
 import argparse
 import json
@@ -431,10 +432,11 @@ def import_released(args):
     records = []
     for number, row in rows:
         where = f"{args.input}:{number}"
-        if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("system_msg", "user_msg", "assistant_msg")):
+        fields = ("system_msg", "user_msg", "assistant_msg")
+        if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in fields):
             fail(f"{where}: expected string fields system_msg, user_msg and assistant_msg")
         try:
-            context, cells, candidates, answer, layout = parse_released(row["system_msg"], row["user_msg"], row["assistant_msg"])
+            context, cells, candidates, answer, layout = parse_released(*(row[k] for k in fields))
         except ValueError as e:
             fail(f"{where}: cannot parse the record: {e}")
         record = {"id": f"{stem}/{number:06d}", "source": os.path.basename(args.input), "donor": None,
@@ -450,8 +452,10 @@ def import_released(args):
         fail(f"{args.input}: no records")
     out_dir = os.path.dirname(os.path.abspath(args.out))
     os.makedirs(out_dir, exist_ok=True)
-    write_all_atomic(out_dir, {os.path.basename(args.out): "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)})
-    print(f"imported {len(records)} records as split {split!r}: {dict(sorted(Counter(len(r['cells']) for r in records).items()))} "
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    write_all_atomic(out_dir, {os.path.basename(args.out): text})
+    by_n = dict(sorted(Counter(len(r["cells"]) for r in records).items()))
+    print(f"imported {len(records)} records as split {split!r}: {by_n} "
           f"by N; {sum('layout' in r for r in records)} keep a non-standard layout; wrote {args.out}")
 
 
@@ -478,7 +482,8 @@ def main(argv=None):
     g.add_argument("--cell-type-key", default="cell_type", help="obs column of cell type labels")
     g.add_argument("--donor-key", default="donor_id", help="obs column of donors; 'none': one donor named after the file")
     g.add_argument("--batch-key", default=None,
-                   help="obs column of experimental batches (default: none); 'barcode-suffix': the -N lane suffix of obs_names")
+                   help="obs column of experimental batches (default: none); "
+                        "'barcode-suffix': the -N lane suffix of obs_names")
     g.add_argument("--sex-key", default="sex", help="obs column for the context sentence (used when present)")
     g.add_argument("--development-stage-key", default="development_stage", help="as --sex-key")
     g.add_argument("--ethnicity-key", default="self_reported_ethnicity", help="as --sex-key")
@@ -496,7 +501,8 @@ def main(argv=None):
     g.add_argument("--val-puzzles-per-group", type=int, default=10, help="as --puzzles-per-group, for val")
     g.add_argument("--test-puzzles-per-group", type=int, default=20, help="as --puzzles-per-group, for test")
     g = b.add_argument_group("splits and randomness")
-    g.add_argument("--val-frac", type=float, default=0.1, help="share of donors (>= 3 donors) or of each type's cells for val")
+    g.add_argument("--val-frac", type=float, default=0.1,
+                   help="share of donors (>= 3 donors) or of each type's cells for val")
     g.add_argument("--test-frac", type=float, default=0.2, help="share of donors or of each type's cells for test")
     g.add_argument("--seed", type=int, default=0, help="random seed: same seed and flags give identical files")
 

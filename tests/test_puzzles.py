@@ -99,7 +99,7 @@ def test_summary_matches_files(built):
         by_n = {str(n): sum(len(r["cells"]) == n for r in records) for n in (3, 4, 5)}
         assert summary["splits"][split]["by_n"] == {k: v for k, v in by_n.items() if v}
     assert len(splits["train"]) == 3 * 12 and len(splits["val"]) == 3 * 3 and len(splits["test"]) == 3 * 4
-    assert summary["splits"]["train"]["cells"] + summary["splits"]["val"]["cells"] + summary["splits"]["test"]["cells"] == 700
+    assert sum(summary["splits"][split]["cells"] for split in puzzles.SPLITS) == 700
     assert sorted(os.listdir(out)) == ["summary.json", "test.jsonl", "train.jsonl", "val.jsonl"]   # no temp files left
 
 
@@ -156,7 +156,8 @@ def cellxgene_like(path, donors=4, types=5, per_type=3, genes=12, seed=0, **chan
            "donor_id": [f"D{d}" for d in range(donors) for _ in range(types * per_type)],
            "sex": ["female" if d % 2 == 0 else "male" for d in range(donors) for _ in range(types * per_type)],
            "development_stage": ["66-year-old stage"] * n,
-           "self_reported_ethnicity": ["unknown" if d % 2 == 0 else "European" for d in range(donors) for _ in range(types * per_type)],
+           "self_reported_ethnicity": ["unknown" if d % 2 == 0 else "European"
+                                       for d in range(donors) for _ in range(types * per_type)],
            "tissue": ["lung"] * n,
            "disease": ["normal" if d % 2 == 0 else "COVID-19" for d in range(donors) for _ in range(types * per_type)]}
     obs.update(changes.pop("obs", {}))
