@@ -14,6 +14,7 @@ Run (one process; the model responder uses cello's sampler on --device):
         --api-model o1 --api-key-env OPENAI_API_KEY --out-dir out/eval_o1
 """
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -40,7 +41,9 @@ def parse_args(argv=None):
     who.add_argument("--responder", nargs="+", default=["expert"], help=f"one or more of {', '.join(responders.NAMES)}")
     who.add_argument("--train", help="train puzzles JSONL (independent and expert learn marker scores from it)")
     who.add_argument("--num-samples", type=int, default=1, help="responses per puzzle (k > 1 also reports pass@k)")
-    who.add_argument("--temperature", type=float, default=0.0, help="expert: Gumbel noise scale; model/api: sampling temperature (0 = greedy/deterministic)")
+    who.add_argument("--temperature", type=float, default=0.0,
+                     help="expert: Gumbel noise scale (0 = deterministic); model: sampling temperature (0 = greedy); "
+                          "api: sampling temperature (0 = the server's default)")
     who.add_argument("--seed", type=int, default=0, help="seed of random, expert and model sampling")
     model = parser.add_argument_group("model responder (a Hugging Face checkpoint folder)")
     model.add_argument("--model-path", help="checkpoint folder (config.json, weights, tokenizer)")
@@ -51,7 +54,7 @@ def parse_args(argv=None):
     api = parser.add_argument_group("api responder (an OpenAI-compatible endpoint)")
     api.add_argument("--base-url", help="endpoint base URL, e.g. https://api.openai.com/v1")
     api.add_argument("--api-model", help="model name the endpoint serves")
-    api.add_argument("--api-key-env", default="OPENAI_API_KEY", help="name of the environment variable holding the key")
+    api.add_argument("--api-key-env", default="OPENAI_API_KEY", help="name of the environment variable holding the key ('' for none)")
     api.add_argument("--api-cache", help="append-only response cache JSONL (default: OUT_DIR/api_cache.jsonl)")
     api.add_argument("--max-concurrency", type=int, default=8, help="concurrent API requests")
     args = parser.parse_args(argv)
@@ -104,9 +107,12 @@ def build(name, args, train_records):
                                          max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                          top_p=args.top_p, device=args.device, seed=args.seed)
     cache = args.api_cache or os.path.join(args.out_dir, "api_cache.jsonl")
-    return responders.make_responder("api", base_url=args.base_url, model=args.api_model,
-                                     api_key_env=args.api_key_env, cache_path=cache,
-                                     max_concurrency=args.max_concurrency, temperature=args.temperature or None)
+    try:
+        return responders.make_responder("api", base_url=args.base_url, model=args.api_model,
+                                         api_key_env=args.api_key_env, cache_path=cache,
+                                         max_concurrency=args.max_concurrency, temperature=args.temperature or None)
+    except ValueError as e:  # e.g. the key variable is unset (the message names the variable, never the key)
+        fail(f"--responder api: {e}")
 
 
 def evaluate(respond, records, num_samples, batch_size, desc):
@@ -148,7 +154,13 @@ def main(argv=None):
     predictions, summary = [], {}
     for name in args.responder:
         respond = build(name, args, train_records)
-        rows = evaluate(respond, records, args.num_samples, args.batch_size, name)
+        # the api responder runs its own concurrent requests (and progress bar): give it every puzzle at once
+        per_call = len(records) if name == "api" else args.batch_size
+        fatal = (importlib.import_module("api").ApiError,) if name == "api" else ()  # loaded only when asked for
+        try:
+            rows = evaluate(respond, records, args.num_samples, per_call, name)
+        except fatal as e:  # wrong key, URL or model: every request would fail the same way
+            fail(f"--responder api: {e}")
         predictions += [{"responder": name, **r} for r in rows]
         summary[name] = summarize(rows, args.num_samples)
         if getattr(respond, "usage", None):

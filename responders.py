@@ -23,7 +23,7 @@ Randomness is keyed by (seed, puzzle id, sample index), so a puzzle gets the sam
 is answered alone or in a batch, and a resumed run repeats nothing differently.
 
 Quick look at the expert's responses:
-    python responders.py --train train.jsonl --puzzles test.jsonl --temperature 0.3 --num-samples 2
+    python responders.py --train train.jsonl --puzzles test.jsonl --temperature 0.1 --num-samples 2
 """
 import argparse
 import math
@@ -33,7 +33,10 @@ from collections import defaultdict
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-DEFAULT_TEMPERATURE = 0.1  # expert sampling temperature, in per-gene log-odds units (see the module docstring)
+# Expert sampling temperature, in the score matrix's per-gene log-odds units. On the bundled pbmc68k
+# train puzzles (N 4..8) it keeps 83% of samples fully correct and 97.7% of puzzles with one in k = 4
+# (temperature 0: 96.2%), with 4 distinct traces per 4 samples: enough to reject, most accepted.
+DEFAULT_TEMPERATURE = 0.1
 
 
 def sample_rng(seed, record, k):

@@ -103,3 +103,76 @@ def test_cli_bad_input_exit_status(files):
                              "--responder", "expert", "--out-dir", str(files / "out")], capture_output=True, text=True)
     assert result.returncode == 1 and result.stdout == ""
     assert result.stderr == "eval.py: error: --responder expert needs --train (train puzzles to learn marker scores from)\n"
+
+
+def test_cli_api_responder_on_loopback(files, monkeypatch):
+    """eval.py against a chat-completions server on loopback that answers the candidates in prompt order."""
+    import http.server
+    import threading
+
+    seen = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen.append((self.path, self.headers.get("Authorization"), body["model"]))
+            user = body["messages"][-1]["content"]
+            candidates = user.split("Match the cells above to one of the following cell types:\n")[1].split("\n")
+            text = "<think>\nIn order.\n</think>\n<answer>" + " | ".join(candidates) + "</answer>"
+            data = json.dumps({"choices": [{"message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+                               "usage": {"prompt_tokens": 100, "completion_tokens": 7}}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    monkeypatch.setenv("CELLO_TEST_KEY", "sk-test-123")
+    try:
+        out = files / "out"
+        evaluate.main(["--puzzles", str(files / "test.jsonl"), "--responder", "api", "--out-dir", str(out),
+                       "--base-url", f"http://127.0.0.1:{server.server_port}/v1", "--api-model", "echo",
+                       "--api-key-env", "CELLO_TEST_KEY"])
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert sorted(seen) == [("/v1/chat/completions", "Bearer sk-test-123", "echo")] * 2
+    # p1: candidates X, Y = gold X, Y (2 of 2); p2: X, Y, Z against gold Z, X, Y (0 of 3).
+    summary = json.load(open(out / "summary.json"))["api"]
+    assert summary["cell_accuracy"] == pytest.approx(2 / 5) and summary["batch_accuracy"] == 0.5
+    assert summary["usage"]["prompt_tokens"] == 200 and summary["usage"]["completion_tokens"] == 14
+    for written in ("predictions.jsonl", "summary.json", "api_cache.jsonl"):  # the cache defaults to OUT_DIR
+        assert "sk-test-123" not in (out / written).read_text()
+
+
+def test_cli_api_key_unset(files, monkeypatch):
+    monkeypatch.delenv("CELLO_UNSET_KEY", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(["--puzzles", str(files / "test.jsonl"), "--responder", "api", "--out-dir", str(files / "out"),
+                       "--base-url", "http://127.0.0.1:9/v1", "--api-model", "m", "--api-key-env", "CELLO_UNSET_KEY"])
+    assert "--responder api: " in exit_info.value.code and "CELLO_UNSET_KEY" in exit_info.value.code
+
+
+def test_cli_model_responder(files):
+    """A tiny checkpoint through cello's sampler: greedy responses, token counts in the summary."""
+    import torch
+
+    torch.set_num_threads(1)
+    records = cello.read_jsonl(files / "test.jsonl")
+    path = cello.prepare_model("tiny", str(files / "models"), records)
+    out = files / "out"
+    evaluate.main(["--puzzles", str(files / "test.jsonl"), "--responder", "model", "--model-path", path,
+                   "--max-new-tokens", "6", "--batch-size", "1", "--out-dir", str(out)])
+    rows = cello.read_jsonl(out / "predictions.jsonl")
+    assert [r["id"] for r in rows] == ["p1", "p2"]
+    assert all(1 <= r["num_tokens"] <= 6 for r in rows)
+    summary = json.load(open(out / "summary.json"))["model"]
+    assert summary["mean_length"] == pytest.approx(sum(r["num_tokens"] for r in rows) / 2)
+    # an untrained model writes nothing well formed: every response is malformed and scores 0 cells
+    assert summary["format_validity"] == 0.0 and summary["cell_accuracy"] == 0.0
