@@ -54,7 +54,8 @@ def parse_args(argv=None):
     api = parser.add_argument_group("api responder (an OpenAI-compatible endpoint)")
     api.add_argument("--base-url", help="endpoint base URL, e.g. https://api.openai.com/v1")
     api.add_argument("--api-model", help="model name the endpoint serves")
-    api.add_argument("--api-key-env", default="OPENAI_API_KEY", help="name of the environment variable holding the key ('' for none)")
+    api.add_argument("--api-key-env", default="OPENAI_API_KEY",
+                     help="name of the environment variable holding the key ('' for none)")
     api.add_argument("--api-cache", help="append-only response cache JSONL (default: OUT_DIR/api_cache.jsonl)")
     api.add_argument("--max-concurrency", type=int, default=8, help="concurrent API requests")
     args = parser.parse_args(argv)
@@ -101,7 +102,8 @@ def read_puzzles(path, what):
 def build(name, args, train_records):
     """The responder called name, with this run's options."""
     if name in ("random", "independent", "expert"):
-        return responders.make_responder(name, train_records=train_records, temperature=args.temperature, seed=args.seed)
+        return responders.make_responder(name, train_records=train_records, temperature=args.temperature,
+                                         seed=args.seed)
     if name == "model":
         return responders.make_responder("model", path=args.model_path, batch_size=args.batch_size,
                                          max_new_tokens=args.max_new_tokens, temperature=args.temperature,

@@ -286,10 +286,12 @@ if __name__ == "__main__":
     parser.add_argument("--puzzles", required=True, help="puzzles JSONL to answer")
     parser.add_argument("--limit", type=int, default=2, help="number of puzzles to show")
     parser.add_argument("--num-samples", type=int, default=1, help="responses per puzzle")
-    parser.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help="Gumbel noise scale (0 = deterministic)")
+    parser.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE,
+                        help="Gumbel noise scale (0 = deterministic)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     args = parser.parse_args()
-    respond = make_responder("expert", train_records=cello.read_jsonl(args.train), temperature=args.temperature, seed=args.seed)
+    respond = make_responder("expert", train_records=cello.read_jsonl(args.train), temperature=args.temperature,
+                             seed=args.seed)
     puzzles = cello.read_jsonl(args.puzzles)[:args.limit]
     for record, responses in zip(puzzles, respond(puzzles, args.num_samples)):
         for text in responses:
