@@ -1,0 +1,311 @@
+"""api.py: an OpenAI-compatible chat-completions client (httpx, no SDK) as a responder with a cache.
+
+Any server that speaks POST {base_url}/chat/completions works: OpenAI (o1, o3, o4-mini, gpt-5, gpt-4o),
+vLLM (`vllm serve MODEL` -> http://localhost:8000/v1), Ollama (http://localhost:11434/v1), OpenRouter.
+A library for distill.py and eval.py (through responders.make_responder("api", ...)):
+
+    respond = api.api_responder("https://api.openai.com/v1", "o1", "OPENAI_API_KEY", "out/api_cache.jsonl")
+    texts = respond(records, 4)      # [puzzle][sample] response texts; "" for a sample that failed
+    respond.usage                    # summed token counts and request counts
+    respond.errors                   # {(puzzle id, sample index): error text} of the failed samples
+
+One request per sample (sample k of puzzle p), max_concurrency requests in flight (threads sharing one
+httpx.Client). A request is retried with exponential backoff and jitter on 429, 408, 5xx, timeouts,
+connection errors and broken or malformed bodies, honouring Retry-After; after max_attempts the sample
+is recorded as failed (with its error), not lost, and the run goes on. 401/403/404 (wrong key, URL or
+model) stop the run: every other request would fail the same way. Other 4xx (say, a prompt too long)
+fail that sample at once: retrying cannot help.
+
+The cache is an append-only JSONL file, one line per finished sample (ok or failed), flushed and
+fsync'd, keyed by (puzzle id, sample index, model) plus a hash of the prompt (so an edited puzzle is
+asked again). A restarted run loads it and sends no request for a sample it already has. Cached
+failures are final by default, so a rerun costs nothing and gives the same result; retry_failed=True
+asks those samples again (the new line wins).
+
+The API key is read from the environment variable named by api_key_env (none for local servers when
+api_key_env is empty). It is sent in the Authorization header only and redacted from everything this
+module writes or raises (cache lines, error texts), even when a server echoes it back.
+"""
+import concurrent.futures
+import email.utils
+import hashlib
+import json
+import os
+import random
+import re
+import threading
+import time
+import urllib.parse
+
+import httpx
+from tqdm import tqdm
+
+import cello
+
+# o1, o1-mini, o3, o3-mini, o4-mini, gpt-5, gpt-5-mini, ...: reasoning models. They refuse temperature
+# (and top_p) and take max_completion_tokens (which also counts the hidden reasoning tokens).
+REASONING_NAME = re.compile(r"^(o\d+)(-|$)|^gpt-5")
+# The first reasoning models refuse a system message: its text goes in front of the user message.
+NO_SYSTEM_NAME = re.compile(r"^o1-(mini|preview)")
+RETRY_STATUS = {408, 409, 425, 429}  # plus every 5xx
+FATAL_STATUS = {401, 403, 404}       # wrong key, URL or model: stop the run
+
+
+def _base_name(model):
+    """'openai/o1-mini' -> 'o1-mini': providers such as OpenRouter prefix the vendor."""
+    return model.rsplit("/", 1)[-1].lower()
+
+
+def is_reasoning_model(model):
+    """True for o1/o3/o4-style and gpt-5 names (with or without a 'vendor/' prefix)."""
+    return bool(REASONING_NAME.match(_base_name(model)))
+
+
+def request_body(model, messages, temperature=None, max_tokens=None, reasoning=None, reasoning_effort=None):
+    """The JSON body of one chat-completions request.
+
+    reasoning: True/False, or None to decide from the model name (is_reasoning_model).
+      chat model:      temperature and max_tokens are sent when given (None = the server's default).
+      reasoning model: temperature is never sent (refused); max_tokens goes as max_completion_tokens;
+                       reasoning_effort ("low" | "medium" | "high") is sent when given; o1-mini and
+                       o1-preview get the system text folded into the user message (they refuse "system").
+    """
+    reasoning = is_reasoning_model(model) if reasoning is None else reasoning
+    body = {"model": model, "messages": messages}
+    if not reasoning:
+        if temperature is not None:
+            body["temperature"] = temperature
+        if max_tokens is not None:
+            body["max_tokens"] = max_tokens
+        return body
+    if NO_SYSTEM_NAME.match(_base_name(model)) and messages and messages[0]["role"] == "system":
+        system, user = messages[0], messages[1]
+        body["messages"] = [{"role": "user", "content": system["content"] + "\n\n" + user["content"]}] + messages[2:]
+    if max_tokens is not None:
+        body["max_completion_tokens"] = max_tokens
+    if reasoning_effort is not None:
+        body["reasoning_effort"] = reasoning_effort
+    return body
+
+
+def parse_retry_after(value):
+    """Seconds to wait from a Retry-After header: a number of seconds or an HTTP date; None if absent/bad."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def backoff_delay(attempt, retry_after=None, base_s=1.0, max_s=60.0, rng=random):
+    """Seconds to wait before retry number `attempt` (1 = the first retry).
+
+    With a Retry-After from the server: exactly that, capped at max_s.
+    Else exponential with "equal jitter": d = min(max_s, base_s * 2 ** (attempt - 1)), wait in [d/2, d]
+    (uniform), so concurrent clients that failed together do not retry together, yet each waits at
+    least half the schedule.
+    """
+    if retry_after is not None:
+        return min(retry_after, max_s)
+    d = min(max_s, base_s * 2 ** (attempt - 1))
+    return d / 2 + rng.uniform(0, d / 2)
+
+
+def redact(text, secret):
+    """text with every occurrence of secret replaced by '[REDACTED]' (unchanged when there is no secret)."""
+    return text.replace(secret, "[REDACTED]") if secret else text
+
+
+def prompt_hash(messages):
+    """A short hash of the chat messages: a cached answer is reused only for the same prompt."""
+    return hashlib.sha256(json.dumps(messages, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_cache(path):
+    """{(id, sample, model): entry} from a cache JSONL file; the last line of a key wins.
+
+    A line cut short by a kill (the only way a line can be broken: each is written whole, then fsync'd)
+    is skipped, and a newline is appended so the next line starts clean.
+    """
+    cache = {}
+    if not os.path.exists(path):
+        return cache
+    with open(path, "rb") as f:
+        data = f.read()
+    for line in data.decode("utf-8", errors="replace").splitlines():
+        try:
+            entry = json.loads(line)
+            cache[(entry["id"], entry["sample"], entry["model"])] = entry
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    if data and not data.endswith(b"\n"):
+        with open(path, "ab") as f:
+            f.write(b"\n")
+    return cache
+
+
+def pending(records, num_samples, model, cache, retry_failed=False):
+    """The (record index, sample index) pairs that need a request: no cache entry for the same prompt
+    (or, with retry_failed, a cached failure). cache: load_cache's dict (or a cache path)."""
+    if isinstance(cache, str):
+        cache = load_cache(cache)
+    todo = set()
+    for i, record in enumerate(records):
+        sha = prompt_hash(cello.render_messages(record))
+        for k in range(num_samples):
+            entry = cache.get((record["id"], k, model))
+            if not entry or entry.get("prompt_sha") != sha or (retry_failed and not entry["ok"]):
+                todo.add((i, k))
+    return todo
+
+
+class ApiError(Exception):
+    """One failed request: retryable (with the server's Retry-After, if any) or not; fatal stops the run."""
+
+    def __init__(self, message, retryable, retry_after=None, fatal=False):
+        super().__init__(message)
+        self.retryable, self.retry_after, self.fatal = retryable, retry_after, fatal
+
+
+def post_once(client, url, headers, body):
+    """Send one request; return (content, usage, finish_reason) or raise ApiError."""
+    try:
+        response = client.post(url, headers=headers, json=body)
+    except httpx.TimeoutException as exc:
+        raise ApiError(f"timeout ({type(exc).__name__})", retryable=True) from None
+    except httpx.TransportError as exc:  # refused connection, reset, body cut short (RemoteProtocolError)
+        raise ApiError(f"connection error ({type(exc).__name__}: {exc})", retryable=True) from None
+    status = response.status_code
+    if status != 200:
+        message = f"HTTP {status}: {response.text[:300]}"
+        retry_after = parse_retry_after(response.headers.get("retry-after"))
+        if status in RETRY_STATUS or status >= 500:
+            raise ApiError(message, retryable=True, retry_after=retry_after)
+        raise ApiError(message, retryable=False, fatal=status in FATAL_STATUS)
+    try:
+        data = response.json()
+        choice = data["choices"][0]
+        content = choice["message"].get("content") or ""  # null content (say, all budget spent thinking) = ""
+        if not isinstance(content, str):
+            raise TypeError(f"content is {type(content).__name__}")
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+        raise ApiError(f"malformed body ({type(exc).__name__}: {exc}): {response.text[:200]}", retryable=True) from None
+    usage = data.get("usage") or {}
+    usage = {"prompt_tokens": int(usage.get("prompt_tokens") or 0),
+             "completion_tokens": int(usage.get("completion_tokens") or 0)}
+    return content, usage, choice.get("finish_reason")
+
+
+def api_responder(base_url, model, api_key_env, cache_path, max_concurrency=8, timeout_s=600.0, max_attempts=6,
+                  temperature=None, max_tokens=None, reasoning=None, reasoning_effort=None, retry_failed=False,
+                  backoff_s=1.0, max_backoff_s=60.0, progress=True):
+    """A respond(records, num_samples) -> [puzzle][sample] texts that asks a chat-completions endpoint.
+
+    base_url      e.g. https://api.openai.com/v1 (requests go to {base_url}/chat/completions)
+    api_key_env   name of the environment variable holding the key; "" or None for no key (local servers)
+    cache_path    the append-only JSONL cache (see the module docstring)
+    timeout_s     per-request timeout (connect, read and write, each) in seconds
+    max_attempts  requests per sample before it is recorded as failed
+    temperature, max_tokens, reasoning, reasoning_effort: see request_body (None = server default)
+    backoff_s, max_backoff_s: the backoff schedule (see backoff_delay)
+
+    respond.usage sums over every call: prompt_tokens and completion_tokens of the samples returned
+    (cached ones included: that is what the data set cost), requests (HTTP requests sent by this
+    process), cached (samples served from the cache), failed (samples returned as failed).
+    respond.errors maps (puzzle id, sample index) to the error of each failed sample returned.
+    Raises ValueError when the key variable is unset, ApiError on a fatal answer (401/403/404).
+    """
+    secret = None
+    if api_key_env:
+        secret = os.environ.get(api_key_env)
+        if not secret:
+            raise ValueError(f"environment variable {api_key_env} is not set (it should hold the API key)")
+    url = base_url.rstrip("/") + "/chat/completions"
+    cache = load_cache(cache_path)
+    lock = threading.Lock()  # guards the cache file, the cache dict and the counters
+    stop = threading.Event()  # set on a fatal error: the other workers give up
+    client = httpx.Client(timeout=timeout_s, limits=httpx.Limits(max_connections=max_concurrency))
+
+    def save(entry):
+        line = redact(json.dumps(entry, ensure_ascii=False), secret) + "\n"
+        with lock:
+            with open(cache_path, "a", encoding="utf-8") as f:
+                f.write(line)
+                f.flush()
+                os.fsync(f.fileno())
+            cache[(entry["id"], entry["sample"], entry["model"])] = json.loads(line)
+
+    def fetch(record, k, messages):
+        """Ask for sample k of one puzzle until it succeeds, fails for good, or attempts run out."""
+        body = request_body(model, messages, temperature, max_tokens, reasoning, reasoning_effort)
+        headers = {"X-Cello-Puzzle": urllib.parse.quote(record["id"]), "X-Cello-Sample": str(k)}
+        if secret:
+            headers["Authorization"] = f"Bearer {secret}"
+        entry = {"id": record["id"], "sample": k, "model": model, "prompt_sha": prompt_hash(messages)}
+        for attempt in range(1, max_attempts + 1):
+            if stop.is_set():
+                return None
+            with lock:
+                respond.usage["requests"] += 1
+            try:
+                content, usage, finish_reason = post_once(client, url, headers, body)
+            except ApiError as exc:
+                error = redact(str(exc), secret)
+                if exc.fatal:
+                    stop.set()
+                    raise ApiError(f"{url}: {error}", retryable=False, fatal=True) from None
+                if not exc.retryable or attempt == max_attempts:
+                    entry.update(ok=False, content=None, usage=None, attempts=attempt, error=error)
+                    save(entry)
+                    return entry
+                stop.wait(backoff_delay(attempt, exc.retry_after, backoff_s, max_backoff_s))  # sleep, unless stopped
+                continue
+            entry.update(ok=True, content=content, usage=usage, finish_reason=finish_reason, attempts=attempt,
+                         error=None)
+            save(entry)
+            return entry
+
+    def respond(records, num_samples):
+        results = [[None] * num_samples for _ in records]
+        todo = pending(records, num_samples, model, cache, retry_failed)
+        for i, record in enumerate(records):
+            for k in range(num_samples):
+                if (i, k) not in todo:
+                    results[i][k] = cache[(record["id"], k, model)]
+                    respond.usage["cached"] += 1
+        with concurrent.futures.ThreadPoolExecutor(max_workers=max_concurrency) as pool:
+            futures = {pool.submit(fetch, records[i], k, cello.render_messages(records[i])): (i, k)
+                       for i, k in sorted(todo)}
+            try:
+                for future in tqdm(concurrent.futures.as_completed(futures), total=len(futures),
+                                   desc=f"api {model}", unit="sample", disable=not progress or not futures):
+                    i, k = futures[future]
+                    results[i][k] = future.result()  # a fatal ApiError surfaces here
+            except BaseException:  # a fatal answer or Ctrl-C: the other workers stop before their next attempt
+                stop.set()
+                pool.shutdown(cancel_futures=True)
+                raise
+        texts = []
+        for record, entries in zip(records, results):
+            texts.append([])
+            for k, entry in enumerate(entries):
+                if entry["ok"]:
+                    respond.usage["prompt_tokens"] += entry["usage"]["prompt_tokens"]
+                    respond.usage["completion_tokens"] += entry["usage"]["completion_tokens"]
+                    texts[-1].append(entry["content"])
+                else:
+                    respond.usage["failed"] += 1
+                    respond.errors[(record["id"], k)] = entry["error"]
+                    texts[-1].append("")
+        return texts
+
+    respond.usage = {"prompt_tokens": 0, "completion_tokens": 0, "requests": 0, "cached": 0, "failed": 0}
+    respond.errors = {}
+    respond.model = model
+    return respond

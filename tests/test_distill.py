@@ -1,0 +1,350 @@
+"""distill.py and api.py: the request body, the backoff schedule, the cache, and whole distill runs
+against a real chat-completions server on 127.0.0.1 that injects faults (tests/fault_server.py),
+including a run killed with SIGKILL and restarted."""
+import json
+import os
+import random
+import secrets
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import api
+import cello
+import distill
+import fault_server
+import reward
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LABELS = ["B cell", "CD14 monocyte", "CD4 T cell", "CD8 T cell", "NK cell", "platelet"]
+MARKERS = {"B cell": ["MS4A1", "CD79A"], "CD14 monocyte": ["CD14", "LYZ"], "CD4 T cell": ["IL7R", "CD4"],
+           "CD8 T cell": ["CD8A", "CD8B"], "NK cell": ["GNLY", "NKG7"], "platelet": ["PPBP", "PF4"]}
+BACKGROUND = ["MALAT1", "RPL13", "RPS27", "TMSB4X", "B2M", "ACTB", "FTL", "EEF1A1"]
+
+
+def toy_puzzles(count, seed=0, split="train"):
+    """Puzzles of 2-4 cells whose genes are their type's two markers among shuffled housekeeping genes."""
+    rng = random.Random(seed)
+    records = []
+    for i in range(count):
+        n = 2 + i % 3
+        answer = rng.sample(LABELS, n)
+        cells = []
+        for label in answer:
+            genes = MARKERS[label] + rng.sample(BACKGROUND, 4)
+            rng.shuffle(genes)
+            cells.append(genes)
+        records.append({"id": f"toy/n{n}/{seed}-{i:04d}", "source": "toy", "donor": "D0", "batch": None,
+                        "split": split, "context": "The cell is from a female, originating from the blood.",
+                        "cells": cells, "candidates": sorted(answer), "answer": answer})
+    return records
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure functions
+# ---------------------------------------------------------------------------------------------
+
+MESSAGES = [{"role": "system", "content": "SYS"}, {"role": "user", "content": "USER"}]
+
+
+def test_request_body_chat_model_sends_temperature_and_max_tokens():
+    body = api.request_body("gpt-4o", MESSAGES, temperature=0.7, max_tokens=512)
+    assert body == {"model": "gpt-4o", "messages": MESSAGES, "temperature": 0.7, "max_tokens": 512}
+    assert api.request_body("Qwen/Qwen2.5-7B-Instruct", MESSAGES) == {"model": "Qwen/Qwen2.5-7B-Instruct",
+                                                                      "messages": MESSAGES}
+
+
+@pytest.mark.parametrize("model", ["o1", "o1-2024-12-17", "o3-mini", "o4-mini", "gpt-5", "gpt-5-mini", "openai/o3"])
+def test_request_body_reasoning_model_drops_temperature(model):
+    body = api.request_body(model, MESSAGES, temperature=0.7, max_tokens=4000, reasoning_effort="high")
+    assert body == {"model": model, "messages": MESSAGES, "max_completion_tokens": 4000, "reasoning_effort": "high"}
+
+
+@pytest.mark.parametrize("model", ["gpt-4o", "gpt-4o-mini", "ollama/llama3", "o", "foo1", "olmo-2"])
+def test_chat_model_names_are_not_reasoning(model):
+    assert not api.is_reasoning_model(model)
+
+
+def test_request_body_o1_mini_folds_the_system_message_and_flag_overrides_name():
+    body = api.request_body("o1-mini", MESSAGES, max_tokens=100)
+    assert body["messages"] == [{"role": "user", "content": "SYS\n\nUSER"}]
+    assert body["max_completion_tokens"] == 100 and "temperature" not in body
+    # the flag wins over the name both ways: a served reasoning model with a custom name, and the opposite
+    assert api.request_body("my-r1", MESSAGES, temperature=1.0, max_tokens=9, reasoning=True) == {
+        "model": "my-r1", "messages": MESSAGES, "max_completion_tokens": 9}
+    assert api.request_body("o1", MESSAGES, temperature=1.0, reasoning=False)["temperature"] == 1.0
+
+
+class EdgeRng:
+    """uniform(a, b) returns a or b: the jitter's bounds."""
+
+    def __init__(self, pick_high):
+        self.pick_high = pick_high
+
+    def uniform(self, a, b):
+        return b if self.pick_high else a
+
+
+def test_backoff_exponential_with_equal_jitter_bounds():
+    for attempt, d in [(1, 0.5), (2, 1.0), (3, 2.0), (4, 4.0), (8, 10.0)]:  # base 0.5, capped at 10
+        assert api.backoff_delay(attempt, base_s=0.5, max_s=10.0, rng=EdgeRng(False)) == d / 2
+        assert api.backoff_delay(attempt, base_s=0.5, max_s=10.0, rng=EdgeRng(True)) == d
+    rng = random.Random(0)
+    delays = [api.backoff_delay(3, base_s=1.0, max_s=60.0, rng=rng) for _ in range(200)]
+    assert all(2.0 <= x <= 4.0 for x in delays) and len(set(delays)) > 100  # jittered, within [d/2, d]
+
+
+def test_backoff_honours_retry_after():
+    assert api.backoff_delay(1, retry_after=0.1, base_s=5.0) == 0.1
+    assert api.backoff_delay(5, retry_after=7.0, base_s=5.0, max_s=60.0) == 7.0
+    assert api.backoff_delay(1, retry_after=3600.0, max_s=60.0) == 60.0
+    assert api.parse_retry_after("0.1") == 0.1 and api.parse_retry_after("12") == 12.0
+    assert api.parse_retry_after(None) is None and api.parse_retry_after("soon") is None
+    assert api.parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # a date in the past: no wait
+    future = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + 30))
+    assert 25 <= api.parse_retry_after(future) <= 31
+
+
+def test_redact():
+    assert api.redact("bad key sk-abc, again sk-abc", "sk-abc") == "bad key [REDACTED], again [REDACTED]"
+    assert api.redact("nothing", None) == "nothing"
+
+
+def test_cache_skips_a_torn_last_line_and_later_lines_win(tmp_path):
+    path = str(tmp_path / "cache.jsonl")
+    a = {"id": "p1", "sample": 0, "model": "m", "ok": False, "error": "HTTP 500"}
+    b = {"id": "p1", "sample": 0, "model": "m", "ok": True, "content": "x"}
+    with open(path, "w") as f:
+        f.write(json.dumps(a) + "\n" + json.dumps(b) + "\n" + '{"id": "p2", "sample": 0, "mo')  # killed mid-line
+    cache = api.load_cache(path)
+    assert cache == {("p1", 0, "m"): b}
+    with open(path) as f:
+        assert f.read().endswith('"mo\n')  # the next append starts on a line of its own
+
+
+def test_pending_reasks_changed_prompts_and_optionally_failures():
+    records = toy_puzzles(2)
+    sha = [api.prompt_hash(cello.render_messages(r)) for r in records]
+    cache = {(records[0]["id"], 0, "m"): {"ok": True, "prompt_sha": sha[0]},
+             (records[0]["id"], 1, "m"): {"ok": False, "prompt_sha": sha[0]},
+             (records[1]["id"], 0, "m"): {"ok": True, "prompt_sha": "an-older-prompt"}}
+    assert api.pending(records, 2, "m", cache) == {(1, 0), (1, 1)}
+    assert api.pending(records, 2, "m", cache, retry_failed=True) == {(0, 1), (1, 0), (1, 1)}
+    assert api.pending(records, 2, "other-model", cache) == {(0, 0), (0, 1), (1, 0), (1, 1)}
+
+
+def test_acceptance_and_sft_selection():
+    records = toy_puzzles(2)
+    rows = [{"id": records[0]["id"], "n": 2, "status": s, "reward": r} for s, r in
+            [("rejected", -1.0), ("accepted", 1.0), ("accepted", 1.0)]]
+    rows += [{"id": records[1]["id"], "n": 3, "status": s, "reward": r} for s, r in
+             [("failed", None), ("rejected", 0.25), ("rejected", 0.0)]]
+    a = distill.acceptance(rows)
+    assert a == {"puzzles": 2, "samples": 6, "accepted": 2, "rejected": 3, "failed": 1, "rejected_malformed": 1,
+                 "sample_acceptance": 2 / 6, "puzzles_accepted": 1, "puzzle_acceptance": 0.5}
+    texts = [["t0", "t1", "t2"], ["u0", "u1", "u2"]]
+    assert [r["response"] for r in distill.select_sft(records, texts, rows, keep_all=False)] == ["t1"]
+    assert [r["response"] for r in distill.select_sft(records, texts, rows, keep_all=True)] == ["t1", "t2"]
+
+
+def test_cost_estimate():
+    records = toy_puzzles(3)
+    chars = sum(len(m["content"]) for m in cello.render_messages(records[1]))
+    prompt, output, usd = distill.estimate_cost(records, {(1, 0), (1, 1)}, 1000, 15.0, 60.0)
+    assert prompt == int(2 * chars / distill.CHARS_PER_TOKEN) and output == 2000
+    assert usd == pytest.approx((prompt * 15.0 + 2000 * 60.0) / 1e6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole runs against the fault-injecting server
+# ---------------------------------------------------------------------------------------------
+
+SAMPLES, MAX_ATTEMPTS = 4, 4
+
+
+def distill_cmd(puzzles, out_dir, base_url, *extra):
+    return [sys.executable, os.path.join(ROOT, "distill.py"), "--teacher", "api", "--puzzles", puzzles,
+            "--out-dir", out_dir, "--samples", str(SAMPLES), "--base-url", base_url, "--api-model", "toy-chat",
+            "--api-key-env", "CELLO_TEST_KEY", "--max-concurrency", "4", "--timeout", "0.5",
+            "--max-attempts", str(MAX_ATTEMPTS), "--backoff", "0.05", *extra]
+
+
+def run(cmd, key, monkeypatch, capsys):
+    """distill.main() in this process (cello and torch are imported already: no start-up cost) with the
+    command line cmd and the key in the environment; returns (exit code or sys.exit message, output)."""
+    monkeypatch.setenv("CELLO_TEST_KEY", key)
+    monkeypatch.setattr(sys, "argv", cmd[1:])
+    capsys.readouterr()
+    try:
+        distill.main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err + (code if isinstance(code, str) else "")
+
+
+def read_log(path):
+    return cello.read_jsonl(path) if os.path.exists(path) else []
+
+
+def files_under(folder):
+    for base, _, names in os.walk(folder):
+        for name in names:
+            yield os.path.join(base, name)
+
+
+@pytest.fixture
+def setup(tmp_path):
+    puzzles = str(tmp_path / "puzzles.jsonl")
+    cello.write_jsonl_atomic(puzzles, toy_puzzles(16))
+    key = "sk-test-" + secrets.token_hex(16)
+    servers = []
+
+    def serve(name):
+        server, url = fault_server.start(puzzles, key, str(tmp_path / f"{name}.log"))
+        servers.append(server)
+        return url, str(tmp_path / f"{name}.log")
+
+    yield puzzles, key, serve, tmp_path
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def test_api_distill_survives_faults_and_a_kill(setup, monkeypatch, capsys):
+    puzzles, key, serve, tmp = setup
+    records = cello.read_jsonl(puzzles)
+    every = {(r["id"], k) for r in records for k in range(SAMPLES)}
+    outputs = []  # stdout + stderr of every run, checked for the key at the end
+
+    # 1. An uninterrupted run: every sample ends accepted, rejected or failed after MAX_ATTEMPTS requests.
+    url, log_path = serve("ref")
+    code, output = run(distill_cmd(puzzles, str(tmp / "ref"), url, "--yes"), key, monkeypatch, capsys)
+    outputs.append(output)
+    assert code == 0, output
+    statuses = {(r["id"], r["sample"]): r["status"] for r in cello.read_jsonl(tmp / "ref" / "samples.jsonl")}
+    assert statuses == {(pid, k): fault_server.expected_status(pid, k) for pid, k in every}
+    assert set(statuses.values()) == {"accepted", "rejected", "failed"}
+    log = read_log(log_path)
+    assert all(line["id"] == line["prompt_id"] for line in log)  # the header names the prompt's puzzle
+    assert all(line["body_keys"] == ["messages", "model"] for line in log)  # no temperature / max_tokens given
+    faults = sum(line["outcome"] != "ok" for line in log) / len(log)
+    assert 0.15 <= faults <= 0.6, faults  # the fault mix really was exercised
+    assert {line["outcome"] for line in log} == {"ok", *fault_server.FAULTS}
+    requests = {}
+    for line in log:
+        requests.setdefault((line["id"], line["sample"]), []).append(line["outcome"])
+    for sample, status in statuses.items():
+        if status == "failed":
+            assert requests[sample] == ["500"] * MAX_ATTEMPTS
+        else:  # asked until one answer arrived whole, never after it
+            assert requests[sample][-1] in ("ok", "slow") and requests[sample].count("ok") <= 1
+    report = json.loads((tmp / "ref" / "report.json").read_text())
+    assert report["overall"]["samples"] == len(every)
+    assert report["overall"]["failed"] == sum(s == "failed" for s in statuses.values())
+    assert report["usage"]["cached"] == 0 and report["usage"]["requests"] == len(log)
+    sft = cello.read_jsonl(tmp / "ref" / "sft.jsonl")
+    first_accepted = [r["id"] for r in records if any(statuses[(r["id"], k)] == "accepted" for k in range(SAMPLES))]
+    assert [row["id"] for row in sft] == first_accepted
+    assert all(row["response"].endswith("<answer>" + " | ".join(row["answer"]) + "</answer>") for row in sft)
+
+    # 2. The same run, killed (SIGKILL) once some samples are cached, then restarted with the same command.
+    url, log_path = serve("killed")
+    out = str(tmp / "killed")
+    cmd = distill_cmd(puzzles, out, url, "--yes")
+    env = {**os.environ, "CELLO_TEST_KEY": key, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    cache_path = os.path.join(out, "api_cache.jsonl")
+    while proc.poll() is None:
+        if os.path.exists(cache_path) and len(api.load_cache(cache_path)) >= 12:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    outputs.append(proc.communicate()[0])
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    time.sleep(0.3)  # let the server log any request that was on the wire
+    finished = {(e["id"], e["sample"]) for e in api.load_cache(cache_path).values()}
+    seen_before = len(read_log(log_path))
+    assert 12 <= len(finished) < len(every)
+    code, output = run(cmd, key, monkeypatch, capsys)  # the restart (in this process: same code path)
+    outputs.append(output)
+    assert code == 0, output
+    after = read_log(log_path)[seen_before:]
+    assert after, "the restarted run sent no request"
+    assert not {(line["id"], line["sample"]) for line in after} & finished  # nothing finished is asked again
+    assert (tmp / "killed" / "sft.jsonl").read_bytes() == (tmp / "ref" / "sft.jsonl").read_bytes()
+    assert (tmp / "killed" / "samples.jsonl").read_text().count('"failed"') == list(statuses.values()).count("failed")
+    restarted = json.loads((tmp / "killed" / "report.json").read_text())
+    assert restarted["overall"] == report["overall"] and restarted["by_n"] == report["by_n"]
+    assert restarted["usage"]["cached"] == len(finished)
+
+    # 3. --retry-failed asks again exactly the samples cached as failed (the doomed ones), nothing else.
+    seen_before = len(read_log(log_path))
+    code, output = run(cmd + ["--retry-failed"], key, monkeypatch, capsys)
+    outputs.append(output)
+    assert code == 0, output
+    retried = [(line["id"], line["sample"]) for line in read_log(log_path)[seen_before:]]
+    failed = {sample for sample, status in statuses.items() if status == "failed"}
+    assert set(retried) == failed and len(retried) == MAX_ATTEMPTS * len(failed)
+
+    # 4. The key is in no file a run wrote and in no output, though the server echoed it in its 500s.
+    for path in list(files_under(str(tmp / "ref"))) + list(files_under(out)):
+        assert key not in open(path, encoding="utf-8", errors="replace").read(), path
+    assert "[REDACTED]" in (tmp / "ref" / "api_cache.jsonl").read_text()
+    assert all(key not in text for text in outputs)
+
+
+def test_wrong_key_stops_the_run_without_leaking_either_key(setup, monkeypatch, capsys):
+    puzzles, key, serve, tmp = setup
+    url, log_path = serve("server")
+    wrong = "sk-wrong-" + secrets.token_hex(16)
+    code, output = run(distill_cmd(puzzles, str(tmp / "out"), url, "--yes"), wrong, monkeypatch, capsys)
+    assert isinstance(code, str) and "HTTP 401" in code and "[REDACTED]" in code
+    assert wrong not in output and key not in output
+    log = read_log(log_path)
+    assert log and all(line["outcome"] == "401" for line in log)
+    assert len(log) <= 4  # not retried, and the other workers stop: at most one request per worker
+    assert not os.path.exists(tmp / "out" / "sft.jsonl")
+    for path in files_under(str(tmp / "out")):
+        assert wrong not in open(path).read()
+
+
+def test_api_run_needs_yes_without_a_terminal(setup, monkeypatch, capsys):
+    puzzles, key, serve, tmp = setup
+    url, log_path = serve("server")
+    code, output = run(distill_cmd(puzzles, str(tmp / "out"), url), key, monkeypatch, capsys)
+    assert isinstance(code, str) and "pass --yes" in code
+    assert "64 requests to send (0 samples already cached)" in output and "estimated $" in output
+    assert read_log(log_path) == []  # nothing was sent
+    code, _ = run(distill_cmd(puzzles, str(tmp / "out"), url, "--yes", "--api-key-env", "CELLO_NO_SUCH_VAR"), key,
+                  monkeypatch, capsys)
+    assert code == "distill.py: error: environment variable CELLO_NO_SUCH_VAR is not set (it should hold the API key)"
+
+
+# ---------------------------------------------------------------------------------------------
+# The expert teacher
+# ---------------------------------------------------------------------------------------------
+
+def test_expert_teacher_rejection_sampling(tmp_path, monkeypatch, capsys):
+    train, puzzles = str(tmp_path / "train.jsonl"), str(tmp_path / "puzzles.jsonl")
+    cello.write_jsonl_atomic(train, toy_puzzles(40, seed=1))
+    cello.write_jsonl_atomic(puzzles, toy_puzzles(12, seed=2))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "distill.py", "--teacher", "expert", "--train", train,
+           "--puzzles", puzzles, "--samples", "3", "--temperature", "2.0", "--out-dir", str(out)]
+    code, output = run(cmd, "unused", monkeypatch, capsys)
+    assert code == 0, output
+    report = json.loads((out / "report.json").read_text())
+    rows = cello.read_jsonl(out / "samples.jsonl")
+    assert len(rows) == 36 and {r["status"] for r in rows} <= {"accepted", "rejected"}
+    assert report["overall"]["accepted"] == sum(r["status"] == "accepted" for r in rows) > 0
+    assert report["overall"]["accepted"] + report["overall"]["rejected"] == 36
+    sft = cello.read_jsonl(out / "sft.jsonl")
+    assert len(sft) == report["overall"]["puzzles_accepted"] == report["sft_rows"]
+    assert all(reward.reward(row["response"], row["answer"]) == 1.0 for row in sft)
+    assert "| all |" in output
