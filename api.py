@@ -7,6 +7,7 @@ A library for distill.py and eval.py (through responders.make_responder("api", .
     respond = api.api_responder("https://api.openai.com/v1", "o1", "OPENAI_API_KEY", "out/api_cache.jsonl")
     texts = respond(records, 4)      # [puzzle][sample] response texts; "" for a sample that failed
     respond.usage                    # summed token counts and request counts
+    respond.num_tokens               # [puzzle][sample] completion tokens of the last call
     respond.errors                   # {(puzzle id, sample index): error text} of the failed samples
 
 One request per sample (sample k of puzzle p), max_concurrency requests in flight (threads sharing one
@@ -219,6 +220,8 @@ def api_responder(base_url, model, api_key_env, cache_path, max_concurrency=8, t
     (cached ones included: that is what the data set cost), requests (HTTP requests sent by this
     process), cached (samples served from the cache), failed (samples returned as failed).
     respond.errors maps (puzzle id, sample index) to the error of each failed sample returned.
+    respond.num_tokens holds the last call's completion token counts [puzzle][sample] (as the model
+    responder's; reasoning tokens included; None for a failed sample or a server without usage).
     Raises ValueError when the key variable is unset, ApiError on a fatal answer (401/403/404).
     """
     secret = None
@@ -291,21 +294,24 @@ def api_responder(base_url, model, api_key_env, cache_path, max_concurrency=8, t
                 stop.set()
                 pool.shutdown(cancel_futures=True)
                 raise
-        texts = []
+        texts, respond.num_tokens = [], []
         for record, entries in zip(records, results):
             texts.append([])
+            respond.num_tokens.append([])
             for k, entry in enumerate(entries):
                 if entry["ok"]:
                     respond.usage["prompt_tokens"] += entry["usage"]["prompt_tokens"]
                     respond.usage["completion_tokens"] += entry["usage"]["completion_tokens"]
                     texts[-1].append(entry["content"])
+                    respond.num_tokens[-1].append(entry["usage"]["completion_tokens"] or None)
                 else:
                     respond.usage["failed"] += 1
                     respond.errors[(record["id"], k)] = entry["error"]
                     texts[-1].append("")
+                    respond.num_tokens[-1].append(None)
         return texts
 
     respond.usage = {"prompt_tokens": 0, "completion_tokens": 0, "requests": 0, "cached": 0, "failed": 0}
-    respond.errors = {}
+    respond.errors, respond.num_tokens = {}, []
     respond.model = model
     return respond

@@ -117,32 +117,38 @@ def make_teacher(args):
 
 
 def ask_teacher(respond, records, num_samples, teacher):
-    """All responses [puzzle][sample]. The api teacher gets every puzzle at once (its own progress bar,
-    max concurrency); the offline teachers get CHUNK puzzles per call under one progress bar."""
+    """(responses [puzzle][sample], token counts [puzzle][sample] or None) from the teacher.
+
+    The api teacher gets every puzzle at once (its own progress bar, max concurrency); the offline
+    teachers get CHUNK puzzles per call under one progress bar. Token counts come from the responder's
+    num_tokens (model: sampled tokens; api: completion tokens); the expert has none.
+    """
     if teacher == "api":
         try:
-            return respond(records, num_samples)
+            return respond(records, num_samples), respond.num_tokens
         except api.ApiError as exc:  # 401/403/404: the message is already redacted
             sys.exit(f"distill.py: error: {exc}")
-    texts = []
+    texts, counts = [], []
     with tqdm(total=len(records), desc=f"{teacher} teacher", unit="puzzle") as bar:
         for start in range(0, len(records), CHUNK):
-            texts += respond(records[start:start + CHUNK], num_samples)
-            bar.update(len(records[start:start + CHUNK]))
-    return texts
+            chunk = records[start:start + CHUNK]
+            texts += respond(chunk, num_samples)
+            counts += getattr(respond, "num_tokens", None) or [[None] * num_samples for _ in chunk]
+            bar.update(len(chunk))
+    return texts, counts
 
 
-def judge(records, texts, errors):
+def judge(records, texts, counts, errors):
     """One row per sample: status accepted (reward == 1.0), rejected (scored lower) or failed (no answer
     from the teacher after its retries), with the score when there is one."""
     rows = []
-    for record, responses in zip(records, texts):
+    for record, responses, tokens in zip(records, texts, counts):
         for k, text in enumerate(responses):
-            row = {"id": record["id"], "sample": k, "n": len(record["answer"])}
+            row = {"id": record["id"], "sample": k, "n": len(record["answer"]), "num_tokens": tokens[k]}
             if (record["id"], k) in errors:
                 row.update(status="failed", reward=None, error=errors[(record["id"], k)], score=None)
             else:
-                s = reward.score(text, record["answer"])
+                s = reward.score(text, record["answer"], tokens[k])
                 row.update(status="accepted" if s["reward"] == 1.0 else "rejected", reward=s["reward"],
                            error=s["error"], score=s)
             rows.append(row)
@@ -267,8 +273,8 @@ def main():
     if args.teacher == "api":
         confirm_cost(args, records)
     respond = make_teacher(args)
-    texts = ask_teacher(respond, records, args.samples, args.teacher)
-    rows = judge(records, texts, getattr(respond, "errors", {}))
+    texts, counts = ask_teacher(respond, records, args.samples, args.teacher)
+    rows = judge(records, texts, counts, getattr(respond, "errors", {}))
 
     sft = select_sft(records, texts, rows, args.keep_all)
     by_n = {}
@@ -287,7 +293,7 @@ def main():
         "metrics": reward.metrics([r["score"] for r in rows if r["score"] is not None]),
     }
     cello.write_jsonl_atomic(os.path.join(args.out_dir, "sft.jsonl"), sft)
-    columns = ("id", "sample", "n", "status", "reward", "error")
+    columns = ("id", "sample", "n", "status", "reward", "num_tokens", "error")
     cello.write_jsonl_atomic(os.path.join(args.out_dir, "samples.jsonl"), [{c: r[c] for c in columns} for r in rows])
     write_json_atomic(os.path.join(args.out_dir, "report.json"), report)
     print(format_acceptance(report))

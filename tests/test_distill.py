@@ -348,3 +348,26 @@ def test_expert_teacher_rejection_sampling(tmp_path, monkeypatch, capsys):
     assert len(sft) == report["overall"]["puzzles_accepted"] == report["sft_rows"]
     assert all(reward.reward(row["response"], row["answer"]) == 1.0 for row in sft)
     assert "| all |" in output
+
+
+def test_model_teacher_self_distillation_plumbing(tmp_path, monkeypatch, capsys):
+    """A tiny untrained checkpoint as the teacher: its k sampled responses are scored (all malformed,
+    so nothing is accepted and the SFT file is empty), with their token counts in samples.jsonl."""
+    import torch
+
+    torch.set_num_threads(1)
+    puzzles = str(tmp_path / "puzzles.jsonl")
+    records = toy_puzzles(3)
+    cello.write_jsonl_atomic(puzzles, records)
+    path = cello.prepare_model("tiny", str(tmp_path / "models"), records)
+    out = tmp_path / "out"
+    code, output = run([sys.executable, "distill.py", "--teacher", "model", "--model-path", path, "--puzzles", puzzles,
+                        "--samples", "2", "--max-new-tokens", "5", "--out-dir", str(out)], "unused", monkeypatch, capsys)
+    assert code == 0, output
+    rows = cello.read_jsonl(out / "samples.jsonl")
+    assert [(r["id"], r["sample"]) for r in rows] == [(r["id"], k) for r in records for k in range(2)]
+    assert all(r["status"] == "rejected" and r["reward"] == -1.0 and 1 <= r["num_tokens"] <= 5 for r in rows)
+    report = json.loads((out / "report.json").read_text())
+    assert report["overall"]["rejected_malformed"] == 6 and report["sft_rows"] == 0
+    assert report["metrics"]["mean_length"] == pytest.approx(sum(r["num_tokens"] for r in rows) / 6)
+    assert (out / "sft.jsonl").read_text() == ""
