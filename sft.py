@@ -115,7 +115,7 @@ def rank_micro_batches(batch, rank, world_size, micro_batch_size):
 
 
 def collate(examples, indices, pad_id):
-    """Right-padded input_ids, attention_mask and loss_mask [B, T] of the given examples.
+    """Right-padded input_ids and loss_mask [B, T] of the given examples.
 
     An empty micro-batch (a rank with nothing left in this global batch) becomes two pad tokens with
     no loss, so that the rank still joins FSDP2's collectives while adding nothing to the gradient.
@@ -123,28 +123,30 @@ def collate(examples, indices, pad_id):
     rows = [examples[i] for i in indices] or [([pad_id, pad_id], [0, 0])]
     width = max(len(ids) for ids, _ in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
     loss_mask = torch.zeros((len(rows), width), dtype=torch.float32)
     for b, (ids, mask) in enumerate(rows):
         input_ids[b, :len(ids)] = torch.tensor(ids)
-        attention_mask[b, :len(ids)] = 1
         loss_mask[b, :len(ids)] = torch.tensor(mask, dtype=torch.float32)
-    return input_ids, attention_mask, loss_mask
+    return input_ids, loss_mask
 
 
 # ---------------------------------------------------------------------------------------------
 # Loss, schedule, one optimizer step, validation
 # ---------------------------------------------------------------------------------------------
 
-def summed_response_nll(model, input_ids, attention_mask, loss_mask, device):
+def summed_response_nll(model, input_ids, loss_mask, device):
     """Sum over response tokens of -log p(token | prefix): a scalar tensor.
 
-    input_ids, attention_mask, loss_mask: [B, T]. Token t+1 is predicted from positions <= t, so
-    the log-probs [B, T-1] line up with loss_mask[:, 1:]. cello.token_logprobs chunks the output
-    projection so the [B, T, vocab] float32 logits never exist at once.
+    input_ids, loss_mask: [B, T], right-padded. Token t+1 is predicted from positions
+    <= t, so the log-probs [B, T-1] line up with loss_mask[:, 1:]. With right padding no real token
+    ever attends to a (later) pad under the causal mask, so the model gets an all-ones attention mask:
+    transformers then takes sdpa's is_causal path, about 1.5x faster on CPU than an explicit mask;
+    pad positions get log-probs too, and loss_mask zeroes them. cello.token_logprobs chunks the
+    output projection so the [B, T, vocab] float32 logits never exist at once.
     """
-    logprobs = cello.token_logprobs(model, input_ids.to(device), attention_mask.to(device))  # [B, T-1]
-    return -(logprobs * loss_mask[:, 1:].to(device)).sum()
+    input_ids = input_ids.to(device)
+    logprobs = cello.token_logprobs(model, input_ids, torch.ones_like(input_ids))
+    return -(logprobs * loss_mask[:, 1:].to(device)).sum()  # logprobs: [B, T-1]
 
 
 def lr_factor(step, warmup_steps, total_steps, min_lr_ratio):
@@ -173,8 +175,8 @@ def train_step(model, optimizer, scheduler, examples, micro_batches, num_tokens,
     model.train()
     loss_sum = torch.zeros((), device=device)
     for indices in micro_batches:
-        input_ids, attention_mask, loss_mask = collate(examples, indices, pad_id)
-        nll = summed_response_nll(model, input_ids, attention_mask, loss_mask, device)
+        input_ids, loss_mask = collate(examples, indices, pad_id)
+        nll = summed_response_nll(model, input_ids, loss_mask, device)
         (nll * (world_size / num_tokens)).backward()
         loss_sum += nll.detach()
     if world_size > 1:
@@ -195,8 +197,8 @@ def validation_loss(model, examples, rank, world_size, micro_batch_size, pad_id,
     totals = torch.zeros(2, device=device)  # [summed NLL, response tokens]
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i][0]))  # similar lengths together
     for indices in rank_micro_batches(order, rank, world_size, micro_batch_size):
-        input_ids, attention_mask, loss_mask = collate(examples, indices, pad_id)
-        totals[0] += summed_response_nll(model, input_ids, attention_mask, loss_mask, device)
+        input_ids, loss_mask = collate(examples, indices, pad_id)
+        totals[0] += summed_response_nll(model, input_ids, loss_mask, device)
         totals[1] += loss_mask[:, 1:].sum().item()
     if world_size > 1:
         dist.all_reduce(totals)

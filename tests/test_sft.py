@@ -1,0 +1,316 @@
+"""sft.py: the model learns, prompt tokens carry no loss, global-batch normalisation, batching,
+the schedule, exact resume, 2-process FSDP2 = 1 process, and one-line errors on bad input."""
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import cello
+import sft
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MARKERS = {"CD56+ NK": ["GNLY", "NKG7", "GZMB"], "CD14+ Monocyte": ["CD14", "LYZ", "S100A8"],
+           "CD19+ B": ["CD79A", "MS4A1", "CD19"], "CD4+ T": ["IL7R", "CD4", "LDHB"],
+           "CD34+": ["CD34", "PRSS57", "SOX4"]}
+
+
+def make_records(count, seed=0):
+    """Small SFT records: 3 cells of marker genes plus noise genes, an expert-like response."""
+    rng = random.Random(seed)
+    records = []
+    for i in range(count):
+        labels = rng.sample(sorted(MARKERS), 3)
+        cells = [rng.sample(MARKERS[label], 3) + [f"G{rng.randrange(40)}" for _ in range(rng.randrange(2, 9))]
+                 for label in labels]
+        think = " ".join(f"Cell {k + 1} expresses {c[0]} and {c[1]}: {label}."
+                         for k, (c, label) in enumerate(zip(cells, labels)))
+        records.append({"id": f"syn/{i}", "source": "syn", "donor": "D0", "batch": None, "split": "train",
+                        "context": "The cell is from a female.", "cells": cells,
+                        "candidates": sorted(labels), "answer": labels,
+                        "response": f"<think>{think}</think>\n<answer>{' | '.join(labels)}</answer>"})
+    return records
+
+
+def write(path, records):
+    cello.write_jsonl_atomic(str(path), records)
+    return str(path)
+
+
+def metrics(out_dir):
+    return cello.read_jsonl(os.path.join(out_dir, "metrics.jsonl"))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny model folder with its tokenizer trained on the synthetic records."""
+    return cello.prepare_model("tiny", str(tmp_path_factory.mktemp("tiny")), make_records(16), seed=0)
+
+
+# ---- the model learns ----
+
+def test_training_loss_drops_and_final_model_loads(tmp_path):
+    data = write(tmp_path / "sft.jsonl", make_records(6))
+    out = str(tmp_path / "run")
+    sft.main(["--data", data, "--model", "tiny", "--out-dir", out, "--batch-size", "3", "--micro-batch-size", "2",
+              "--max-steps", "40", "--lr", "1e-2", "--warmup-steps", "3", "--val-fraction", "0",
+              "--eval-every", "100", "--save-every", "100"])
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, 41))
+    assert set(rows[0]) >= {"step", "epoch", "loss", "lr", "grad_norm", "tokens", "tokens_per_s"}
+    first, last = rows[0]["loss"], sum(r["loss"] for r in rows[-3:]) / 3
+    assert first > 5.0  # about log(vocab) at the start
+    assert last < 0.35 * first, (first, last)
+    # the final folder is an ordinary HF folder that loads and gives the trained (low) loss
+    model, tokenizer = cello.load_model(os.path.join(out, "final")), cello.load_tokenizer(os.path.join(out, "final"))
+    examples, _ = sft.tokenize(tokenizer, make_records(6), 10_000)
+    ids, mask = sft.collate(examples, range(6), tokenizer.pad_token_id)
+    with torch.no_grad():
+        loss = sft.summed_response_nll(model, ids, mask, "cpu").item() / mask[:, 1:].sum().item()
+    assert loss < 0.35 * first
+
+
+# ---- the loss: response tokens only, normalised by the global batch ----
+
+def test_batch_masks_exactly_the_response_and_eos(tiny):
+    tokenizer = cello.load_tokenizer(tiny)
+    records = make_records(3)
+    examples, skipped = sft.tokenize(tokenizer, records, 10_000)
+    assert skipped == 0
+    ids, mask = sft.collate(examples, [0, 1, 2], tokenizer.pad_token_id)
+    for b, record in enumerate(records):
+        prompt = cello.prompt_ids(tokenizer, record)
+        n = len(examples[b][0])
+        assert ids[b, :n].tolist() == examples[b][0] and ids[b, :len(prompt)].tolist() == prompt
+        assert (ids[b, n:] == tokenizer.pad_token_id).all()
+        assert mask[b, :len(prompt)].sum() == 0 and mask[b, n:].sum() == 0
+        assert mask[b, len(prompt):n].tolist() == [1.0] * (n - len(prompt))
+        assert tokenizer.decode(ids[b][mask[b].bool()]) == record["response"] + "<|im_end|>"
+
+
+def test_altering_prompt_tokens_does_not_change_the_loss(tiny):
+    """With attention switched off (o_proj = 0) each position sees only its own token, so the
+    response's losses do not depend on earlier prompt tokens; then changing every prompt token but
+    the last must leave the loss unchanged, while it does change a loss that counts prompt tokens."""
+    tokenizer, model = cello.load_tokenizer(tiny), cello.load_model(tiny)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+    examples, _ = sft.tokenize(tokenizer, make_records(2), 10_000)
+    ids, mask = sft.collate(examples, [0, 1], tokenizer.pad_token_id)
+    everything = (ids != tokenizer.pad_token_id).float()  # a loss that also counts prompt tokens
+    altered = ids.clone()
+    for b in range(2):
+        prompt_len = int(mask[b].nonzero()[0])
+        altered[b, :prompt_len - 1] = torch.randint(3, len(tokenizer), (prompt_len - 1,))
+    assert not torch.equal(altered, ids)
+    with torch.no_grad():
+        loss = sft.summed_response_nll(model, ids, mask, "cpu")
+        loss_altered = sft.summed_response_nll(model, altered, mask, "cpu")
+        loss_everything = sft.summed_response_nll(model, ids, everything, "cpu")
+        loss_everything_altered = sft.summed_response_nll(model, altered, everything, "cpu")
+    torch.testing.assert_close(loss_altered, loss, rtol=1e-6, atol=1e-5)
+    assert abs(loss_everything_altered - loss_everything) > 1.0
+
+
+def test_summed_loss_equals_naive_cross_entropy(tiny):
+    tokenizer, model = cello.load_tokenizer(tiny), cello.load_model(tiny)
+    examples, _ = sft.tokenize(tokenizer, make_records(3), 10_000)
+    ids, mask = sft.collate(examples, [0, 1, 2], tokenizer.pad_token_id)
+    attention_mask = (ids != tokenizer.pad_token_id).long()  # the naive reference masks the padding
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=attention_mask).logits[:, :-1]
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+        torch.testing.assert_close(sft.summed_response_nll(model, ids, mask, "cpu"),
+                                   (nll * mask[:, 1:]).sum(), rtol=1e-5, atol=1e-4)
+
+
+def one_step(tiny, micro_batch_size):
+    """(loss, grad_norm, weights) after one SGD step on a 4-example global batch."""
+    tokenizer = cello.load_tokenizer(tiny)
+    model = cello.load_model(tiny)
+    examples, _ = sft.tokenize(tokenizer, make_records(4, seed=3), 10_000)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    batch = [0, 1, 2, 3]
+    num_tokens = sum(sum(examples[i][1]) for i in batch)
+    loss, grad_norm = sft.train_step(model, optimizer, scheduler, examples,
+                                     sft.rank_micro_batches(batch, 0, 1, micro_batch_size), num_tokens,
+                                     tokenizer.pad_token_id, "cpu", 1, grad_clip=1e9)
+    return loss, grad_norm, {k: v.clone() for k, v in model.state_dict().items()}, examples
+
+
+def test_loss_is_normalised_by_the_global_batch_not_per_micro_batch(tiny):
+    loss_1, norm_1, weights_1, examples = one_step(tiny, micro_batch_size=1)
+    loss_4, norm_4, weights_4, _ = one_step(tiny, micro_batch_size=4)
+    assert len({sum(mask) for _, mask in examples}) > 1  # response lengths differ, so the choice matters
+    assert loss_1 == pytest.approx(loss_4, rel=1e-6)
+    assert norm_1 == pytest.approx(norm_4, rel=1e-5)
+    for name in weights_1:
+        torch.testing.assert_close(weights_1[name], weights_4[name], rtol=1e-5, atol=1e-6)
+
+
+# ---- batching and schedule ----
+
+def test_epoch_batches_are_seeded_length_sorted_partitions():
+    lengths = [(i * 37) % 91 + 5 for i in range(23)]
+    batches = sft.epoch_batches(lengths, batch_size=4, bucket_batches=2, seed=0, epoch=0)
+    assert sorted(i for b in batches for i in b) == list(range(23))
+    assert sorted(len(b) for b in batches) == [3] + [4] * 5
+    for b in batches:
+        assert [lengths[i] for i in b] == sorted((lengths[i] for i in b), reverse=True)
+    assert batches == sft.epoch_batches(lengths, 4, 2, seed=0, epoch=0)
+    assert batches != sft.epoch_batches(lengths, 4, 2, seed=0, epoch=1)
+    assert batches != sft.epoch_batches(lengths, 4, 2, seed=1, epoch=0)
+
+
+def test_rank_micro_batches_split_a_global_batch_evenly():
+    batch = [7, 3, 9, 1, 4]
+    assert sft.rank_micro_batches(batch, 0, 1, 2) == [[7, 3], [9, 1], [4]]
+    assert sft.rank_micro_batches(batch, 0, 2, 2) == [[7, 9], [4]]
+    assert sft.rank_micro_batches(batch, 1, 2, 2) == [[3, 1], []]  # same count on every rank
+    assert sft.rank_micro_batches([5], 1, 2, 4) == [[]]
+
+
+def test_lr_factor_warmup_then_cosine():
+    assert [sft.lr_factor(s, 2, 11, 0.1) for s in (0, 1, 2)] == [0.5, 1.0, 1.0]
+    assert sft.lr_factor(6, 2, 11, 0.1) == pytest.approx(0.55)  # halfway through the cosine
+    assert sft.lr_factor(10, 2, 11, 0.1) == pytest.approx(0.1)  # the last step
+    assert sft.lr_factor(0, 0, 5, 0.0) == 1.0
+
+
+# ---- resume ----
+
+def test_resume_continues_at_the_next_step_and_matches_an_uninterrupted_run(tmp_path, monkeypatch):
+    data = write(tmp_path / "sft.jsonl", make_records(12))
+    val = write(tmp_path / "val.jsonl", make_records(3, seed=9))
+    flags = ["--data", data, "--val-data", val, "--model", "tiny", "--batch-size", "3", "--micro-batch-size", "2",
+             "--epochs", "2", "--lr", "3e-3", "--warmup-steps", "2", "--eval-every", "2", "--save-every", "3"]
+    real_step = sft.train_step
+    seen = []
+
+    def recording_step(*args, **kwargs):
+        if kwargs.pop("crash_on", None):
+            raise RuntimeError("simulated crash")
+        seen.append(sorted(i for micro in args[4] for i in micro))  # the global batch of this step
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(sft, "train_step", recording_step)
+    sft.main(flags + ["--out-dir", str(tmp_path / "a")])  # 8 steps: 4 per epoch
+    batches_a = list(seen)
+    assert len(batches_a) == 8
+
+    seen.clear()
+    monkeypatch.setattr(sft, "train_step", lambda *a, **k: recording_step(*a, crash_on=len(seen) == 4, **k))
+    with pytest.raises(RuntimeError, match="simulated crash"):  # dies in step 5, after the checkpoint of step 3
+        sft.main(flags + ["--out-dir", str(tmp_path / "b")])
+    assert [r["step"] for r in metrics(tmp_path / "b")] == [1, 2, 3, 4]
+
+    seen.clear()
+    monkeypatch.setattr(sft, "train_step", recording_step)
+    sft.main(flags + ["--out-dir", str(tmp_path / "b"), "--resume"])
+    assert seen == batches_a[3:]  # continues at step 4 with the same next batch, across the epoch end
+
+    rows_a, rows_b = metrics(tmp_path / "a"), metrics(tmp_path / "b")
+    assert [r["step"] for r in rows_b] == list(range(1, 9))
+    for a, b in zip(rows_a, rows_b):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6)
+        assert b["lr"] == pytest.approx(a["lr"], rel=1e-9)
+        assert b.get("val_loss", -1) == pytest.approx(a.get("val_loss", -1), rel=1e-6)
+    final_a = load_file(os.path.join(tmp_path, "a", "final", "model.safetensors"))
+    final_b = load_file(os.path.join(tmp_path, "b", "final", "model.safetensors"))
+    assert final_a.keys() == final_b.keys()
+    for name in final_a:
+        torch.testing.assert_close(final_b[name], final_a[name], rtol=1e-5, atol=1e-6)
+
+
+# ---- torchrun: 2 processes with FSDP2 give the 1-process loss curve ----
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_process_fsdp2_matches_one_process(tmp_path):
+    """Same global batch (5 sequences: 3 + 2 per rank, so one rank runs an empty micro-batch), same
+    losses, gradient norms and validation losses to 1e-5 relative (float32 summation order differs)."""
+    data = write(tmp_path / "sft.jsonl", make_records(12))
+    flags = ["--data", data, "--model", "tiny", "--batch-size", "5", "--micro-batch-size", "2", "--max-steps", "5",
+             "--lr", "3e-3", "--warmup-steps", "2", "--eval-every", "2", "--save-every", "100", "--val-fraction", "0.2"]
+    sft.main(flags + ["--out-dir", str(tmp_path / "one")])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_port", str(free_port()), os.path.join(ROOT, "sft.py"), *flags,
+                             "--out-dir", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, "\n".join(line for line in result.stderr.splitlines() if "rank0" in line)[-3000:]
+    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert [r["step"] for r in two] == [1, 2, 3, 4, 5]
+    for a, b in zip(one, two):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
+        assert ("val_loss" in a) == ("val_loss" in b)
+        assert b.get("val_loss", 0) == pytest.approx(a.get("val_loss", 0), rel=1e-5)
+    final_one = load_file(os.path.join(tmp_path, "one", "final", "model.safetensors"))
+    final_two = load_file(os.path.join(tmp_path, "two", "final", "model.safetensors"))
+    for name in final_one:
+        torch.testing.assert_close(final_two[name], final_one[name], rtol=1e-4, atol=1e-5)
+
+
+# ---- bad input: one clear line, non-zero exit ----
+
+@pytest.mark.parametrize("content, message", [
+    (None, "--data {path}: no such file"),
+    ('{"id": "a"', "{path} line 1: not valid JSON"),
+    ('{"id": "a", "context": "x"}\n', "{path} line 1: record has no \"response\" string"),
+    ("\n", "--data {path}: no records"),
+])
+def test_bad_data_file_exits_with_one_line(tmp_path, content, message):
+    path = tmp_path / "sft.jsonl"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(SystemExit) as exit_info:
+        sft.main(["--data", str(path), "--model", "tiny", "--out-dir", str(tmp_path / "out")])
+    text = str(exit_info.value.code)
+    assert text.startswith("sft.py: error: ") and "\n" not in text
+    assert message.format(path=path) in text
+
+
+def test_examples_longer_than_max_length_are_skipped_or_refused(tmp_path, capsys):
+    data = write(tmp_path / "sft.jsonl", make_records(4))
+    with pytest.raises(SystemExit) as exit_info:
+        sft.main(["--data", data, "--model", "tiny", "--out-dir", str(tmp_path / "out"), "--max-length", "20",
+                  "--val-fraction", "0"])
+    assert str(exit_info.value.code) == "sft.py: error: no training example fits --max-length 20"
+    assert "skipped 4 training and 0 validation examples longer than --max-length 20 tokens" in capsys.readouterr().out
+
+
+def test_bad_flag_is_a_usage_error(tmp_path, capsys):
+    data = write(tmp_path / "sft.jsonl", make_records(2))
+    with pytest.raises(SystemExit) as exit_info:
+        sft.main(["--data", data, "--out-dir", str(tmp_path / "out"), "--micro-batch-size", "0"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith("--micro-batch-size must be at least 1")
+
+
+def test_resume_without_checkpoint_via_the_cli(tmp_path):
+    data = write(tmp_path / "sft.jsonl", make_records(2))
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "sft.py"), "--data", data, "--out-dir",
+                             str(tmp_path / "out"), "--resume"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].endswith(
+        f"--resume: no checkpoint {tmp_path / 'out' / 'last'} to resume from")
