@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule
 from torch.utils.checkpoint import checkpoint
-from transformers import DynamicCache
+from transformers import DynamicCache, StaticCache
 
 # ---------------------------------------------------------------------------------------------
 # 1. Prompt rendering
@@ -341,21 +341,43 @@ def sample(model, prompts, num_samples, max_new_tokens, eos_id, pad_id, temperat
                          f"temperature={temperature} or top_p={top_p}")
     device = _device_of(model)
     rows = len(prompts) * num_samples
-    tokens = torch.full((rows, max(max_new_tokens, 1)), pad_id, dtype=torch.long, device=device)
-    logprobs = torch.zeros((rows, max(max_new_tokens, 1)), dtype=torch.float32, device=device)
+    tokens = torch.full((rows, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    logprobs = torch.zeros((rows, max_new_tokens), dtype=torch.float32, device=device)
     lengths = torch.zeros(rows, dtype=torch.long, device=device)
     finished = torch.zeros(rows, dtype=torch.bool, device=device)
+    if max_new_tokens == 0:
+        return {"responses": [[] for _ in range(rows)], "logprobs": [[] for _ in range(rows)],
+                "finished": [False] * rows}
     with gathered_weights(model):
-        # prefill: every prompt once, logits only for its last position
-        ids, mask, positions = _left_pad(prompts, pad_id, device)
-        cache = DynamicCache(config=model.config)
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
-                    logits_to_keep=1)
-        # copy each prompt's cache to its G rows (group-major), then decode all rows together
-        cache.batch_repeat_interleave(num_samples)
-        logits = out.logits[:, -1].float().repeat_interleave(num_samples, 0)  # [R, V]
-        mask = mask.repeat_interleave(num_samples, 0)  # [R, T]
-        next_pos = positions[:, -1].repeat_interleave(num_samples, 0) + 1  # [R]
+        # Prefill each prompt once, alone: no padding mask, so attention takes its fast causal path
+        # and does no work on padding (25% faster than one left-padded batch on CPU, bench_core.py).
+        # Logits only for the last position.
+        last_logits, prompt_caches = [], []
+        for prompt in prompts:
+            prompt_caches.append(DynamicCache(config=model.config))
+            out = model(input_ids=torch.tensor([prompt], device=device), cache=prompt_caches[-1], use_cache=True,
+                        logits_to_keep=1)
+            last_logits.append(out.logits[0, -1].float())
+        # Lay the prompts out left-padded in a preallocated cache, each copied to its G rows (group-major).
+        # A DynamicCache would torch.cat every layer's whole cache at every decode step, which took 70%
+        # of decoding on CPU; StaticCache writes each new token in place.
+        width = max(len(p) for p in prompts)
+        cache = StaticCache(config=model.config, max_cache_len=width + max_new_tokens)
+        for layer_idx in range(len(prompt_caches[0].layers)):
+            padded = []
+            for states in ("keys", "values"):
+                first = getattr(prompt_caches[0].layers[layer_idx], states)  # [1, heads, n, head_dim]
+                full = first.new_zeros((len(prompts), first.shape[1], width, first.shape[3]))
+                for i, prompt_cache in enumerate(prompt_caches):
+                    full[i, :, width - len(prompts[i]):] = getattr(prompt_cache.layers[layer_idx], states)[0]
+                padded.append(full.repeat_interleave(num_samples, 0))
+            cache.update(padded[0], padded[1], layer_idx)
+        del prompt_caches, padded
+        # the mask covers the new tokens' slots up front: the causal mask hides slots not yet written
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * (len(p) + max_new_tokens) for p in prompts], device=device)
+        mask = mask.repeat_interleave(num_samples, 0)  # [R, width + max_new_tokens]
+        logits = torch.stack(last_logits).repeat_interleave(num_samples, 0)  # [R, V]
+        next_pos = torch.tensor([len(p) for p in prompts], device=device).repeat_interleave(num_samples, 0)  # [R]
         live = torch.arange(rows, device=device)  # output row of each row still decoding
         for step in range(max_new_tokens):
             token, logprob = _next_token(logits, temperature, top_p, generator)
@@ -372,8 +394,8 @@ def sample(model, prompts, num_samples, max_new_tokens, eos_id, pad_id, temperat
                 if len(keep) == 0:
                     break
                 live, token, mask, next_pos = live[keep], token[keep], mask[keep], next_pos[keep]
-                cache.batch_select_indices(keep)
-            mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=1)
+                for layer in cache.layers:
+                    layer.keys, layer.values = layer.keys[keep], layer.values[keep]
             out = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_pos[:, None],
                         cache=cache, use_cache=True)
             logits = out.logits[:, -1].float()
@@ -522,8 +544,343 @@ def response_logprobs(model, prompts, responses, temperature=1.0, shared_prompt=
 # ---------------------------------------------------------------------------------------------
 # 4. Distributed setup and checkpoints
 # ---------------------------------------------------------------------------------------------
+# One code path for 1 process and for torchrun: without torchrun every helper here is a no-op or
+# its single-process case. Checkpoints are Hugging Face folders (from_pretrained and vLLM load them)
+# plus the resume state: resume.pt (step, data position, scheduler, RNG of every rank) and
+# optimizer.pt (kept apart so that only rank 0 ever holds the full optimizer state in memory).
+
+
+def setup_distributed():
+    """Start the process group under torchrun (RANK / WORLD_SIZE set): nccl on this rank's GPU, gloo
+    on CPU. Returns (rank, world_size, device); a plain run is (0, 1, cuda or cpu)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    return rank, world_size, device
+
+
+def get_rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def get_world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def print0(*args, **kwargs):
+    """print on rank 0 only (every process of a torchrun job would print the same line)."""
+    if get_rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def all_reduce(values, op="sum"):
+    """Sum (op="sum") or mean (op="mean") of a float, or of a list of floats elementwise, over all
+    ranks; the values themselves when single process. Every rank must call it."""
+    single = not isinstance(values, (list, tuple))
+    if not dist.is_initialized():
+        return float(values) if single else [float(v) for v in values]
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([values] if single else list(values), dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    if op == "mean":
+        t /= dist.get_world_size()
+    return t.item() if single else t.tolist()
+
+
+def cleanup_distributed():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def shard_model(model, device, bf16=False, activation_checkpointing=False):
+    """FSDP2: fully_shard each decoder layer, then the root, over a 1-D mesh of all ranks. Returns model.
+
+    bf16: parameters are gathered and computed in bfloat16 while the sharded master weights and the
+    gradient reduction stay float32 (MixedPrecisionPolicy). With one process there is nothing to shard
+    and bf16 is ignored (load the model with dtype=torch.bfloat16 for pure bf16 instead).
+    activation_checkpointing: recompute each decoder layer in backward instead of storing its
+    activations (Hugging Face's gradient checkpointing; it acts in train() mode only).
+    Layers reshard after their forward (memory); the root does not, since its parameters (embedding,
+    final norm, head) are needed again at once (cello.gathered_weights relies on this setup).
+    Create the optimizer after this call: sharding replaces the parameters with DTensor ones.
+    """
+    if activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if get_world_size() == 1:
+        return model
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    # the mesh names the device type explicitly: a gloo (CPU) job on a machine with GPUs stays on CPU
+    mesh = init_device_mesh(device.type, (get_world_size(),))
+    mp_policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16
+                 else MixedPrecisionPolicy())
+    layer_classes = tuple(model._no_split_modules or ())  # e.g. {"LlamaDecoderLayer"}, {"Qwen2DecoderLayer"}
+    layers = [m for m in model.modules() if type(m).__name__ in layer_classes]
+    if not layers:
+        raise ValueError(f"shard_model: found no decoder layers ({layer_classes}) in {type(model).__name__}")
+    for layer in layers:
+        fully_shard(layer, mesh=mesh, mp_policy=mp_policy)
+    fully_shard(model, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=False)
+    return model
+
+
+def rng_states():
+    """The random number generator states this process draws from (python, numpy, torch, cuda)."""
+    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states):
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def _tied_weight_names(model):
+    """(output embedding weight name, input embedding weight name) when the two are tied, else None."""
+    if not getattr(model.config, "tie_word_embeddings", False):
+        return None
+    names = {id(module): name for name, module in model.named_modules()}
+    return names[id(model.get_output_embeddings())] + ".weight", names[id(model.get_input_embeddings())] + ".weight"
+
+
+def _read_weights(folder):
+    """The full state dict of a Hugging Face folder's safetensors file(s), on CPU."""
+    from safetensors.torch import load_file
+
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if not os.path.exists(index):
+        return load_file(os.path.join(folder, "model.safetensors"))
+    with open(index) as f:
+        files = sorted(set(json.load(f)["weight_map"].values()))
+    return {k: v for name in files for k, v in load_file(os.path.join(folder, name)).items()}
+
+
+def is_checkpoint_complete(out_dir):
+    """A checkpoint folder exists only once whole (renamed into place last), so config.json marks it."""
+    return is_model_folder(out_dir)
+
+
+def save_checkpoint(out_dir, model, tokenizer, optimizer=None, scheduler=None, state=None):
+    """Write out_dir as a Hugging Face folder (config, model.safetensors, tokenizer, generation config)
+    and, when an optimizer, scheduler or state is given, the resume state (resume.pt, optimizer.pt).
+
+    Works for sharded (FSDP2) and plain models; every rank must call it. The full state dicts are
+    gathered to rank 0's CPU, which writes everything into out_dir + ".tmp" and then renames it into
+    place, so a crash never leaves a half-written folder under out_dir. An older checkpoint there is
+    replaced (it survives as out_dir + ".old" only if a crash hits between the two renames). out_dir
+    belongs to the checkpoint: a non-empty folder that is not a checkpoint is refused, not deleted.
+    """
+    from huggingface_hub import save_torch_state_dict
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not is_checkpoint_complete(out_dir):
+        raise ValueError(f"save_checkpoint: {out_dir} holds files but no checkpoint (no config.json); "
+                         "refusing to replace it: give the checkpoint a folder of its own")
+    # full_state_dict + cpu_offload: rank 0 gets every tensor on CPU, the other ranks empty dicts
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(model, options=options)
+    optimizer_state = get_optimizer_state_dict(model, optimizer, options=options) if optimizer is not None else None
+    rngs = [None] * get_world_size()  # every rank's generators, so each one resumes its own stream
+    if dist.is_initialized():
+        dist.all_gather_object(rngs, rng_states())
+    else:
+        rngs[0] = rng_states()
+    if get_rank() == 0:
+        tmp, old = out_dir + ".tmp", out_dir + ".old"
+        shutil.rmtree(tmp, ignore_errors=True)  # a leftover of an earlier crash
+        os.makedirs(tmp)
+        try:
+            tied = _tied_weight_names(model)
+            if tied:
+                weights.pop(tied[0])  # safetensors stores a tensor once; from_pretrained re-ties the head
+            for name, tensor in weights.items():  # a gathered shard padded by FSDP2 is a view: own it
+                if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
+                    weights[name] = tensor.clone()
+            save_torch_state_dict(weights, tmp, max_shard_size="5GB")  # model.safetensors, or shards + index
+            model.config.save_pretrained(tmp)
+            if model.generation_config is not None:
+                model.generation_config.save_pretrained(tmp)
+            save_tokenizer(tokenizer, tmp)
+            if optimizer is not None or scheduler is not None or state is not None:
+                if optimizer_state is not None:
+                    torch.save(optimizer_state, os.path.join(tmp, "optimizer.pt"))
+                torch.save({"state": state or {}, "scheduler": scheduler.state_dict() if scheduler else None,
+                            "rng": rngs, "world_size": get_world_size()}, os.path.join(tmp, "resume.pt"))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+        if os.path.exists(out_dir):
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier()  # nobody reads the checkpoint before it is in place
+
+
+def load_resume(out_dir, model, optimizer=None, scheduler=None):
+    """Restore a save_checkpoint folder into model (weights), optimizer, scheduler and this rank's RNG;
+    returns the saved state dict (e.g. {"step": ..., ...}). Works for sharded and plain models; every
+    rank must call it. Rank 0 reads the weights and optimizer state and broadcasts them to the shards.
+    """
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    if not os.path.exists(out_dir) and is_checkpoint_complete(out_dir + ".old"):
+        out_dir += ".old"  # a crash between save_checkpoint's two renames left the previous checkpoint here
+    path = os.path.join(out_dir, "resume.pt")
+    if not os.path.isfile(path) or not is_checkpoint_complete(out_dir):
+        sys.exit(f"cello: error: {out_dir} is not a resumable checkpoint (needs config.json and resume.pt)")
+    resume = torch.load(path, map_location="cpu", weights_only=False)  # our own file: RNG states need pickle
+    rank, sharded = get_rank(), dist.is_initialized()
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=sharded)
+    weights = {}
+    if rank == 0 or not sharded:
+        weights = _read_weights(out_dir)
+        tied = _tied_weight_names(model)
+        if tied:
+            weights[tied[0]] = weights[tied[1]]
+    set_model_state_dict(model, weights, options=options)
+    if optimizer is not None:
+        optimizer_path = os.path.join(out_dir, "optimizer.pt")
+        if not os.path.isfile(optimizer_path):
+            sys.exit(f"cello: error: {out_dir} has no optimizer state (optimizer.pt)")
+        optimizer_state = torch.load(optimizer_path, map_location="cpu") if rank == 0 or not sharded else {}
+        set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
+    if scheduler is not None and resume["scheduler"] is not None:
+        scheduler.load_state_dict(resume["scheduler"])
+    rngs = resume["rng"]  # with another number of ranks, each takes rank 0's streams
+    set_rng_states(rngs[rank] if len(rngs) == get_world_size() else rngs[0])
+    return resume["state"]
 
 
 # ---------------------------------------------------------------------------------------------
 # 5. The demo
 # ---------------------------------------------------------------------------------------------
+# `python cello.py demo` runs each stage's own script, exactly as a user would type it, so the demo
+# is also an end-to-end test of the command lines. A stage whose output already exists is skipped:
+# a demo killed half-way continues where it stopped when started again.
+
+DEMO_CONTEXT = ("The cell is from a human donor, originating from the peripheral blood. "
+                "The patient is healthy with no diagnosed disease.")
+
+
+def demo_stages(out, data, sft_steps, grpo_steps):
+    """The demo's stages: (name, script and arguments, the file whose existence means 'done')."""
+    puzzles = os.path.join(out, "puzzles")
+    train, val, test = (os.path.join(puzzles, f"{s}.jsonl") for s in ("train", "val", "test"))
+    return [
+        ("build puzzles", ["puzzles.py", "build", data, "--out-dir", puzzles, "--cell-type-key", "bulk_labels",
+                           "--donor-key", "none", "--context", DEMO_CONTEXT, "--n-min", "4", "--n-max", "8",
+                           "--genes", "50"], os.path.join(puzzles, "summary.json")),
+        ("distill from the expert", ["distill.py", "--puzzles", train, "--train", train, "--teacher", "expert",
+                                     "--samples", "4", "--out-dir", f"{out}/distill", "--yes"],
+         f"{out}/distill/report.json"),
+        ("SFT the small model", ["sft.py", "--data", f"{out}/distill/sft.jsonl", "--model", "small",
+                                 "--out-dir", f"{out}/sft", "--max-steps", str(sft_steps)],
+         f"{out}/sft/final/config.json"),
+        ("GRPO from the SFT model", ["grpo.py", "--model", f"{out}/sft/final", "--train", train, "--val", val,
+                                     "--out-dir", f"{out}/grpo", "--steps", str(grpo_steps)],
+         f"{out}/grpo/config.json"),
+        ("evaluate the baselines", ["eval.py", "--puzzles", test, "--train", train, "--responder", "random",
+                                    "independent", "expert", "--out-dir", f"{out}/eval/baselines"],
+         f"{out}/eval/baselines/summary.json"),
+        ("evaluate SFT", ["eval.py", "--puzzles", test, "--responder", "model", "--model-path", f"{out}/sft/final",
+                          "--out-dir", f"{out}/eval/sft"], f"{out}/eval/sft/summary.json"),
+        ("evaluate SFT+GRPO", ["eval.py", "--puzzles", test, "--responder", "model", "--model-path", f"{out}/grpo",
+                               "--out-dir", f"{out}/eval/grpo"], f"{out}/eval/grpo/summary.json"),
+    ]
+
+
+def plot_grpo(metrics_path, png_path):
+    """Reward and accuracy over GRPO steps (training rollouts, and greedy val where evaluated)."""
+    import matplotlib
+    matplotlib.use("Agg")  # no display on a server
+    import matplotlib.pyplot as plt
+    rows = read_jsonl(metrics_path)
+    steps = [r["step"] for r in rows]
+    fig, (ax_reward, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_reward.plot(steps, [r["reward_mean"] for r in rows], label="train reward (mean of rollouts)")
+    ax_reward.set_xlabel("GRPO step")
+    ax_reward.set_ylabel("reward")
+    ax_reward.legend()
+    for key, label in [("cell_accuracy", "train cell-level"), ("batch_accuracy", "train batch-level")]:
+        ax_acc.plot(steps, [r[key] for r in rows], label=label, alpha=0.6)
+    evaluated = [r for r in rows if "val_batch_accuracy" in r]
+    for key, label in [("val_cell_accuracy", "val cell-level (greedy)"),
+                       ("val_batch_accuracy", "val batch-level (greedy)")]:
+        ax_acc.plot([r["step"] for r in evaluated], [r[key] for r in evaluated], "o-", label=label)
+    ax_acc.set_xlabel("GRPO step")
+    ax_acc.set_ylabel("accuracy")
+    ax_acc.legend()
+    fig.tight_layout()
+    fig.savefig(png_path + ".tmp.png", dpi=100)
+    os.replace(png_path + ".tmp.png", png_path)
+
+
+def demo(argv):
+    """The whole pipeline on the bundled data, each stage timed, then the results table and a plot."""
+    import argparse
+    import subprocess
+    import sys
+    import time
+    parser = argparse.ArgumentParser(prog="cello.py demo", description=demo.__doc__)
+    parser.add_argument("--out-dir", default="runs/demo", help="run folder: every stage writes below it")
+    parser.add_argument("--data", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "data",
+                                                       "pbmc68k_reduced.h5ad"), help="AnnData file of the demo")
+    parser.add_argument("--sft-steps", type=int, default=120, help="SFT optimizer steps")
+    parser.add_argument("--grpo-steps", type=int, default=20, help="GRPO steps")
+    args = parser.parse_args(argv)
+    here = os.path.dirname(os.path.abspath(__file__))
+    os.makedirs(args.out_dir, exist_ok=True)
+    timings = {}
+    for name, command, done in demo_stages(args.out_dir, args.data, args.sft_steps, args.grpo_steps):
+        if os.path.exists(done):
+            print(f"== {name}: done already ({done})")
+            continue
+        print(f"== {name}: python {' '.join(command)}", flush=True)
+        start = time.time()
+        result = subprocess.run([sys.executable, os.path.join(here, command[0]), *command[1:]])
+        if result.returncode != 0:
+            sys.exit(f"cello.py demo: stage '{name}' failed (exit {result.returncode}); fix it and run the demo "
+                     f"again: finished stages are kept")
+        timings[name] = time.time() - start
+    import reward
+    rows = read_json(f"{args.out_dir}/eval/baselines/summary.json")
+    rows["SFT"] = read_json(f"{args.out_dir}/eval/sft/summary.json")["model"]
+    rows["SFT+GRPO"] = read_json(f"{args.out_dir}/eval/grpo/summary.json")["model"]
+    table = reward.format_table(rows)
+    plot_grpo(f"{args.out_dir}/grpo/metrics.jsonl", f"{args.out_dir}/grpo.png")
+    lines = [f"Test puzzles: {rows['random']['count']} (N 4-8, M 50 genes), from {args.data}", "", table, ""]
+    lines += [f"- {name}: {seconds / 60:.1f} min" for name, seconds in timings.items()]
+    with open(f"{args.out_dir}/results.md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"\nwrote {args.out_dir}/results.md and {args.out_dir}/grpo.png")
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+if __name__ == "__main__":
+    import sys
+    if len(sys.argv) < 2 or sys.argv[1] != "demo":
+        sys.exit("usage: python cello.py demo [--out-dir DIR] (see python cello.py demo --help)")
+    demo(sys.argv[2:])

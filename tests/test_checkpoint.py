@@ -1,0 +1,194 @@
+"""Tests for cello.py section 4: distributed helpers, FSDP2 sharding, checkpoints and resume.
+
+Run as a script under torchrun, this file is also the worker of the 2-process FSDP2 test:
+    torchrun --nproc_per_node 2 tests/test_checkpoint.py MODEL_DIR WORK_DIR
+"""
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # for the torchrun worker; pytest's conftest does the same
+import cello  # noqa: E402
+
+CELLS = [["GNLY", "NKG7", "GZMB", "CST7"], ["CD79A", "MS4A1", "CD74", "HLA-DRA"], ["LYZ", "S100A9", "CST3", "FCN1"]]
+RECORDS = [{"id": f"r{i}", "context": "The cell is from a human, originating from the blood.", "cells": CELLS[i:] + CELLS[:i],
+            "candidates": ["B cell", "Monocyte", "NK cell"], "answer": ["NK cell", "B cell", "Monocyte"],
+            "response": "<think>GNLY means NK.</think>\n<answer>NK cell | B cell | Monocyte</answer>"} for i in range(3)]
+# two sequences of equal length: rank r of the 2-process run trains on row r
+BATCH = torch.tensor([[5, 9, 23, 7, 41, 3, 17, 88, 12, 60, 6, 31], [44, 8, 2, 71, 19, 30, 11, 5, 97, 14, 26, 50]])
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return cello.build_model("tiny", str(tmp_path_factory.mktemp("init") / "tiny"), RECORDS, seed=0)
+
+
+def train_setup(path, lr=1e-2, device=None):
+    model = cello.load_model(path)
+    if device is not None:
+        cello.shard_model(model, device)  # before the optimizer: sharding replaces the parameters
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (step + 1))
+    return model, optimizer, scheduler
+
+
+def train_step(model, optimizer, scheduler, batch):
+    """One AdamW step on the mean token loss of batch; returns the gradient norm before the step."""
+    model(batch, labels=batch).loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1e9)
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor under FSDP2
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad()
+    return norm.item()
+
+
+def test_single_process_helpers_are_plain():
+    assert cello.setup_distributed()[:2] == (0, 1)
+    assert cello.all_reduce(2.5) == 2.5 and cello.all_reduce([1.0, 3.0], op="mean") == [1.0, 3.0]
+    model = torch.nn.Linear(2, 2)
+    assert cello.shard_model(model, torch.device("cpu")) is model
+
+
+def test_save_load_gives_identical_logits(model_dir, tmp_path):
+    model, optimizer, scheduler = train_setup(model_dir)
+    train_step(model, optimizer, scheduler, BATCH)  # weights now differ from the initial ones
+    tokenizer = cello.load_tokenizer(model_dir)
+    out = str(tmp_path / "ckpt")
+    cello.save_checkpoint(out, model, tokenizer)
+    assert sorted(os.listdir(out)) == ["chat_template.jinja", "config.json", "generation_config.json",
+                                       "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+    loaded = cello.load_model(out)
+    assert torch.equal(loaded(BATCH).logits, model(BATCH).logits)
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()  # still tied
+    assert cello.load_tokenizer(out).get_vocab() == tokenizer.get_vocab()
+    assert not os.path.exists(out + ".tmp") and not os.path.exists(out + ".old")
+
+
+def test_resume_restores_weights_optimizer_scheduler_and_rng(model_dir, tmp_path):
+    out = str(tmp_path / "ckpt")
+    tokenizer = cello.load_tokenizer(model_dir)
+    model, optimizer, scheduler = train_setup(model_dir)
+    for _ in range(2):
+        train_step(model, optimizer, scheduler, BATCH)
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    cello.save_checkpoint(out, model, tokenizer, optimizer, scheduler, state={"step": 2, "position": 7})
+    # the uninterrupted run: its next random numbers and its next step
+    draws = (random.random(), np.random.rand(), torch.rand(3))
+    train_step(model, optimizer, scheduler, BATCH)
+    # a fresh process would start from the initial weights and a new optimizer, then resume
+    random.seed(99), np.random.seed(99), torch.manual_seed(99)
+    resumed, optimizer2, scheduler2 = train_setup(model_dir)
+    assert cello.load_resume(out, resumed, optimizer2, scheduler2) == {"step": 2, "position": 7}
+    assert (random.random(), np.random.rand()) == draws[:2] and torch.equal(torch.rand(3), draws[2])
+    assert scheduler2.last_epoch == 2 and optimizer2.param_groups[0]["lr"] == pytest.approx(1e-2 / 3)
+    assert optimizer2.state_dict()["state"][0]["step"].item() == 2  # AdamW moments came back too
+    train_step(resumed, optimizer2, scheduler2, BATCH)
+    assert torch.equal(resumed(BATCH).logits, model(BATCH).logits)
+
+
+def test_crash_mid_save_leaves_no_checkpoint_that_looks_whole(model_dir, tmp_path, monkeypatch):
+    out = str(tmp_path / "ckpt")
+    tokenizer = cello.load_tokenizer(model_dir)
+    model, optimizer, scheduler = train_setup(model_dir)
+    before = model(BATCH).logits
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    with monkeypatch.context() as m:  # first save crashes while writing the resume state
+        m.setattr(cello.torch, "save", crash)
+        with pytest.raises(RuntimeError, match="disk full"):
+            cello.save_checkpoint(out, model, tokenizer, optimizer, scheduler, state={"step": 1})
+    assert os.listdir(tmp_path) == []  # nothing under out, and no temporary folder left either
+    cello.save_checkpoint(out, model, tokenizer, optimizer, scheduler, state={"step": 1})
+    train_step(model, optimizer, scheduler, BATCH)
+    with monkeypatch.context() as m:  # a later save crashes: the older checkpoint stays whole
+        m.setattr(cello, "save_tokenizer", crash)
+        with pytest.raises(RuntimeError, match="disk full"):
+            cello.save_checkpoint(out, model, tokenizer, optimizer, scheduler, state={"step": 2})
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]
+    assert torch.equal(cello.load_model(out)(BATCH).logits, before)
+    assert cello.load_resume(out, *train_setup(model_dir)) == {"step": 1}
+
+
+def test_refuses_to_replace_a_folder_that_is_not_a_checkpoint(model_dir, tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text("{}\n")
+    model = cello.load_model(model_dir)
+    with pytest.raises(ValueError, match="holds files but no checkpoint"):
+        cello.save_checkpoint(str(tmp_path / "run"), model, cello.load_tokenizer(model_dir))
+    assert os.listdir(tmp_path / "run") == ["metrics.jsonl"]
+
+
+def test_load_resume_of_a_plain_model_folder_is_one_clear_error(model_dir):
+    with pytest.raises(SystemExit, match="is not a resumable checkpoint"):
+        cello.load_resume(model_dir, cello.load_model(model_dir))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_process_fsdp2_matches_one_process(model_dir, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(free_port()), os.path.abspath(__file__), model_dir, str(tmp_path)]
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    with open(tmp_path / "result.json") as f:
+        result = json.load(f)
+    # the same step in one process, on both rows at once (equal lengths: the mean of the two ranks'
+    # means is the mean over the whole batch)
+    model, optimizer, scheduler = train_setup(model_dir)
+    grad_norm = train_step(model, optimizer, scheduler, BATCH)
+    assert result["grad_norm"] == pytest.approx(grad_norm, rel=1e-5)
+    # the sharded run's checkpoint loads with from_pretrained and gives its logits
+    sharded_logits = torch.load(tmp_path / "logits.pt")
+    loaded = cello.load_model(str(tmp_path / "ckpt"))
+    assert torch.allclose(loaded(BATCH).logits, sharded_logits, atol=1e-5)
+    assert torch.allclose(model(BATCH).logits, sharded_logits, atol=1e-4)  # and match the 1-process step
+    # resuming into a fresh sharded model continued exactly like the uninterrupted sharded run
+    assert result["resumed_state"] == {"step": 1}
+    assert result["resumed_max_diff"] == 0.0
+    assert result["mean_rank"] == 0.5 and result["sum_rank"] == 1.0
+
+
+def worker(model_dir, work_dir):
+    """One rank of the 2-process test: shard, one step on this rank's row, save, resume, compare."""
+    torch.set_num_threads(1)
+    rank, world_size, device = cello.setup_distributed()
+    assert world_size == 2 and device.type == "cpu"
+    model, optimizer, scheduler = train_setup(model_dir, device=device)
+    assert type(model).__name__.startswith("FSDP")
+    grad_norm = train_step(model, optimizer, scheduler, BATCH[rank:rank + 1])
+    logits = model(BATCH).logits.detach()
+    out = os.path.join(work_dir, "ckpt")
+    cello.save_checkpoint(out, model, cello.load_tokenizer(model_dir), optimizer, scheduler, state={"step": 1})
+    resumed, optimizer2, scheduler2 = train_setup(model_dir, device=device)
+    state = cello.load_resume(out, resumed, optimizer2, scheduler2)
+    train_step(model, optimizer, scheduler, BATCH[rank:rank + 1])
+    train_step(resumed, optimizer2, scheduler2, BATCH[rank:rank + 1])
+    resumed_max_diff = (resumed(BATCH).logits - model(BATCH).logits).abs().max().item()
+    result = {"grad_norm": grad_norm, "resumed_state": state, "resumed_max_diff": resumed_max_diff,
+              "mean_rank": cello.all_reduce(float(rank), op="mean"), "sum_rank": cello.all_reduce(float(rank))}
+    if rank == 0:
+        torch.save(logits, os.path.join(work_dir, "logits.pt"))
+        with open(os.path.join(work_dir, "result.json"), "w") as f:
+            json.dump(result, f)
+    cello.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    worker(*sys.argv[1:3])
