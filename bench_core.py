@@ -1,0 +1,185 @@
+"""Benchmarks for cello.py's sampler and log-probs (not a test: it prints figures for BENCHMARKS.md).
+
+1. Speed: cello.sample against model.generate on the same batch and the same random ~3.7M-parameter
+   Llama (hidden 256, 4 layers, vocab 4096), greedy on P prompts, then the shared-prompt case
+   (2 prompts x 8 samples at temperature 1: cello prefills each prompt once, generate prefills 16 rows).
+   Each timing is the best of --repeats interleaved runs (the machine is shared), and the prefill is
+   timed on its own so the decode share is visible.
+2. Memory: peak resident memory (Linux VmHWM, reset through /proc/self/clear_refs) of cello's chunked
+   log-probs against the naive log_softmax(model(...).logits) for a model with a 152k vocabulary,
+   without and with backward.
+
+Run (CPU, one process, about 5 minutes on 2 cores):
+    python bench_core.py
+    python bench_core.py --parts speed --prompts 8 --prompt-len 1000 --new-tokens 128
+"""
+import argparse
+import gc
+import sys
+import time
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import cello
+
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("--parts", default="speed,memory", help="comma-separated: speed, memory")
+parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 keeps figures steadier on a shared machine)")
+parser.add_argument("--seed", type=int, default=0, help="seed for weights and prompts")
+speed = parser.add_argument_group("speed: sampler against model.generate")
+speed.add_argument("--prompts", type=int, default=8, help="prompts in the greedy batch")
+speed.add_argument("--prompt-len", type=int, default=1000, help="mean prompt length in tokens (lengths vary +-5%%)")
+speed.add_argument("--new-tokens", type=int, default=128, help="new tokens per row (no EOS, every row runs to the end)")
+speed.add_argument("--shared-prompts", type=int, default=2, help="prompts in the shared-prompt case")
+speed.add_argument("--samples", type=int, default=8, help="samples per prompt (G) in the shared-prompt case")
+speed.add_argument("--repeats", type=int, default=2, help="interleaved runs per method; the best is reported")
+memory = parser.add_argument_group("memory: chunked against naive log-probs")
+memory.add_argument("--memory-vocab", type=int, default=152064, help="vocabulary size (Qwen2.5: 152064)")
+memory.add_argument("--memory-batch", type=int, default=2, help="sequences")
+memory.add_argument("--memory-len", type=int, default=1024, help="tokens per sequence")
+args = parser.parse_args()
+parts = set(args.parts.split(","))
+if not parts <= {"speed", "memory"}:
+    parser.error(f"--parts: expected speed and/or memory, got {args.parts!r}")
+torch.set_num_threads(args.threads)
+print("command: python " + " ".join(sys.argv))
+
+
+def llama(vocab, layers, seed):
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=256, intermediate_size=512, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096,
+                         tie_word_embeddings=True, bos_token_id=None, eos_token_id=None, pad_token_id=0)
+    model = LlamaForCausalLM(config).eval()
+    model.generation_config.eos_token_id = None  # no EOS: every row generates exactly --new-tokens
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def best_time(fn, repeats):
+    """(seconds of the fastest run, result of the last run)."""
+    best, result = float("inf"), None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - start)
+    return best, result
+
+
+def interleaved(fns, repeats):
+    """Run every method once per round, so that load from other users hits them alike; best per method."""
+    times, results = {name: float("inf") for name in fns}, {}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            seconds, results[name] = best_time(fn, 1)
+            times[name] = min(times[name], seconds)
+    return times, results
+
+
+if "speed" in parts:
+    model = llama(4096, 4, args.seed)
+    print(f"\n== speed: Llama hidden 256, 4 layers, vocab 4096, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
+          f"parameters, {args.threads} thread(s)")
+    g = torch.Generator().manual_seed(args.seed)
+
+    def prompts_of(n):
+        lengths = torch.randint(int(args.prompt_len * 0.95), int(args.prompt_len * 1.05) + 1, (n,), generator=g)
+        return [torch.randint(2, 4096, (int(k),), generator=g).tolist() for k in lengths]
+
+    def prefill(prompts):
+        ids, mask, positions = cello._left_pad(prompts, 0, "cpu")
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1)
+
+    def generate(prompts, samples, do_sample):
+        ids, mask, _ = cello._left_pad(prompts, 0, "cpu")
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=args.new_tokens,
+                             do_sample=do_sample, num_return_sequences=samples, top_k=None, top_p=None,
+                             temperature=1.0 if do_sample else None)
+        return out[:, ids.shape[1]:].tolist()
+
+    cases = [("greedy", prompts_of(args.prompts), 1, 0.0),
+             ("shared", prompts_of(args.shared_prompts), args.samples, 1.0)]
+    for name, prompts, samples, temperature in cases:
+        rows = len(prompts) * samples
+        fns = {
+            "cello.sample": lambda: cello.sample(model, prompts, samples, args.new_tokens, eos_id=-1, pad_id=0,
+                                                 temperature=temperature, generator=torch.Generator().manual_seed(0)),
+            "model.generate": lambda: generate(prompts, samples, temperature > 0),
+            "prefill only (P rows)": lambda: prefill(prompts),
+        }
+        if samples > 1:
+            fns["cello.sample, prompt repeated G times"] = lambda: cello.sample(
+                model, [p for p in prompts for _ in range(samples)], 1, args.new_tokens, eos_id=-1, pad_id=0,
+                temperature=temperature, generator=torch.Generator().manual_seed(0))
+            fns["prefill only (P*G rows)"] = lambda: prefill([p for p in prompts for _ in range(samples)])
+        times, results = interleaved(fns, args.repeats)
+        new_tokens = sum(len(r) for r in results["cello.sample"]["responses"])
+        assert new_tokens == rows * args.new_tokens == sum(len(r) for r in results["model.generate"])
+        if temperature == 0:
+            assert results["cello.sample"]["responses"] == results["model.generate"], "greedy differs from generate"
+        print(f"\n{name}: {len(prompts)} prompts x {samples} samples, prompt lengths "
+              f"{min(map(len, prompts))}-{max(map(len, prompts))}, {args.new_tokens} new tokens per row, "
+              f"temperature {temperature}")
+        for method, seconds in times.items():
+            rate = f"{new_tokens / seconds:8.1f} new tokens/s" if "prefill" not in method else ""
+            print(f"  {method:40s} {seconds:7.2f} s  {rate}")
+        print(f"  speed-up of cello.sample over model.generate: {times['model.generate'] / times['cello.sample']:.2f}x")
+        prefill_rows = "prefill only (P rows)"
+        decode_cello = times["cello.sample"] - times[prefill_rows]
+        decode_generate = times["model.generate"] - times["prefill only (P*G rows)" if samples > 1 else prefill_rows]
+        print(f"  decode only (total - prefill): cello {decode_cello:.2f} s, generate {decode_generate:.2f} s "
+              f"({decode_generate / max(decode_cello, 1e-9):.2f}x)")
+
+
+def resident_kib(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field))
+
+
+def peak_mib(fn):
+    """Peak resident memory above the current level while fn runs, in MiB (Linux only)."""
+    gc.collect()
+    before = resident_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM (the high-water mark) to the current resident size
+    start = time.perf_counter()
+    fn()
+    seconds = time.perf_counter() - start
+    return (resident_kib("VmHWM") - before) / 1024, seconds
+
+
+if "memory" in parts:
+    model = llama(args.memory_vocab, 2, args.seed)
+    ids = torch.randint(2, args.memory_vocab, (args.memory_batch, args.memory_len), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    gib = args.memory_batch * args.memory_len * args.memory_vocab * 4 / 2 ** 30
+    print(f"\n== memory: Llama hidden 256, 2 layers, vocab {args.memory_vocab}, batch {args.memory_batch} x "
+          f"{args.memory_len} tokens (one [B, T, V] float32 tensor = {gib:.2f} GiB), {args.threads} thread(s)")
+
+    def naive():
+        logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        return logits.log_softmax(-1)[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]
+
+    def chunked():
+        return cello.token_logprobs(model, ids, mask)
+
+    with torch.no_grad():
+        check = (naive() - chunked()).abs().max().item()
+    print(f"  max |chunked - naive| = {check:.2e}")
+    rows = {}
+    for grad in (False, True):
+        for name, fn in (("naive", naive), ("chunked", chunked)):
+            def run():
+                with torch.set_grad_enabled(grad):
+                    out = fn()
+                    if grad:
+                        out.sum().backward()
+            for p in model.parameters():  # gradient buffers exist before measuring, for both methods
+                p.grad = torch.zeros_like(p)
+            rows[(name, grad)] = peak_mib(run)
+        label = "forward + backward" if grad else "forward (no grad)"
+        (n_mib, n_s), (c_mib, c_s) = rows[("naive", grad)], rows[("chunked", grad)]
+        print(f"  {label:20s} naive {n_mib:8.0f} MiB {n_s:6.2f} s | chunked {c_mib:8.0f} MiB {c_s:6.2f} s | "
+              f"ratio {c_mib / n_mib:.3f}")
