@@ -137,15 +137,16 @@ def load_cache(path):
     cache = {}
     if not os.path.exists(path):
         return cache
-    with open(path, "rb") as f:
-        data = f.read()
-    for line in data.decode("utf-8", errors="replace").splitlines():
-        try:
-            entry = json.loads(line)
-            cache[(entry["id"], entry["sample"], entry["model"])] = entry
-        except (json.JSONDecodeError, KeyError, TypeError):
-            continue
-    if data and not data.endswith(b"\n"):
+    last = b"\n"
+    with open(path, "rb") as f:  # line by line: a paper-scale cache (80k samples) can be large
+        for line in f:
+            last = line
+            try:
+                entry = json.loads(line)
+                cache[(entry["id"], entry["sample"], entry["model"])] = entry
+            except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+                continue
+    if not last.endswith(b"\n"):
         with open(path, "ab") as f:
             f.write(b"\n")
     return cache
@@ -226,9 +227,11 @@ def api_responder(base_url, model, api_key_env, cache_path, max_concurrency=8, t
     """
     secret = None
     if api_key_env:
-        secret = os.environ.get(api_key_env)
+        secret = (os.environ.get(api_key_env) or "").strip()  # a key pasted from a file often ends in "\n"
         if not secret:
             raise ValueError(f"environment variable {api_key_env} is not set (it should hold the API key)")
+        if not all(33 <= ord(c) < 127 for c in secret):  # else httpx's error would quote the header, key and all
+            raise ValueError(f"environment variable {api_key_env} holds characters an HTTP header cannot carry")
     url = base_url.rstrip("/") + "/chat/completions"
     cache = load_cache(cache_path)
     lock = threading.Lock()  # guards the cache file, the cache dict and the counters
@@ -262,7 +265,9 @@ def api_responder(base_url, model, api_key_env, cache_path, max_concurrency=8, t
                 error = redact(str(exc), secret)
                 if exc.fatal:
                     stop.set()
-                    raise ApiError(f"{url}: {error}", retryable=False, fatal=True) from None
+                    raise ApiError(redact(f"{url}: {exc}", secret), retryable=False, fatal=True) from None
+                if stop.is_set():  # the run is stopping: no failure of ours goes in the cache
+                    return None
                 if not exc.retryable or attempt == max_attempts:
                     entry.update(ok=False, content=None, usage=None, attempts=attempt, error=error)
                     save(entry)
@@ -275,6 +280,8 @@ def api_responder(base_url, model, api_key_env, cache_path, max_concurrency=8, t
             return entry
 
     def respond(records, num_samples):
+        if len({r["id"] for r in records}) != len(records):
+            raise ValueError("api: puzzle ids must be unique (they key the cache)")
         results = [[None] * num_samples for _ in records]
         todo = pending(records, num_samples, model, cache, retry_failed)
         for i, record in enumerate(records):
@@ -291,6 +298,7 @@ def api_responder(base_url, model, api_key_env, cache_path, max_concurrency=8, t
                     i, k = futures[future]
                     results[i][k] = future.result()  # a fatal ApiError surfaces here
             except BaseException:  # a fatal answer or Ctrl-C: the other workers stop before their next attempt
+                # (a request in flight still ends, and its answer, already paid for, is cached)
                 stop.set()
                 pool.shutdown(cancel_futures=True)
                 raise

@@ -78,6 +78,10 @@ def confirm_cost(args, records):
     prompt_tokens, output_tokens, usd = estimate_cost(records, todo, args.est_output_tokens, args.price_input,
                                                       args.price_output)
     cached = len(records) * args.samples - len(todo)
+    reasoning = {"auto": api.is_reasoning_model(args.api_model), "yes": True, "no": False}[args.reasoning]
+    if reasoning:
+        print(f"api: {args.api_model} gets the reasoning-model request format (no temperature; "
+              "max_completion_tokens, which counts its hidden thinking)")
     print(f"api: {len(todo)} requests to send ({cached} samples already cached), about {prompt_tokens:,} prompt + "
           f"{output_tokens:,} output tokens, estimated ${usd:,.2f} at ${args.price_input}/"
           f"${args.price_output} per 1M tokens")

@@ -113,6 +113,21 @@ def test_redact():
     assert api.redact("nothing", None) == "nothing"
 
 
+def test_key_from_the_environment_is_checked_without_echoing_it(tmp_path, monkeypatch):
+    cache = str(tmp_path / "cache.jsonl")
+    monkeypatch.setenv("CELLO_K", "sk-has space")
+    with pytest.raises(ValueError, match="^environment variable CELLO_K holds characters an HTTP header cannot "
+                                         "carry$"):
+        api.api_responder("http://127.0.0.1:9/v1", "m", "CELLO_K", cache)
+    monkeypatch.setenv("CELLO_K", "sk-from-a-file\n")  # the trailing newline is stripped, not refused
+    assert api.api_responder("http://127.0.0.1:9/v1", "m", "CELLO_K", cache)([], 4) == []
+    monkeypatch.delenv("CELLO_K")
+    with pytest.raises(ValueError, match="^environment variable CELLO_K is not set"):
+        api.api_responder("http://127.0.0.1:9/v1", "m", "CELLO_K", cache)
+    with pytest.raises(ValueError, match="ids must be unique"):
+        api.api_responder("http://127.0.0.1:9/v1", "m", "", cache)(toy_puzzles(1) * 2, 1)
+
+
 def test_cache_skips_a_torn_last_line_and_later_lines_win(tmp_path):
     path = str(tmp_path / "cache.jsonl")
     a = {"id": "p1", "sample": 0, "model": "m", "ok": False, "error": "HTTP 500"}
@@ -361,8 +376,9 @@ def test_model_teacher_self_distillation_plumbing(tmp_path, monkeypatch, capsys)
     cello.write_jsonl_atomic(puzzles, records)
     path = cello.prepare_model("tiny", str(tmp_path / "models"), records)
     out = tmp_path / "out"
-    code, output = run([sys.executable, "distill.py", "--teacher", "model", "--model-path", path, "--puzzles", puzzles,
-                        "--samples", "2", "--max-new-tokens", "5", "--out-dir", str(out)], "unused", monkeypatch, capsys)
+    code, output = run([sys.executable, "distill.py", "--teacher", "model", "--model-path", path, "--puzzles",
+                        puzzles, "--samples", "2", "--max-new-tokens", "5", "--out-dir", str(out)], "unused",
+                       monkeypatch, capsys)
     assert code == 0, output
     rows = cello.read_jsonl(out / "samples.jsonl")
     assert [(r["id"], r["sample"]) for r in rows] == [(r["id"], k) for r in records for k in range(2)]
@@ -371,3 +387,19 @@ def test_model_teacher_self_distillation_plumbing(tmp_path, monkeypatch, capsys)
     assert report["overall"]["rejected_malformed"] == 6 and report["sft_rows"] == 0
     assert report["metrics"]["mean_length"] == pytest.approx(sum(r["num_tokens"] for r in rows) / 6)
     assert (out / "sft.jsonl").read_text() == ""
+
+
+def test_reasoning_model_requests_on_the_wire(setup, monkeypatch, capsys):
+    """--api-model o3-mini: the server receives max_completion_tokens and never temperature, though given."""
+    puzzles, key, serve, tmp = setup
+    url, log_path = serve("server")
+    cmd = distill_cmd(puzzles, str(tmp / "out"), url, "--yes", "--limit", "2", "--temperature", "0.5",
+                      "--max-tokens", "300")
+    cmd[cmd.index("toy-chat")] = "o3-mini"
+    code, output = run(cmd, key, monkeypatch, capsys)
+    assert code == 0, output
+    assert "o3-mini gets the reasoning-model request format" in output
+    log = read_log(log_path)
+    assert {(line["id"], line["sample"]) for line in log} == {(r["id"], k) for r in cello.read_jsonl(puzzles)[:2]
+                                                             for k in range(SAMPLES)}
+    assert all(line["body_keys"] == ["max_completion_tokens", "messages", "model"] for line in log)
