@@ -18,6 +18,8 @@ Teachers (all responders, as in eval.py):
           is printed first and confirmed (or --yes).
   model   a local checkpoint folder through cello's sampler (self-distillation: a trained student
           teaches its next version).
+Only the api teacher resumes (through its cache): an expert run takes seconds and is simply redone;
+a model-teacher run is redone too (its sampling is seeded, so it gives the same file).
 
 Run (one process; no torchrun):
     python distill.py --teacher expert --train train.jsonl --puzzles train.jsonl --samples 4 --out-dir runs/distill
