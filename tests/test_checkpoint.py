@@ -163,6 +163,21 @@ def test_two_process_fsdp2_matches_one_process(model_dir, tmp_path):
     assert result["resumed_state"] == {"step": 1}
     assert result["resumed_max_diff"] == 0.0
     assert result["mean_rank"] == 0.5 and result["sum_rank"] == 1.0
+    fp32_loss = cello.load_model(model_dir)(BATCH, labels=BATCH).loss.item()
+    assert result["bf16_loss"] == pytest.approx(fp32_loss, abs=1e-2) and result["bf16_loss"] != fp32_loss
+    assert result["bf16_grad_dtype"] == "torch.float32"
+
+
+def test_activation_checkpointing_gives_the_same_gradients(model_dir):
+    grads = []
+    for checkpointing in [False, True]:
+        model = cello.shard_model(cello.load_model(model_dir), torch.device("cpu"),
+                                  activation_checkpointing=checkpointing)
+        model.train()
+        model(BATCH, labels=BATCH).loss.backward()
+        grads.append([p.grad for p in model.parameters()])
+    assert model.is_gradient_checkpointing
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
 
 
 def worker(model_dir, work_dir):
@@ -181,8 +196,15 @@ def worker(model_dir, work_dir):
     train_step(model, optimizer, scheduler, BATCH[rank:rank + 1])
     train_step(resumed, optimizer2, scheduler2, BATCH[rank:rank + 1])
     resumed_max_diff = (resumed(BATCH).logits - model(BATCH).logits).abs().max().item()
+    # bf16 mixed precision with activation checkpointing: bf16 compute, float32 master weights and grads
+    mixed = cello.load_model(model_dir)
+    cello.shard_model(mixed, device, bf16=True, activation_checkpointing=True)
+    mixed.train()
+    loss = mixed(BATCH, labels=BATCH).loss
+    loss.backward()
     result = {"grad_norm": grad_norm, "resumed_state": state, "resumed_max_diff": resumed_max_diff,
-              "mean_rank": cello.all_reduce(float(rank), op="mean"), "sum_rank": cello.all_reduce(float(rank))}
+              "mean_rank": cello.all_reduce(float(rank), op="mean"), "sum_rank": cello.all_reduce(float(rank)),
+              "bf16_loss": loss.item(), "bf16_grad_dtype": str(mixed.model.embed_tokens.weight.grad.dtype)}
     if rank == 0:
         torch.save(logits, os.path.join(work_dir, "logits.pt"))
         with open(os.path.join(work_dir, "result.json"), "w") as f:
