@@ -5,7 +5,10 @@
    (2 prompts x 8 samples at temperature 1: cello prefills each prompt once, generate prefills 16 rows).
    Each timing is the best of --repeats interleaved runs (the machine is shared), and the prefill is
    timed on its own so the decode share is visible.
-2. Memory: peak resident memory (Linux VmHWM, reset through /proc/self/clear_refs) of cello's chunked
+2. Shared-prompt log-probs: cello.response_logprobs with each prompt run once for its G responses
+   (shared_prompt=True) against the per-sequence reference, forward only (GRPO's reference model)
+   and forward + backward (the policy), on the same speed model, ~1,200-token prompts.
+3. Memory: peak resident memory (Linux VmHWM, reset through /proc/self/clear_refs) of cello's chunked
    log-probs against the naive log_softmax(model(...).logits) for a model with a 152k vocabulary,
    without and with backward.
 
@@ -24,7 +27,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import cello
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-parser.add_argument("--parts", default="speed,memory", help="comma-separated: speed, memory")
+parser.add_argument("--parts", default="speed,logprobs,memory", help="comma-separated: speed, logprobs, memory")
 parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 keeps figures steadier on a shared machine)")
 parser.add_argument("--seed", type=int, default=0, help="seed for weights and prompts")
 speed = parser.add_argument_group("speed: sampler against model.generate")
@@ -34,14 +37,19 @@ speed.add_argument("--new-tokens", type=int, default=128, help="new tokens per r
 speed.add_argument("--shared-prompts", type=int, default=2, help="prompts in the shared-prompt case")
 speed.add_argument("--samples", type=int, default=8, help="samples per prompt (G) in the shared-prompt case")
 speed.add_argument("--repeats", type=int, default=2, help="interleaved runs per method; the best is reported")
+logp = parser.add_argument_group("logprobs: shared-prompt against per-sequence response_logprobs")
+logp.add_argument("--lp-prompts", type=int, default=2, help="prompts")
+logp.add_argument("--lp-samples", type=int, default=8, help="responses per prompt (G)")
+logp.add_argument("--lp-prompt-len", type=int, default=1200, help="mean prompt length in tokens (+-5%%)")
+logp.add_argument("--lp-response-len", type=int, default=64, help="tokens per response")
 memory = parser.add_argument_group("memory: chunked against naive log-probs")
 memory.add_argument("--memory-vocab", type=int, default=152064, help="vocabulary size (Qwen2.5: 152064)")
 memory.add_argument("--memory-batch", type=int, default=2, help="sequences")
 memory.add_argument("--memory-len", type=int, default=1024, help="tokens per sequence")
 args = parser.parse_args()
 parts = set(args.parts.split(","))
-if not parts <= {"speed", "memory"}:
-    parser.error(f"--parts: expected speed and/or memory, got {args.parts!r}")
+if not parts <= {"speed", "logprobs", "memory"}:
+    parser.error(f"--parts: expected some of speed, logprobs, memory, got {args.parts!r}")
 torch.set_num_threads(args.threads)
 print("command: python " + " ".join(sys.argv))
 
@@ -131,6 +139,38 @@ if "speed" in parts:
         decode_generate = times["model.generate"] - times["prefill only (P*G rows)" if samples > 1 else prefill_rows]
         print(f"  decode only (total - prefill): cello {decode_cello:.2f} s, generate {decode_generate:.2f} s "
               f"({decode_generate / max(decode_cello, 1e-9):.2f}x)")
+
+
+if "logprobs" in parts:
+    model = llama(4096, 4, args.seed)
+    g = torch.Generator().manual_seed(args.seed + 1)
+    lengths = torch.randint(int(args.lp_prompt_len * 0.95), int(args.lp_prompt_len * 1.05) + 1, (args.lp_prompts,),
+                            generator=g)
+    prompts = [torch.randint(2, 4096, (int(k),), generator=g).tolist() for k in lengths]
+    responses = [torch.randint(2, 4096, (args.lp_response_len,), generator=g).tolist()
+                 for _ in range(args.lp_prompts * args.lp_samples)]
+    print(f"\n== logprobs: {args.lp_prompts} prompts ({min(lengths)}-{max(lengths)} tokens) x {args.lp_samples} "
+          f"responses x {args.lp_response_len} tokens, same model as speed")
+
+    def forward(shared):
+        with torch.no_grad():
+            return cello.response_logprobs(model, prompts, responses, 1.0, shared_prompt=shared)[0]
+
+    def forward_backward(shared):
+        logprobs, mask = cello.response_logprobs(model, prompts, responses, 1.0, shared_prompt=shared)
+        (logprobs * mask).sum().backward()
+        model.zero_grad()
+        return logprobs.detach()
+
+    times, results = interleaved({"forward, shared": lambda: forward(True),
+                                  "forward, per-sequence": lambda: forward(False),
+                                  "forward + backward, shared": lambda: forward_backward(True),
+                                  "forward + backward, per-sequence": lambda: forward_backward(False)}, args.repeats)
+    print(f"  max |shared - per-sequence| = {(results['forward, shared'] - results['forward, per-sequence']).abs().max():.2e}")
+    for method, seconds in times.items():
+        print(f"  {method:40s} {seconds:7.2f} s")
+    for what in ("forward", "forward + backward"):
+        print(f"  {what}: shared / per-sequence = {times[what + ', shared'] / times[what + ', per-sequence']:.3f}")
 
 
 def resident_kib(field):

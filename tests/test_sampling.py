@@ -215,10 +215,16 @@ if sharded:
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
+# count FSDP2's weight all-gathers during sampling (a private hook point of torch's FSDP2)
+import torch.distributed.fsdp._fully_shard._fsdp_param_group as param_group
+gathers = []
+if sharded and hasattr(param_group, "foreach_all_gather"):
+    all_gather = param_group.foreach_all_gather
+    param_group.foreach_all_gather = lambda *a, **k: gathers.append(1) or all_gather(*a, **k)
 out = cello.sample(model, PROMPTS, 2, 8, eos_id=EOS, pad_id=PAD, temperature=0.8,
                    generator=torch.Generator().manual_seed(0))
 responses = out["responses"]
-result = {"responses": responses, "sample_logprobs": out["logprobs"]}
+result = {"responses": responses, "sample_logprobs": out["logprobs"], "gathers": len(gathers)}
 for shared in (True, False):
     logprobs, mask = cello.response_logprobs(model, PROMPTS, responses, 0.8, shared_prompt=shared)
     (logprobs * mask).sum().backward()
@@ -250,6 +256,7 @@ def test_two_process_fsdp2_matches_one_process(tmp_path):
     import json
     one, two = json.loads((tmp_path / "one.json").read_text()), json.loads((tmp_path / "two.json").read_text())
     assert one["responses"] == two["responses"]
+    assert two["gathers"] == 3  # each FSDP module (2 layers, root) gathered once for all 8 decode steps
     assert torch.allclose(padded(one["sample_logprobs"]), padded(two["sample_logprobs"]), atol=1e-5)
     for shared in (True, False):
         assert torch.allclose(torch.tensor(one[f"logprobs_{shared}"]), torch.tensor(two[f"logprobs_{shared}"]),
