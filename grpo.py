@@ -197,7 +197,7 @@ def parse_args(argv=None):
     g = parser.add_argument_group("rollout")
     g.add_argument("--puzzles-per-step", type=int, default=2, help="P: puzzles per step, over all ranks (paper: 64)")
     g.add_argument("--group-size", type=int, default=8, help="G: responses sampled per puzzle (paper: 5)")
-    g.add_argument("--max-new-tokens", type=int, default=256, help="response budget in tokens (paper: 3000)")
+    g.add_argument("--max-new-tokens", type=int, default=400, help="response budget in tokens (paper: 3000)")
     g.add_argument("--temperature", type=float, default=1.0,
                    help="sampling temperature; log-probs in the loss use logits / temperature too")
     g = parser.add_argument_group("loss")
@@ -219,7 +219,7 @@ def parse_args(argv=None):
     g.add_argument("--mu", type=int, default=1, help="update passes over each rollout (paper: 1)")
     g.add_argument("--minibatches", type=int, default=1,
                    help="optimizer steps per pass: the rollout's puzzles are split into this many minibatches")
-    g.add_argument("--micro-batch", type=int, default=2,
+    g.add_argument("--micro-batch", type=int, default=1,
                    help="puzzles (each with its G responses) per forward/backward; gradients accumulate")
     g.add_argument("--per-sequence", action="store_true",
                    help="log-probs with each response's own copy of the prompt (reference path) instead of "
@@ -301,14 +301,6 @@ def pad_rows(rows, length=None):
     return values, mask
 
 
-def all_sum(values, device):
-    """Sum a list of floats over ranks (float64); returns a list of floats."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return t.tolist()
-
-
 def all_gather_list(items):
     """Concatenate a Python list over ranks, rank 0's items first."""
     if not dist.is_initialized():
@@ -342,7 +334,7 @@ def rollout(model, prompts, step, first_position, args, eos_id, pad_id, device):
     return out
 
 
-def policy_update(model, optimizer, batch, args, device, world_size=1):
+def policy_update(model, optimizer, batch, args, world_size=1):
     """mu passes over the rollout; each pass splits its puzzles into --minibatches optimizer steps,
     each minibatch into micro-batches of --micro-batch puzzles whose gradients accumulate.
 
@@ -362,7 +354,7 @@ def policy_update(model, optimizer, batch, args, device, world_size=1):
     for _ in range(args.mu):
         for m in range(args.minibatches):
             p0, p1 = m * per_mb, (m + 1) * per_mb  # this minibatch's puzzles (local)
-            tokens, seqs = all_sum([batch["mask"][p0 * G:p1 * G].sum().item(), (p1 - p0) * G], device)
+            tokens, seqs = cello.all_reduce([batch["mask"][p0 * G:p1 * G].sum().item(), (p1 - p0) * G])
             divisor = loss_divisor(args.loss_agg, tokens, seqs, args.max_new_tokens)
             optimizer.zero_grad(set_to_none=True)
             mb_loss, finite = 0.0, True
@@ -373,8 +365,8 @@ def policy_update(model, optimizer, batch, args, device, world_size=1):
                                                   temperature=args.temperature, shared_prompt=not args.per_sequence)
                 L = logp.shape[1]  # the longest response of this micro-batch
                 ref = batch["ref_logp"][rows, :L].to(logp.device) if batch["ref_logp"] is not None else None
-                loss, stats = grpo_loss(logp, batch["old_logp"][rows, :L].to(logp.device), ref,
-                                        batch["advantages"][rows].to(logp.device), batch["mask"][rows, :L].to(logp.device),
+                old, mask = batch["old_logp"][rows, :L].to(logp.device), batch["mask"][rows, :L].to(logp.device)
+                loss, stats = grpo_loss(logp, old, ref, batch["advantages"][rows].to(logp.device), mask,
                                         args.loss_agg, divisor, args.clip_low, args.clip_high, args.beta)
                 finite = finite and bool(torch.isfinite(loss))
                 # FSDP2 averages gradients over ranks; the divisor already counts every rank's tokens,
@@ -385,15 +377,15 @@ def policy_update(model, optimizer, batch, args, device, world_size=1):
                     totals[k] += stats[k]
             grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
             grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-            bad_ranks = all_sum([0.0 if finite else 1.0], device)[0]
+            bad_ranks = cello.all_reduce(0.0 if finite else 1.0)
             if bad_ranks or not math.isfinite(grad_norm):
                 sys.exit(f"grpo.py: error: non-finite loss or gradient (loss finite on all ranks: {not bad_ranks}, "
                          f"grad norm {grad_norm}); the weights were not updated. Lower --lr, or check the "
                          "model and data; the last checkpoint in --out-dir is intact.")
             optimizer.step()
-            losses.append(all_sum([mb_loss], device)[0])
+            losses.append(cello.all_reduce(mb_loss))
             grad_norms.append(grad_norm)
-    t = all_sum([totals["tokens"], totals["clipped"], totals["kl"], totals["rho"]], device)
+    t = cello.all_reduce([totals["tokens"], totals["clipped"], totals["kl"], totals["rho"]])
     return {"loss": sum(losses) / len(losses), "grad_norm": sum(grad_norms) / len(grad_norms),
             "clip_frac": t[1] / max(t[0], 1.0), "kl": t[2] / max(t[0], 1.0), "rho_mean": t[3] / max(t[0], 1.0)}
 
@@ -441,8 +433,15 @@ def main(argv=None):
     train = load_puzzles(args.train, "--train")
     val = load_puzzles(args.val, "--val")[:args.eval_puzzles or None] if args.val else []
 
-    # Policy (trained), reference (frozen copy of the starting policy, only when beta > 0).
-    model_path = cello.prepare_model(args.model, args.out_dir, train)
+    # Policy (trained), reference (frozen copy of the starting policy, only when beta > 0). On resume
+    # the policy's weights come from last/, but the reference stays the starting model.
+    last_dir, final_dir = os.path.join(args.out_dir, "last"), os.path.join(args.out_dir, "final")
+    if args.resume and not os.path.isfile(os.path.join(last_dir, "resume.pt")):
+        sys.exit(f"grpo.py: error: --resume: no checkpoint {last_dir} to resume from")
+    if args.resume and args.model in cello.PRESETS:  # a preset was built by the first run: reuse it
+        model_path = os.path.join(args.out_dir, f"{args.model}-init")
+    else:
+        model_path = cello.prepare_model(args.model, args.out_dir, train)
     tokenizer = cello.load_tokenizer(model_path)
     model = cello.load_model(model_path, device)
     model.eval()  # no dropout anywhere: the ratio must compare the same function; gradients still flow
@@ -466,7 +465,7 @@ def main(argv=None):
     step, consumed = 0, 0
     metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
     if args.resume:
-        state = cello.load_resume(args.out_dir, model, optimizer, scheduler)
+        state = cello.load_resume(last_dir, model, optimizer, scheduler)
         step, consumed = state["step"], state["consumed"]
         if rank == 0 and os.path.exists(metrics_path):  # lines written after that checkpoint are redone
             cello.write_jsonl_atomic(metrics_path, [r for r in cello.read_jsonl(metrics_path) if r["step"] <= step])
@@ -514,7 +513,7 @@ def main(argv=None):
         # 5. update
         batch = {"prompts": batch_prompts, "responses": out["responses"], "old_logp": old_logp, "mask": mask,
                  "ref_logp": ref_logp, "advantages": advantages}
-        upd = policy_update(model, optimizer, batch, args, device, world_size)
+        upd = policy_update(model, optimizer, batch, args, world_size)
         scheduler.step()
         t3 = time.time()
 
@@ -523,8 +522,8 @@ def main(argv=None):
         m = reward.metrics(all_scores)
         all_rewards = torch.tensor([s["reward"] for s in all_scores])
         zero_groups = (all_rewards.view(-1, G).std(dim=1) == 0).float().mean().item()
-        sums = all_sum([mask.sum().item(), -(old_logp * mask).sum().item(), float(sum(not f for f in out["finished"]))],
-                       device)
+        sums = cello.all_reduce([mask.sum().item(), -(old_logp * mask).sum().item(),
+                                 float(sum(not f for f in out["finished"]))])
         row = {"step": step + 1, "reward_mean": all_rewards.mean().item(), "reward_std": all_rewards.std().item(),
                "cell_accuracy": m["cell_accuracy"], "batch_accuracy": m["batch_accuracy"],
                "format_validity": m["format_validity"], **upd, "entropy": sums[1] / max(sums[0], 1.0),
@@ -538,10 +537,13 @@ def main(argv=None):
         if rank == 0:  # the line first: a resume drops lines newer than its checkpoint, never misses one
             append_jsonl(metrics_path, row)
             bar.set_postfix(reward=f"{row['reward_mean']:.3f}", acc=f"{row['cell_accuracy']:.3f}",
-                            kl=f"{row['kl']:.4f}", gnorm=f"{row['grad_norm']:.3f}", s=f"{row['time_step']:.1f}")
+                            kl=f"{row['kl']:.4f}", gnorm=f"{row['grad_norm']:.3f}",
+                            zero_groups=f"{zero_groups:.2f}", s=f"{row['time_step']:.1f}")
         if (step + 1) % args.save_every == 0 or last:
-            cello.save_checkpoint(args.out_dir, model, tokenizer, optimizer, scheduler,
+            cello.save_checkpoint(last_dir, model, tokenizer, optimizer, scheduler,
                                   state={"step": step + 1, "consumed": consumed})
+    cello.save_checkpoint(final_dir, model, tokenizer)
+    cello.print0(f"grpo.py: final policy in {final_dir}")
     cello.cleanup_distributed()
 
 

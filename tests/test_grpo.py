@@ -278,7 +278,7 @@ def test_one_step_on_a_toy_reward_raises_the_rewarded_response(tiny):
     before, seq_before = first_token_logp(), seq_logp()
     args = update_args(path, "--lr", "1e-2", "--beta", "0", "--group-size", str(G), "--micro-batch", "1")
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
-    metrics = grpo.policy_update(model, optimizer, batch, args, "cpu")
+    metrics = grpo.policy_update(model, optimizer, batch, args)
     after, seq_after = first_token_logp(), seq_logp()
     assert (after > before + 0.1).all(), (before, after)
     up = rewards.bool()
@@ -305,7 +305,7 @@ def test_update_is_the_same_with_shared_prompt_or_per_sequence(tiny):
     for model, flag in zip(models, ([], ["--per-sequence"])):
         args = update_args(path, "--beta", "0.1", "--group-size", "4", "--mu", "2", *flag)
         # SGD, not Adam: Adam turns float noise in near-zero gradients into full +-lr steps
-        results.append(grpo.policy_update(model, torch.optim.SGD(model.parameters(), lr=0.5), batch, args, "cpu"))
+        results.append(grpo.policy_update(model, torch.optim.SGD(model.parameters(), lr=0.5), batch, args))
     for key in ("loss", "grad_norm", "kl", "clip_frac", "rho_mean"):
         assert results[0][key] == pytest.approx(results[1][key], rel=1e-4, abs=1e-6), key
     start = cello.load_model(path)
@@ -329,5 +329,139 @@ def test_non_finite_loss_stops_before_the_weights_change(tiny):
     before = [p.detach().clone() for p in model.parameters()]
     args = update_args(path, "--group-size", "2", "--beta", "0")
     with pytest.raises(SystemExit, match="non-finite loss or gradient.*weights were not updated"):
-        grpo.policy_update(model, torch.optim.AdamW(model.parameters(), lr=1e-2), batch, args, "cpu")
+        grpo.policy_update(model, torch.optim.AdamW(model.parameters(), lr=1e-2), batch, args)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop end to end: a toy reward, 1 process, 2 processes, resume after a kill
+# ---------------------------------------------------------------------------------------------
+# A fresh tiny model never writes a valid answer (reward -1 everywhere, so nothing to learn); the
+# runs below swap in a toy reward with a spread, the share of spaces in the response text, so that
+# every step really updates the weights.
+RUNNER = """
+import os, sys
+sys.path.insert(0, {root!r})
+import grpo, reward
+real_score = reward.score
+def toy_score(text, answer, num_tokens=None):
+    s = real_score(text, answer, num_tokens)
+    s["reward"] = text.count(" ") / (1 + len(text))
+    return s
+grpo.reward.score = toy_score
+exit_after = int(os.environ.get("EXIT_AFTER_STEP", "0"))
+if exit_after:  # simulate a kill right after that step's metrics line, before its checkpoint
+    append = grpo.append_jsonl
+    def append_then_die(path, row):
+        append(path, row)
+        if row["step"] == exit_after:
+            os._exit(137)
+    grpo.append_jsonl = append_then_die
+grpo.main(sys.argv[1:])
+"""
+VOLATILE = ("time_rollout", "time_reference", "time_update", "time_step", "tokens_per_s")
+
+
+@pytest.fixture(scope="module")
+def toy_run(tiny, tmp_path_factory):
+    """(runner script, data folder, base flags) for CLI runs on the tiny model."""
+    records, path = tiny
+    d = tmp_path_factory.mktemp("grpo-cli")
+    cello.write_jsonl_atomic(str(d / "train.jsonl"), records)
+    cello.write_jsonl_atomic(str(d / "val.jsonl"), make_records(3, seed=1))
+    runner = d / "runner.py"
+    runner.write_text(RUNNER.format(root=ROOT))
+    flags = ["--model", path, "--train", str(d / "train.jsonl"), "--val", str(d / "val.jsonl"),
+             "--puzzles-per-step", "2", "--group-size", "4", "--max-new-tokens", "12", "--micro-batch", "1",
+             "--lr", "1e-3", "--eval-every", "2", "--eval-batch", "2", "--seed", "3"]
+    return runner, d, flags
+
+
+def run_cli(runner, flags, nproc=1, env=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    cmd = [sys.executable, str(runner)] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
+        "--master_port", str(29500 + os.getpid() % 1000), str(runner)]
+    return subprocess.run(cmd + flags, env=env, capture_output=True, text=True, timeout=600)
+
+
+def read_metrics(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def stable(row):
+    return {k: v for k, v in row.items() if k not in VOLATILE}
+
+
+@pytest.mark.slow
+def test_cli_runs_logs_and_checkpoints(toy_run, tmp_path):
+    runner, d, flags = toy_run
+    out = tmp_path / "run"
+    r = run_cli(runner, flags + ["--out-dir", str(out), "--steps", "3", "--save-every", "2"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = read_metrics(out)
+    assert [row["step"] for row in rows] == [0, 1, 2, 3]
+    assert "val_batch_accuracy" in rows[0] and "val_cell_accuracy" in rows[2] and "val_count" in rows[3]
+    train = rows[1:]
+    for key in ("reward_mean", "reward_std", "cell_accuracy", "batch_accuracy", "format_validity", "kl",
+                "clip_frac", "entropy", "response_length", "zero_adv_groups", "grad_norm", "loss",
+                "truncated_frac", "time_rollout", "time_reference", "time_update", "tokens_per_s"):
+        assert all(math.isfinite(row[key]) for row in train), key
+    assert all(row["grad_norm"] > 0 and row["reward_std"] > 0 for row in train)  # the toy reward has a spread
+    assert train[0]["kl"] == pytest.approx(0.0, abs=1e-9) and train[1]["kl"] > 0  # policy == reference at step 1 only
+    assert train[0]["rho_mean"] == pytest.approx(1.0, abs=1e-5)
+    assert all(1.0 < row["entropy"] < math.log(1024) + 1e-3 for row in train)
+    with open(out / "last" / "config.json") as f:
+        assert json.load(f)["model_type"] == "llama"
+    assert torch.load(out / "last" / "resume.pt", weights_only=False)["state"] == {"step": 3, "consumed": 6}
+    assert os.path.isfile(out / "final" / "model.safetensors")
+
+
+@pytest.mark.slow
+def test_resume_after_a_kill_continues_at_the_next_step(toy_run, tmp_path):
+    runner, d, flags = toy_run
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    r = run_cli(runner, flags + ["--out-dir", str(full), "--steps", "4", "--save-every", "2"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    # killed after step 3's metrics line: its checkpoint is from step 2
+    r = run_cli(runner, flags + ["--out-dir", str(killed), "--steps", "4", "--save-every", "2"],
+                env={"EXIT_AFTER_STEP": "3"})
+    assert r.returncode == 137
+    assert [row["step"] for row in read_metrics(killed)] == [0, 1, 2, 3]
+    r = run_cli(runner, flags + ["--out-dir", str(killed), "--steps", "4", "--save-every", "2", "--resume"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "from step 2" in r.stdout
+    resumed = read_metrics(killed)
+    assert [row["step"] for row in resumed] == [0, 1, 2, 3, 4]  # step 3 redone once, not duplicated
+    # the same data, samples and updates as the uninterrupted run
+    for a, b in zip(resumed, read_metrics(full)):
+        assert stable(a) == pytest.approx(stable(b), rel=1e-5, abs=1e-7)
+
+
+def test_resume_without_a_checkpoint_is_a_clear_error(toy_run, tmp_path):
+    runner, d, flags = toy_run
+    with pytest.raises(SystemExit, match="--resume: no checkpoint"):
+        grpo.main(flags + ["--out-dir", str(tmp_path / "none"), "--resume"])
+
+
+@pytest.mark.slow
+def test_two_process_fsdp2_run_matches_one_process(toy_run, tmp_path):
+    """2 ranks (1 puzzle each, FSDP2 over gloo) against 1 process with the same seed. Sampling is seeded
+    per puzzle, so the rollouts are the same; the updates differ only by float summation order.
+    Tolerance: rollout and eval metrics equal to 1e-6; loss, KL, grad norm within 1e-4 relative."""
+    runner, d, flags = toy_run
+    one, two = tmp_path / "one", tmp_path / "two"
+    r = run_cli(runner, flags + ["--out-dir", str(one), "--steps", "3"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_cli(runner, flags + ["--out-dir", str(two), "--steps", "3"], nproc=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows1, rows2 = read_metrics(one), read_metrics(two)
+    assert [row["step"] for row in rows2] == [0, 1, 2, 3]
+    for a, b in zip(rows1, rows2):
+        assert a.keys() == b.keys()
+        for key in stable(a):
+            tol = dict(rel=1e-4, abs=1e-6) if key in ("loss", "kl", "grad_norm", "clip_frac", "rho_mean") \
+                else dict(rel=1e-6, abs=1e-6)
+            assert b[key] == pytest.approx(a[key], **tol), (a["step"], key)
+    assert rows1[1]["grad_norm"] > 0
