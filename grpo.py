@@ -39,9 +39,10 @@ Choices this file makes (each is tested in tests/test_grpo.py):
 - "entropy" in the metrics is the Monte-Carlo estimate mean(-log p) of the sampled tokens under the
   sampling distribution, not the full-vocabulary entropy (that would need the [B, T, V] logits).
 - tokens_per_s is response tokens sampled in the step (all ranks) / wall time of the whole step.
-- Randomness of sampling comes from a generator seeded by (seed, step, puzzle position in the step),
-  so a run samples the same responses whatever the number of ranks, and a resumed run repeats
-  exactly what the uninterrupted run would have done.
+- Sampling randomness comes from generators seeded by (seed, step, puzzle position in the step), one
+  per sampling call of --sample-batch puzzles: a resumed run repeats exactly what the uninterrupted
+  run would have done, and with --sample-batch 1 (or any divisor of each rank's share) K processes
+  sample exactly what 1 process samples.
 """
 import argparse
 import json
@@ -198,6 +199,8 @@ def parse_args(argv=None):
     g.add_argument("--puzzles-per-step", type=int, default=2, help="P: puzzles per step, over all ranks (paper: 64)")
     g.add_argument("--group-size", type=int, default=8, help="G: responses sampled per puzzle (paper: 5)")
     g.add_argument("--max-new-tokens", type=int, default=400, help="response budget in tokens (paper: 3000)")
+    g.add_argument("--sample-batch", type=int, default=8,
+                   help="puzzles per sampling call (their G responses decode together); fewer calls are faster")
     g.add_argument("--temperature", type=float, default=1.0,
                    help="sampling temperature; log-probs in the loss use logits / temperature too")
     g = parser.add_argument_group("loss")
@@ -234,7 +237,7 @@ def parse_args(argv=None):
     g.add_argument("--seed", type=int, default=0, help="seed of the data order and of sampling")
     g.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out-dir")
     args = parser.parse_args(argv)
-    for name in ("puzzles_per_step", "group_size", "max_new_tokens", "mu", "minibatches", "micro_batch",
+    for name in ("puzzles_per_step", "group_size", "max_new_tokens", "sample_batch", "mu", "minibatches", "micro_batch",
                  "steps", "eval_batch", "save_every", "max_prompt_tokens"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -319,16 +322,18 @@ def append_jsonl(path, row):
 def rollout(model, prompts, step, first_position, args, eos_id, pad_id, device):
     """Sample G responses to each prompt with the current policy (no gradients).
 
-    Each puzzle gets its own generator seeded by (seed, step, its position in the step), so the
-    samples are the same whatever the number of ranks. Returns dict(responses, logprobs, finished),
+    Prompts go to the sampler --sample-batch at a time; each call has its own generator seeded by
+    (seed, step, position of its first puzzle in the step). So the samples never depend on what ran
+    before (a resumed run repeats the uninterrupted one), nor on the number of ranks when
+    --sample-batch divides each rank's share. Returns dict(responses, logprobs, finished),
     group-major (puzzle p's responses are rows p*G .. p*G+G-1).
     """
     out = {"responses": [], "logprobs": [], "finished": []}
     with torch.no_grad():
-        for i, prompt in enumerate(prompts):
-            gen = torch.Generator(device=device).manual_seed(sample_seed(args.seed, step, first_position + i))
-            s = cello.sample(model, [prompt], args.group_size, args.max_new_tokens, eos_id, pad_id,
-                             temperature=args.temperature, generator=gen)
+        for a in range(0, len(prompts), args.sample_batch):
+            gen = torch.Generator(device=device).manual_seed(sample_seed(args.seed, step, first_position + a))
+            s = cello.sample(model, prompts[a:a + args.sample_batch], args.group_size, args.max_new_tokens,
+                             eos_id, pad_id, temperature=args.temperature, generator=gen)
             for key in out:
                 out[key] += s[key]
     return out

@@ -373,6 +373,7 @@ def toy_run(tiny, tmp_path_factory):
     runner.write_text(RUNNER.format(root=ROOT))
     flags = ["--model", path, "--train", str(d / "train.jsonl"), "--val", str(d / "val.jsonl"),
              "--puzzles-per-step", "2", "--group-size", "4", "--max-new-tokens", "12", "--micro-batch", "1",
+             "--sample-batch", "1",
              "--lr", "1e-3", "--eval-every", "2", "--eval-batch", "2", "--seed", "3"]
     return runner, d, flags
 
@@ -422,6 +423,7 @@ def test_cli_runs_logs_and_checkpoints(toy_run, tmp_path):
 def test_resume_after_a_kill_continues_at_the_next_step(toy_run, tmp_path):
     runner, d, flags = toy_run
     full, killed = tmp_path / "full", tmp_path / "killed"
+    flags = flags + ["--sample-batch", "2"]  # both puzzles of a step in one sampling call
     r = run_cli(runner, flags + ["--out-dir", str(full), "--steps", "4", "--save-every", "2"])
     assert r.returncode == 0, r.stderr[-3000:]
     # killed after step 3's metrics line: its checkpoint is from step 2
@@ -448,7 +450,7 @@ def test_resume_without_a_checkpoint_is_a_clear_error(toy_run, tmp_path):
 @pytest.mark.slow
 def test_two_process_fsdp2_run_matches_one_process(toy_run, tmp_path):
     """2 ranks (1 puzzle each, FSDP2 over gloo) against 1 process with the same seed. Sampling is seeded
-    per puzzle, so the rollouts are the same; the updates differ only by float summation order.
+    per puzzle (--sample-batch 1), so the rollouts are the same; the updates differ only by float summation order.
     Tolerance: rollout and eval metrics equal to 1e-6; loss, KL, grad norm within 1e-4 relative."""
     runner, d, flags = toy_run
     one, two = tmp_path / "one", tmp_path / "two"
