@@ -12,9 +12,20 @@ GRPO trains a language model with a rule-based reward and no critic. One step:
 Run (1 process, or K processes with FSDP2; each rank samples P / K of the puzzles of a step):
     python grpo.py --model runs/sft --train train.jsonl --val val.jsonl --out-dir runs/grpo
     torchrun --nproc_per_node 2 grpo.py --model runs/sft --train train.jsonl --val val.jsonl --out-dir runs/grpo
-    python grpo.py ... --resume        # continue from the checkpoint in --out-dir at the next step
-Outputs in --out-dir: the policy as a Hugging Face folder plus resume.pt (cello.save_checkpoint),
-metrics.jsonl (one line per step; val_* keys on evaluation steps), args.json.
+    python grpo.py ... --resume        # continue from --out-dir/last at the next step (same flags)
+Outputs in --out-dir: metrics.jsonl (one line per step, val_* keys on evaluation steps, a step-0 line
+with the starting policy's val metrics), last/ (checkpoint every --save-every steps: Hugging Face
+folder plus resume.pt and optimizer.pt), final/ (the trained policy), args.json, and <preset>-init/
+when --model names a preset.
+
+Metrics (all ranks together): reward_mean/std, cell/batch accuracy and format_validity of the
+samples; loss; grad_norm (before clipping); kl (mean k3 per token); clip_frac (tokens whose clipped
+branch was taken); rho_mean; entropy; response_length; truncated_frac; zero_adv_groups (groups whose
+G rewards are all equal: they give no policy gradient); time_rollout/reference/update/step; lr.
+Why the loss is about 0 while the model learns: with mu = 1 the ratio is 1 and the advantages of a
+group sum to 0, so the loss value is ~0 (plus beta * KL), but its gradient, sum_i A_i * grad log p_i,
+is not: watch grad_norm. When zero_adv_groups is 1.0 the policy gradient really is 0 (only the KL
+term acts): every group got equal rewards (all malformed, or all right).
 
 The defaults are the CPU demo (the "small" preset after SFT, ~1,000-token prompts, 2 cores). The
 paper's 7B run (Qwen2.5-7B-Instruct after SFT; 8 GPUs) is:
@@ -39,6 +50,8 @@ Choices this file makes (each is tested in tests/test_grpo.py):
 - "entropy" in the metrics is the Monte-Carlo estimate mean(-log p) of the sampled tokens under the
   sampling distribution, not the full-vocabulary entropy (that would need the [B, T, V] logits).
 - tokens_per_s is response tokens sampled in the step (all ranks) / wall time of the whole step.
+- --bf16: under FSDP2, bf16 compute with float32 master weights (cello.shard_model's policy); with
+  one process, torch.autocast to bf16 around every forward (weights and optimizer stay float32).
 - Sampling randomness comes from generators seeded by (seed, step, puzzle position in the step), one
   per sampling call of --sample-batch puzzles: a resumed run repeats exactly what the uninterrupted
   run would have done, and with --sample-batch 1 (or any divisor of each rank's share) K processes
@@ -192,7 +205,8 @@ def parse_args(argv=None):
     g = parser.add_argument_group("model")
     g.add_argument("--model", required=True,
                    help="starting policy: a Hugging Face folder (the SFT checkpoint) or a preset name (tiny, small)")
-    g.add_argument("--bf16", action="store_true", help="bfloat16 compute under FSDP2 (GPU runs)")
+    g.add_argument("--bf16", action="store_true",
+                   help="bfloat16 compute, float32 weights and optimizer (GPU runs; see the docstring)")
     g.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute each decoder layer's activations in backward (saves memory, GPU runs)")
     g = parser.add_argument_group("rollout")
@@ -319,6 +333,12 @@ def append_jsonl(path, row):
         f.write(json.dumps(row) + "\n")
 
 
+def autocast(model, args):
+    """bf16 autocast for a one-process --bf16 run; under FSDP2 the sharding policy casts instead."""
+    on = args.bf16 and cello.get_world_size() == 1
+    return torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16, enabled=on)
+
+
 def rollout(model, prompts, step, first_position, args, eos_id, pad_id, device):
     """Sample G responses to each prompt with the current policy (no gradients).
 
@@ -329,7 +349,7 @@ def rollout(model, prompts, step, first_position, args, eos_id, pad_id, device):
     group-major (puzzle p's responses are rows p*G .. p*G+G-1).
     """
     out = {"responses": [], "logprobs": [], "finished": []}
-    with torch.no_grad():
+    with torch.no_grad(), autocast(model, args):
         for a in range(0, len(prompts), args.sample_batch):
             gen = torch.Generator(device=device).manual_seed(sample_seed(args.seed, step, first_position + a))
             s = cello.sample(model, prompts[a:a + args.sample_batch], args.group_size, args.max_new_tokens,
@@ -366,8 +386,10 @@ def policy_update(model, optimizer, batch, args, world_size=1):
             for a in range(p0, p1, args.micro_batch):
                 b = min(a + args.micro_batch, p1)
                 rows = slice(a * G, b * G)
-                logp, _ = cello.response_logprobs(model, batch["prompts"][a:b], batch["responses"][rows],
-                                                  temperature=args.temperature, shared_prompt=not args.per_sequence)
+                with autocast(model, args):
+                    logp, _ = cello.response_logprobs(model, batch["prompts"][a:b], batch["responses"][rows],
+                                                      temperature=args.temperature,
+                                                      shared_prompt=not args.per_sequence)
                 L = logp.shape[1]  # the longest response of this micro-batch
                 ref = batch["ref_logp"][rows, :L].to(logp.device) if batch["ref_logp"] is not None else None
                 old, mask = batch["old_logp"][rows, :L].to(logp.device), batch["mask"][rows, :L].to(logp.device)
@@ -405,7 +427,7 @@ def evaluate(model, tokenizer, records, args, rank, world_size):
     per_rank = math.ceil(len(records) / world_size)
     padded = mine + [mine[-1] if mine else records[0]] * (per_rank - len(mine))
     scores = []
-    with torch.no_grad():
+    with torch.no_grad(), autocast(model, args):
         for a in range(0, per_rank, args.eval_batch):
             chunk = padded[a:a + args.eval_batch]
             out = cello.sample(model, [cello.prompt_ids(tokenizer, r) for r in chunk], 1, args.max_new_tokens,
@@ -510,7 +532,7 @@ def main(argv=None):
         # 4. reference log-probs (frozen model, no gradients)
         ref_logp = None
         if ref_model is not None:
-            with torch.no_grad():
+            with torch.no_grad(), autocast(ref_model, args):
                 ref_logp, _ = cello.response_logprobs(ref_model, batch_prompts, out["responses"],
                                                       temperature=args.temperature, shared_prompt=not args.per_sequence)
             ref_logp = ref_logp.float().cpu()

@@ -467,3 +467,17 @@ def test_two_process_fsdp2_run_matches_one_process(toy_run, tmp_path):
                 else dict(rel=1e-6, abs=1e-6)
             assert b[key] == pytest.approx(a[key], **tol), (a["step"], key)
     assert rows1[1]["grad_norm"] > 0
+
+
+def test_bf16_one_process_step_runs_under_autocast(toy_run, tmp_path, monkeypatch):
+    runner, d, flags = toy_run
+    real_score = grpo.reward.score
+    monkeypatch.setattr(grpo.reward, "score", lambda text, answer, num_tokens=None: {
+        **real_score(text, answer, num_tokens), "reward": text.count(" ") / (1 + len(text))})
+    grpo.main(flags + ["--out-dir", str(tmp_path / "bf16"), "--steps", "1", "--eval-every", "0", "--bf16"])
+    (row,) = read_metrics(tmp_path / "bf16")
+    assert row["grad_norm"] > 0 and math.isfinite(row["loss"])
+    # in bf16 the sampler's cached forward and the full forward round differently: rho near 1, not at 1
+    assert row["rho_mean"] == pytest.approx(1.0, abs=0.05)
+    with open(tmp_path / "bf16" / "final" / "config.json") as f:
+        assert json.load(f)["dtype"] == "float32"  # weights stay float32
