@@ -6,7 +6,6 @@ Run as a script under torchrun, this file is also the worker of the 2-process FS
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 
@@ -134,19 +133,15 @@ def test_load_resume_of_a_plain_model_folder_is_one_clear_error(model_dir):
         cello.load_resume(model_dir, cello.load_model(model_dir))
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_process_fsdp2_matches_one_process(model_dir, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(free_port()), os.path.abspath(__file__), model_dir, str(tmp_path)]
+    # --standalone: torchrun binds its rendezvous to a free port itself (no race with other jobs)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               os.path.abspath(__file__), model_dir, str(tmp_path)]
     run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    errors = [line for line in (run.stdout + run.stderr).splitlines() if "Error" in line or "error:" in line]
+    assert run.returncode == 0, "\n".join(errors[:20]) + "\n" + run.stderr[-2000:]
     with open(tmp_path / "result.json") as f:
         result = json.load(f)
     # the same step in one process, on both rows at once (equal lengths: the mean of the two ranks'
