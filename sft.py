@@ -28,7 +28,8 @@ Run (CPU demo defaults: the `small` preset, ~500 traces of ~1,500 tokens, a few 
     torchrun --nproc_per_node 2 sft.py --data sft.jsonl --model small --out-dir runs/sft
 Continue an interrupted run (same flags):
     python sft.py --data sft.jsonl --model small --out-dir runs/sft --resume
-The paper's 7B settings (Qwen2.5-7B-Instruct, 8 GPUs, full fine-tuning rather than the paper's DoRA):
+The paper's 7B settings (Qwen2.5-7B-Instruct, lr 5e-5, 1 epoch, max length 4,096; full fine-tuning
+rather than the paper's DoRA adapter; batch sizes, warmup and save intervals are ours), on 8 GPUs:
     torchrun --nproc_per_node 8 sft.py --data reasoning.jsonl --model /models/Qwen2.5-7B-Instruct \\
         --out-dir runs/sft-7b --lr 5e-5 --epochs 1 --max-length 4096 --batch-size 64 \\
         --micro-batch-size 1 --warmup-steps 5 --weight-decay 0.0 --bf16 --activation-checkpointing \\
@@ -244,9 +245,10 @@ def parse_args(argv=None):
     loop.add_argument("--eval-every", type=int, default=20, help="optimizer steps between validation losses")
     loop.add_argument("--save-every", type=int, default=50, help="optimizer steps between checkpoints in OUT_DIR/last")
     system = parser.add_argument_group("system")
-    system.add_argument("--bf16", action="store_true", help="bf16 mixed precision under FSDP2 (GPU)")
+    system.add_argument("--bf16", action="store_true",
+                        help="bf16 mixed precision under torchrun/FSDP2 (float32 master weights); ignored in 1 process")
     system.add_argument("--activation-checkpointing", action="store_true",
-                        help="recompute decoder-layer activations in backward to save memory (under FSDP2)")
+                        help="recompute each decoder layer's activations in backward instead of storing them")
     args = parser.parse_args(argv)
     for flag in ("max_length", "batch_size", "micro_batch_size", "bucket_batches", "epochs",
                  "eval_every", "save_every"):
@@ -296,8 +298,7 @@ def main(argv=None):
     cello.print0(f"sft.py: {len(train)} training / {len(val)} validation examples, {world_size} process(es), "
                  f"{steps_per_epoch} steps per epoch, {total_steps} steps")
 
-    model = cello.shard_model(model, device, bf16=args.bf16,
-                              activation_checkpointing=args.activation_checkpointing) or model
+    model = cello.shard_model(model, device, bf16=args.bf16, activation_checkpointing=args.activation_checkpointing)
     decay = [p for p in model.parameters() if p.ndim >= 2]  # matrices decay; norms and biases do not
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
