@@ -481,3 +481,44 @@ def test_bf16_one_process_step_runs_under_autocast(toy_run, tmp_path, monkeypatc
     assert row["rho_mean"] == pytest.approx(1.0, abs=0.05)
     with open(tmp_path / "bf16" / "final" / "config.json") as f:
         assert json.load(f)["dtype"] == "float32"  # weights stay float32
+
+
+@pytest.mark.parametrize("mode", grpo.LOSS_AGG_MODES)
+def test_micro_batches_and_minibatches_in_the_update(tiny, mode):
+    # responses of very different lengths, so that per-micro-batch normalisation would be visibly biased
+    records, path = tiny
+    tok = cello.load_tokenizer(path)
+    prompts = [cello.prompt_ids(tok, r) for r in records[4:6]]
+    g = torch.Generator().manual_seed(5)
+    lengths = [1, 2, 9, 3, 12, 12, 4, 1]
+    responses = [torch.randint(10, len(tok), (n,), generator=g).tolist() for n in lengths]
+    base = cello.load_model(path)
+    with torch.no_grad():
+        logp0, mask = cello.response_logprobs(base, prompts, responses)
+    old = logp0 + 0.1 * torch.randn(logp0.shape, generator=g) * mask
+    ref = logp0 + 0.1 * torch.randn(logp0.shape, generator=g) * mask
+    adv = grpo.group_advantages(T([1.0, 0.0, 0.3, 0.2, -1.0, 0.5, 0.5, 1.0]), 4)
+    batch = {"prompts": prompts, "responses": responses, "old_logp": old, "mask": mask, "ref_logp": ref,
+             "advantages": adv}
+    # the loss as defined on the whole batch, in one piece
+    logp = cello.response_logprobs(base, prompts, responses)[0]
+    divisor = grpo.loss_divisor(mode, mask.sum(), 8, 16)
+    expected, _ = grpo.grpo_loss(logp, old, ref, adv, mask, mode, divisor, beta=0.1)
+    models, results = [], []
+    for micro in ("1", "2"):
+        model = cello.load_model(path)
+        args = update_args(path, "--group-size", "4", "--beta", "0.1", "--loss-agg", mode, "--max-new-tokens", "16",
+                           "--micro-batch", micro)
+        results.append(grpo.policy_update(model, torch.optim.SGD(model.parameters(), lr=0.5), batch, args))
+        models.append(model)
+    assert results[0]["loss"] == pytest.approx(expected.item(), abs=1e-6)
+    assert results[1]["loss"] == pytest.approx(expected.item(), abs=1e-6)
+    assert results[0]["grad_norm"] == pytest.approx(results[1]["grad_norm"], rel=1e-5)
+    for p, q in zip(*(m.parameters() for m in models)):
+        assert torch.allclose(p, q, atol=1e-6)
+    # --minibatches 2 --mu 2: four optimizer steps, one per minibatch and pass
+    model = cello.load_model(path)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    args = update_args(path, "--group-size", "4", "--loss-agg", mode, "--minibatches", "2", "--mu", "2")
+    grpo.policy_update(model, optimizer, batch, args)
+    assert {int(s["step"]) for s in optimizer.state.values()} == {4}
