@@ -227,15 +227,15 @@ def parse_args(argv=None):
     model.add_argument("--out-dir", required=True, help="folder for metrics.jsonl, last/ and final/")
     model.add_argument("--resume", action="store_true", help="continue from OUT_DIR/last (same flags)")
     batching = parser.add_argument_group("batching")
-    batching.add_argument("--batch-size", type=int, default=16, help="global batch in sequences per optimizer step")
-    batching.add_argument("--micro-batch-size", type=int, default=4,
+    batching.add_argument("--batch-size", type=int, default=8, help="global batch in sequences per optimizer step")
+    batching.add_argument("--micro-batch-size", type=int, default=8,
                           help="sequences per forward/backward on each rank (gradients are accumulated)")
     batching.add_argument("--bucket-batches", type=int, default=8,
                           help="global batches per length bucket (1: sort within each batch only)")
     optim = parser.add_argument_group("optimization")
-    optim.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of AdamW")
+    optim.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of AdamW")
     optim.add_argument("--min-lr-ratio", type=float, default=0.1, help="final learning rate / peak (cosine)")
-    optim.add_argument("--warmup-steps", type=int, default=10, help="optimizer steps of linear warmup")
+    optim.add_argument("--warmup-steps", type=int, default=5, help="optimizer steps of linear warmup")
     optim.add_argument("--epochs", type=int, default=3, help="passes over the training examples")
     optim.add_argument("--max-steps", type=int, default=0, help="optimizer steps (0: --epochs decides)")
     optim.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay of matrices")
@@ -243,7 +243,7 @@ def parse_args(argv=None):
     optim.add_argument("--seed", type=int, default=0, help="seed of the model init, data split and order")
     loop = parser.add_argument_group("evaluation and checkpoints")
     loop.add_argument("--eval-every", type=int, default=20, help="optimizer steps between validation losses")
-    loop.add_argument("--save-every", type=int, default=50, help="optimizer steps between checkpoints in OUT_DIR/last")
+    loop.add_argument("--save-every", type=int, default=20, help="optimizer steps between checkpoints in OUT_DIR/last")
     system = parser.add_argument_group("system")
     system.add_argument("--bf16", action="store_true",
                         help="bf16 mixed precision under torchrun/FSDP2 (float32 master weights); ignored in 1 process")

@@ -3,7 +3,6 @@ the schedule, exact resume, 2-process FSDP2 = 1 process, and one-line errors on 
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 
@@ -239,12 +238,6 @@ def test_resume_continues_at_the_next_step_and_matches_an_uninterrupted_run(tmp_
 
 # ---- torchrun: 2 processes with FSDP2 give the 1-process loss curve ----
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_process_fsdp2_matches_one_process(tmp_path):
     """Same global batch (5 sequences: 3 + 2 per rank, so one rank runs an empty micro-batch), same
@@ -254,8 +247,9 @@ def test_two_process_fsdp2_matches_one_process(tmp_path):
              "--lr", "3e-3", "--warmup-steps", "2", "--eval-every", "2", "--save-every", "100", "--val-fraction", "0.2"]
     sft.main(flags + ["--out-dir", str(tmp_path / "one")])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             "--master_port", str(free_port()), os.path.join(ROOT, "sft.py"), *flags,
+    # --standalone: torchrun picks a free port itself, so parallel jobs never collide
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             os.path.join(ROOT, "sft.py"), *flags,
                              "--out-dir", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, "\n".join(line for line in result.stderr.splitlines() if "rank0" in line)[-3000:]
     one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
