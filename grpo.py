@@ -408,7 +408,7 @@ def policy_update(model, optimizer, batch, args, world_size=1):
             if bad_ranks or not math.isfinite(grad_norm):
                 sys.exit(f"grpo.py: error: non-finite loss or gradient (loss finite on all ranks: {not bad_ranks}, "
                          f"grad norm {grad_norm}); the weights were not updated. Lower --lr, or check the "
-                         "model and data; the last checkpoint in --out-dir is intact.")
+                         "model and data; the last checkpoint (--out-dir/last) is intact.")
             optimizer.step()
             losses.append(cello.all_reduce(mb_loss))
             grad_norms.append(grad_norm)
