@@ -111,17 +111,19 @@ if "speed" in parts:
              ("shared", prompts_of(args.shared_prompts), args.samples, 1.0)]
     for name, prompts, samples, temperature in cases:
         rows = len(prompts) * samples
+        expanded = [p for p in prompts for _ in range(samples)]  # what generate prefills
         fns = {
             "cello.sample": lambda: cello.sample(model, prompts, samples, args.new_tokens, eos_id=-1, pad_id=0,
                                                  temperature=temperature, generator=torch.Generator().manual_seed(0)),
             "model.generate": lambda: generate(prompts, samples, temperature > 0),
-            "prefill only (P rows)": lambda: prefill(prompts),
+            "cello.sample, 1 new token (its prefill)": lambda: cello.sample(model, prompts, samples, 1, eos_id=-1,
+                                                                            pad_id=0, temperature=temperature),
+            "left-padded batch prefill (generate's)": lambda: prefill(expanded),
         }
         if samples > 1:
             fns["cello.sample, prompt repeated G times"] = lambda: cello.sample(
-                model, [p for p in prompts for _ in range(samples)], 1, args.new_tokens, eos_id=-1, pad_id=0,
-                temperature=temperature, generator=torch.Generator().manual_seed(0))
-            fns["prefill only (P*G rows)"] = lambda: prefill([p for p in prompts for _ in range(samples)])
+                model, expanded, 1, args.new_tokens, eos_id=-1, pad_id=0, temperature=temperature,
+                generator=torch.Generator().manual_seed(0))
         times, results = interleaved(fns, args.repeats)
         new_tokens = sum(len(r) for r in results["cello.sample"]["responses"])
         assert new_tokens == rows * args.new_tokens == sum(len(r) for r in results["model.generate"])
@@ -132,14 +134,12 @@ if "speed" in parts:
               f"temperature {temperature}")
         for method, seconds in times.items():
             rate = f"{new_tokens / seconds:8.1f} new tokens/s" if "prefill" not in method else ""
-            print(f"  {method:40s} {seconds:7.2f} s  {rate}")
+            print(f"  {method:42s} {seconds:7.2f} s  {rate}")
         print(f"  speed-up of cello.sample over model.generate: {times['model.generate'] / times['cello.sample']:.2f}x")
-        prefill_rows = "prefill only (P rows)"
-        decode_cello = times["cello.sample"] - times[prefill_rows]
-        decode_generate = times["model.generate"] - times["prefill only (P*G rows)" if samples > 1 else prefill_rows]
+        decode_cello = times["cello.sample"] - times["cello.sample, 1 new token (its prefill)"]
+        decode_generate = times["model.generate"] - times["left-padded batch prefill (generate's)"]
         print(f"  decode only (total - prefill): cello {decode_cello:.2f} s, generate {decode_generate:.2f} s "
               f"({decode_generate / max(decode_cello, 1e-9):.2f}x)")
-
 
 if "logprobs" in parts:
     model = llama(4096, 4, args.seed)
