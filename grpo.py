@@ -22,17 +22,24 @@ Metrics (all ranks together): reward_mean/std, cell/batch accuracy and format_va
 samples; loss; grad_norm (before clipping); kl (mean k3 per token); clip_frac (tokens whose clipped
 branch was taken); rho_mean; entropy; response_length; truncated_frac; zero_adv_groups (groups whose
 G rewards are all equal: they give no policy gradient); time_rollout/reference/update/step; lr.
-Why the loss is about 0 while the model learns: with mu = 1 the ratio is 1 and the advantages of a
-group sum to 0, so the loss value is ~0 (plus beta * KL), but its gradient, sum_i A_i * grad log p_i,
-is not: watch grad_norm. When zero_adv_groups is 1.0 the policy gradient really is 0 (only the KL
+Why the loss is about 0 while the model learns: with mu = 1 the ratio is 1, so the policy loss is
+-sum_i A_i n_i / (all tokens) (n_i = length of response i), and the advantages of a group sum to 0:
+the value is near 0 (exactly 0 for equal lengths), plus beta * KL. Its gradient,
+-sum_i A_i * grad log p(response i) / (all tokens), is not 0: watch grad_norm. When zero_adv_groups is 1.0 the policy gradient really is 0 (only the KL
 term acts): every group got equal rewards (all malformed, or all right).
 
-The defaults are the CPU demo (the "small" preset after SFT, ~1,000-token prompts, 2 cores). The
-paper's 7B run (Qwen2.5-7B-Instruct after SFT; 8 GPUs) is:
+The defaults are the CPU demo: the "small" preset after SFT on the bundled puzzles (prompts 434-680
+tokens, expert-style responses 86-360 tokens, mean 212), P = 2 puzzles x G = 8 responses per step.
+Measured on the 2-core machine with OMP_NUM_THREADS=1 (CPU shared with other jobs): about 10 s
+of CPU per step for 212-token responses (rollout 4.7, reference 1.4, update 4.3) and about 20 s
+wall when every response runs to the 400-token budget (rollout 8-11, reference 3-4, update 8-11).
+Prefer OMP_NUM_THREADS=1 on a busy 2-core machine: two threads made the rollout 3x slower there.
+The paper's 7B run (Qwen2.5-7B-Instruct after SFT; 8 GPUs; one pass over the 6,912 released train
+puzzles is 108 steps):
     torchrun --nproc_per_node 8 grpo.py --model runs/sft-7b --train train.jsonl --val val.jsonl \\
         --out-dir runs/grpo-7b --puzzles-per-step 64 --group-size 5 --max-prompt-tokens 3072 \\
         --max-new-tokens 3000 --lr 1e-6 --beta 0.001 --bf16 --activation-checkpointing \\
-        --micro-batch 1 --eval-batch 8 --steps 300 --eval-every 20 --save-every 20
+        --micro-batch 1 --sample-batch 8 --eval-batch 8 --steps 108 --eval-every 20 --save-every 10
 
 Choices this file makes (each is tested in tests/test_grpo.py):
 - Group std is the unbiased (Bessel, ddof 1) std, as TRL and verl compute it. A group of one has no
