@@ -523,3 +523,27 @@ def test_micro_batches_and_minibatches_in_the_update(tiny, mode):
     args = update_args(path, "--group-size", "4", "--loss-agg", mode, "--minibatches", "2", "--mu", "2")
     grpo.policy_update(model, optimizer, batch, args)
     assert {int(s["step"]) for s in optimizer.state.values()} == {4}
+
+
+def test_eos_is_a_trained_token(tiny):
+    # same first token; the rewarded response stops (EOS), the other goes on: stopping is learnt
+    records, path = tiny
+    tok = cello.load_tokenizer(path)
+    model = cello.load_model(path)
+    prompts = [cello.prompt_ids(tok, records[6])]
+    x, y, eos = 100, 101, tok.eos_token_id
+    responses = [[x, eos], [x, y]]
+
+    def logp_eos():
+        with torch.no_grad():
+            return cello.response_logprobs(model, prompts, [[x, eos]])[0][0, 1].item()
+
+    with torch.no_grad():
+        old, mask = cello.response_logprobs(model, prompts, responses)
+    assert mask.tolist() == [[1.0, 1.0], [1.0, 1.0]]  # EOS is a response token, not padding
+    batch = {"prompts": prompts, "responses": responses, "old_logp": old, "mask": mask, "ref_logp": None,
+             "advantages": grpo.group_advantages(T([1.0, 0.0]), 2)}
+    before = logp_eos()
+    args = update_args(path, "--group-size", "2", "--beta", "0")
+    grpo.policy_update(model, torch.optim.AdamW(model.parameters(), lr=1e-2), batch, args)
+    assert logp_eos() > before + 0.1
