@@ -547,3 +547,17 @@ def test_eos_is_a_trained_token(tiny):
     args = update_args(path, "--group-size", "2", "--beta", "0")
     grpo.policy_update(model, torch.optim.AdamW(model.parameters(), lr=1e-2), batch, args)
     assert logp_eos() > before + 0.1
+
+
+def test_beta_zero_builds_no_reference_model(toy_run, tmp_path, monkeypatch):
+    runner, d, flags = toy_run
+    loaded = []
+    real_load = cello.load_model
+    monkeypatch.setattr(cello, "load_model", lambda *a, **k: loaded.append(a[0]) or real_load(*a, **k))
+    grpo.main(flags + ["--out-dir", str(tmp_path / "b0"), "--steps", "1", "--eval-every", "0", "--beta", "0"])
+    assert len(loaded) == 1  # the policy only
+    (row,) = read_metrics(tmp_path / "b0")
+    assert row["kl"] == 0.0
+    loaded.clear()
+    grpo.main(flags + ["--out-dir", str(tmp_path / "b1"), "--steps", "1", "--eval-every", "0"])
+    assert len(loaded) == 2  # policy and reference
