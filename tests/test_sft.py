@@ -293,12 +293,18 @@ def test_examples_longer_than_max_length_are_skipped_or_refused(tmp_path, capsys
     assert "skipped 4 training and 0 validation examples longer than --max-length 20 tokens" in capsys.readouterr().out
 
 
-def test_bad_flag_is_a_usage_error(tmp_path, capsys):
+@pytest.mark.parametrize("flags, message", [
+    (["--micro-batch-size", "0"], "--micro-batch-size must be at least 1"),
+    (["--warmup-steps", "-1"], "--warmup-steps must be at least 0"),
+    (["--lr", "0"], "--lr and --grad-clip must be positive"),
+    (["--val-fraction", "1"], "--val-fraction must be in [0, 1)"),
+])
+def test_bad_flag_is_a_usage_error(tmp_path, capsys, flags, message):
     data = write(tmp_path / "sft.jsonl", make_records(2))
     with pytest.raises(SystemExit) as exit_info:
-        sft.main(["--data", data, "--out-dir", str(tmp_path / "out"), "--micro-batch-size", "0"])
+        sft.main(["--data", data, "--out-dir", str(tmp_path / "out"), *flags])
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1].endswith("--micro-batch-size must be at least 1")
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(message)
 
 
 def test_resume_without_checkpoint_via_the_cli(tmp_path):
