@@ -452,22 +452,26 @@ def test_resume_without_a_checkpoint_is_a_clear_error(toy_run, tmp_path):
 def test_two_process_fsdp2_run_matches_one_process(toy_run, tmp_path):
     """2 ranks (1 puzzle each, FSDP2 over gloo) against 1 process with the same seed. Sampling is seeded
     per puzzle (--sample-batch 1), so the rollouts are the same; the updates differ only by float summation order.
-    Tolerance: rollout and eval metrics equal to 1e-6; loss, KL, grad norm within 1e-4 relative."""
+    Tolerance: rollout and eval metrics equal to 1e-6; loss, KL, grad norm within 1e-4 relative.
+    The 2-process run is repeated with --per-sequence log-probs: same numbers."""
     runner, d, flags = toy_run
-    one, two = tmp_path / "one", tmp_path / "two"
+    one = tmp_path / "one"
     r = run_cli(runner, flags + ["--out-dir", str(one), "--steps", "3"])
     assert r.returncode == 0, r.stderr[-3000:]
-    r = run_cli(runner, flags + ["--out-dir", str(two), "--steps", "3"], nproc=2)
-    assert r.returncode == 0, r.stderr[-3000:]
-    rows1, rows2 = read_metrics(one), read_metrics(two)
-    assert [row["step"] for row in rows2] == [0, 1, 2, 3]
-    for a, b in zip(rows1, rows2):
-        assert a.keys() == b.keys()
-        for key in stable(a):
-            tol = dict(rel=1e-4, abs=1e-6) if key in ("loss", "kl", "grad_norm", "clip_frac", "rho_mean") \
-                else dict(rel=1e-6, abs=1e-6)
-            assert b[key] == pytest.approx(a[key], **tol), (a["step"], key)
+    rows1 = read_metrics(one)
     assert rows1[1]["grad_norm"] > 0
+    # the shared-prompt path (default) and the per-sequence reference path, both under 2 processes
+    for name, extra in (("two", []), ("two-per-sequence", ["--per-sequence"])):
+        r = run_cli(runner, flags + ["--out-dir", str(tmp_path / name), "--steps", "3", *extra], nproc=2)
+        assert r.returncode == 0, r.stderr[-3000:]
+        rows2 = read_metrics(tmp_path / name)
+        assert [row["step"] for row in rows2] == [0, 1, 2, 3]
+        for a, b in zip(rows1, rows2):
+            assert a.keys() == b.keys()
+            for key in stable(a):
+                tol = dict(rel=1e-4, abs=1e-6) if key in ("loss", "kl", "grad_norm", "clip_frac", "rho_mean") \
+                    else dict(rel=1e-6, abs=1e-6)
+                assert b[key] == pytest.approx(a[key], **tol), (name, a["step"], key)
 
 
 def test_bf16_one_process_step_runs_under_autocast(toy_run, tmp_path, monkeypatch):
