@@ -31,10 +31,11 @@ term acts): every group got equal rewards (all malformed, or all right).
 
 The defaults are the CPU demo: the "small" preset after SFT on the bundled puzzles (prompts 434-680
 tokens, expert-style responses 86-360 tokens, mean 212), P = 2 puzzles x G = 8 responses per step.
-Measured on the 2-core machine with OMP_NUM_THREADS=1 (CPU shared with other jobs): about 10 s
-of CPU per step for 212-token responses (rollout 4.7, reference 1.4, update 4.3) and about 20 s
-wall when every response runs to the 400-token budget (rollout 8-11, reference 3-4, update 8-11).
-Prefer OMP_NUM_THREADS=1 on a busy 2-core machine: two threads made the rollout 3x slower there.
+Measured on the 2-core machine with OMP_NUM_THREADS=1 (other jobs running): 9.0 s per step for
+559-token prompts and 212-token responses (rollout 4.0, reference 1.2, update 3.8; --per-sequence:
+12.5 s, reference 1.9, update 6.5), about 20 s when every response runs to the 400-token budget
+(rollout 8-11, reference 3-4, update 8-11). Use OMP_NUM_THREADS=1 on a busy 2-core machine: with
+two threads the same step's rollout took 89 s (threads spin-waiting for a busy core).
 The paper's 7B run (Qwen2.5-7B-Instruct after SFT; 8 GPUs; one pass over the 6,912 released train
 puzzles is 108 steps):
     torchrun --nproc_per_node 8 grpo.py --model runs/sft-7b --train train.jsonl --val val.jsonl \\
