@@ -271,6 +271,7 @@ def main(argv=None):
     args = parse_args(argv)
     rank, world_size, device = cello.setup_distributed()
     torch.manual_seed(args.seed)
+    os.makedirs(args.out_dir, exist_ok=True)
 
     # Data: the validation split is drawn with its own seeded generator, the same on every rank.
     train_records = read_sft_records(args.data, "--data")

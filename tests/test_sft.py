@@ -82,6 +82,18 @@ def test_training_loss_drops_and_final_model_loads(tmp_path):
     assert loss < 0.35 * first
 
 
+def test_fine_tunes_an_existing_model_folder_into_a_new_out_dir(tiny, tmp_path):
+    """--model FOLDER (as for Qwen2.5-7B): out-dir is created, the folder's tokenizer is kept."""
+    data = write(tmp_path / "sft.jsonl", make_records(4))
+    out = tmp_path / "new" / "run"
+    sft.main(["--data", data, "--model", tiny, "--out-dir", str(out), "--max-steps", "2", "--val-fraction", "0",
+              "--batch-size", "2"])
+    assert [r["step"] for r in metrics(out)] == [1, 2]
+    assert not (out / "tiny-init").exists()
+    with open(os.path.join(tiny, "tokenizer.json")) as a, open(out / "final" / "tokenizer.json") as b:
+        assert json.load(a)["model"]["vocab"] == json.load(b)["model"]["vocab"]
+
+
 # ---- the loss: response tokens only, normalised by the global batch ----
 
 def test_batch_masks_exactly_the_response_and_eos(tiny):
