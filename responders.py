@@ -128,12 +128,10 @@ def top_genes(genes, markers, k=3):
 # Expert and independent responses
 # ---------------------------------------------------------------------------------------------
 
-def _evidence_line(i, record, markers, best, second):
-    """'Cell 3: GNLY, NKG7, GZMB point to CD56+ NK over CD8+ Cytotoxic T.' (cell numbers 1-based)."""
-    cands = record["candidates"]
-    genes = ", ".join(top_genes(record["cells"][i], markers[best]))
-    line = f"Cell {i + 1}: {genes} point to {cands[best]}"
-    return line + (f" over {cands[second]}." if second is not None else ".")
+def _evidence_line(i, record, markers, label):
+    """'Cell 3: GNLY, NKG7, GZMB point to CD56+ NK' (cell numbers 1-based, no final period)."""
+    genes = ", ".join(top_genes(record["cells"][i], markers[label]))
+    return f"Cell {i + 1}: {genes} point to {record['candidates'][label]}"
 
 
 def expert_response(record, profile, rng, temperature=0.0):
@@ -141,9 +139,14 @@ def expert_response(record, profile, rng, temperature=0.0):
 
     S = score_matrix + temperature * Gumbel noise (no noise at temperature 0: deterministic).
     The assignment maximises sum_i S[i, a(i)] over permutations a (linear_sum_assignment).
-    Trace: one evidence line per cell, settled cells first (own best = assigned), each group by
-    confidence (margin between its best and second-best candidate); then one line per conflict: a
-    cell whose own best label went to another cell, and where it goes instead.
+    Trace, the way an annotator works:
+      1. the order in which cells are settled: cells whose own best candidate is also their assigned
+         one first, each group by confidence (margin between its best and second-best candidate);
+      2. one line per cell, in cell order, with its strongest marker genes and the type they point
+         to; a cell whose best type went to a cell that fits it better is revised on the same line:
+         "..., but Cell 2 fits it better, so Cell 5 takes Dendritic (CD74, LYZ)."
+    Cell order and the final label at the end of each line keep the trace easy to follow (and to
+    learn for a small model: the answer repeats the lines' last labels in order).
     rng: a numpy Generator (only used when temperature > 0).
     """
     n = len(record["cells"])
@@ -160,16 +163,17 @@ def expert_response(record, profile, rng, temperature=0.0):
     settled = [bool(best[i] == assigned[i]) for i in range(n)]
     order = sorted(range(n), key=lambda i: (not settled[i], -margin[i], i))
 
-    lines = [_evidence_line(i, record, markers, best[i], order_best[i, 1] if n > 1 else None) for i in order]
     cands = record["candidates"]
-    for i in order:
+    lines = ["Most confident first: " + ", ".join(f"Cell {i + 1}" for i in order) + "."]
+    for i in range(n):
+        line = _evidence_line(i, record, markers, best[i])
         if settled[i]:
+            lines.append(line + ".")
             continue
         k, want, take = owner[best[i]], best[i], assigned[i]
-        why = f"Cell {k + 1} fits better" if S[k, want] >= S[i, want] else "the batch fits best that way"
+        why = f"Cell {k + 1} fits it better" if S[k, want] >= S[i, want] else "the batch fits best that way"
         genes = ", ".join(top_genes(record["cells"][i], markers[take], k=2))
-        lines.append(f"Cell {i + 1} and Cell {k + 1} both fit {cands[want]}; {why}, "
-                     f"so Cell {i + 1} takes {cands[take]} ({genes}).")
+        lines.append(f"{line}, but {why}, so Cell {i + 1} takes {cands[take]} ({genes}).")
     return format_response(lines, [cands[assigned[i]] for i in range(n)])
 
 
@@ -179,8 +183,7 @@ def independent_response(record, profile):
     markers = [type_markers(profile, c) for c in record["candidates"]]
     order_best = np.argsort(-S, axis=1, kind="stable")
     n = len(record["cells"])
-    lines = [_evidence_line(i, record, markers, order_best[i, 0], order_best[i, 1] if n > 1 else None)
-             for i in range(n)]
+    lines = [_evidence_line(i, record, markers, order_best[i, 0]) + "." for i in range(n)]
     return format_response(lines, [record["candidates"][order_best[i, 0]] for i in range(n)])
 
 

@@ -66,9 +66,9 @@ def test_expert_trace_and_conflict_by_hand():
     record = {"id": "p", "cells": [["x1", "x2", "h"], ["x2", "y1", "h"]], "candidates": ["X", "Y"], "answer": ["X", "Y"]}
     text = responders.expert_response(record, profile, None, temperature=0.0)
     assert text == ("<think>\n"
-                    "Cell 1: x1, x2 point to X over Y.\n"
-                    "Cell 2: x2 point to X over Y.\n"
-                    "Cell 2 and Cell 1 both fit X; Cell 1 fits better, so Cell 2 takes Y (y1).\n"
+                    "Most confident first: Cell 1, Cell 2.\n"
+                    "Cell 1: x1, x2 point to X.\n"
+                    "Cell 2: x2 point to X, but Cell 1 fits it better, so Cell 2 takes Y (y1).\n"
                     "</think>\n<answer>X | Y</answer>")
     assert reward.reward(text, record["answer"]) == 1.0
     # Ignoring the batch, both cells take X: a repeated label, so the response is malformed (-1).
@@ -102,7 +102,7 @@ def test_expert_answers_are_valid_permutations(temperature):
         for text in texts:
             labels = answer_labels(text, len(record["cells"]))
             assert sorted(labels) == sorted(record["candidates"])
-            assert text.startswith("<think>\nCell ") and "\n</think>\n<answer>" in text
+            assert text.startswith("<think>\nMost confident first: Cell ") and "\n</think>\n<answer>" in text
 
 
 def test_expert_is_accurate_on_clean_puzzles():
