@@ -249,8 +249,9 @@ def parse_args(argv=None):
     g.add_argument("--micro-batch", type=int, default=1,
                    help="puzzles (each with its G responses) per forward/backward; gradients accumulate")
     g.add_argument("--per-sequence", action="store_true",
-                   help="log-probs with each response's own copy of the prompt (reference path) instead of "
-                        "running each shared prompt once")
+                   help="plain GRPO, the reference path: each response is sampled and scored with its own copy "
+                        "of the prompt (prefill per response, per-sequence log-probs) instead of running each "
+                        "shared prompt once")
     g = parser.add_argument_group("run")
     g.add_argument("--out-dir", required=True, help="folder for checkpoints and metrics.jsonl")
     g.add_argument("--steps", type=int, default=20, help="GRPO steps to run (in total, counting resumed ones)")
@@ -357,16 +358,33 @@ def rollout(model, prompts, step, first_position, args, eos_id, pad_id, device):
     before (a resumed run repeats the uninterrupted one), nor on the number of ranks when
     --sample-batch divides each rank's share. Returns dict(responses, logprobs, finished),
     group-major (puzzle p's responses are rows p*G .. p*G+G-1).
+    --per-sequence: each prompt is passed G times with one sample each, so every response gets its
+    own prefill (the plain GRPO rollout, the baseline of bench_grpo.py). The decode batch, its rows'
+    order and the generator's draws are the same as with the shared prefill, so the samples are too.
     """
     out = {"responses": [], "logprobs": [], "finished": []}
+    G = args.group_size
     with torch.no_grad(), autocast(model, args):
         for a in range(0, len(prompts), args.sample_batch):
             gen = torch.Generator(device=device).manual_seed(sample_seed(args.seed, step, first_position + a))
-            s = cello.sample(model, prompts[a:a + args.sample_batch], args.group_size, args.max_new_tokens,
+            chunk = prompts[a:a + args.sample_batch]
+            if args.per_sequence:
+                chunk, num_samples = [p for p in chunk for _ in range(G)], 1
+            else:
+                num_samples = G
+            s = cello.sample(model, chunk, num_samples, args.max_new_tokens,
                              eos_id, pad_id, temperature=args.temperature, generator=gen)
             for key in out:
                 out[key] += s[key]
     return out
+
+
+def reference_logprobs(ref_model, prompts, responses, args):
+    """Log-probs [R, L] (float32, on the CPU) of the responses under the frozen reference, no gradients."""
+    with torch.no_grad(), autocast(ref_model, args):
+        ref_logp, _ = cello.response_logprobs(ref_model, prompts, responses, temperature=args.temperature,
+                                              shared_prompt=not args.per_sequence)
+    return ref_logp.float().cpu()
 
 
 def policy_update(model, optimizer, batch, args, world_size=1):
@@ -542,10 +560,7 @@ def main(argv=None):
         # 4. reference log-probs (frozen model, no gradients)
         ref_logp = None
         if ref_model is not None:
-            with torch.no_grad(), autocast(ref_model, args):
-                ref_logp, _ = cello.response_logprobs(ref_model, batch_prompts, out["responses"],
-                                                      temperature=args.temperature, shared_prompt=not args.per_sequence)
-            ref_logp = ref_logp.float().cpu()
+            ref_logp = reference_logprobs(ref_model, batch_prompts, out["responses"], args)
         t2 = time.time()
         # 5. update
         batch = {"prompts": batch_prompts, "responses": out["responses"], "old_logp": old_logp, "mask": mask,

@@ -318,6 +318,27 @@ def test_update_is_the_same_with_shared_prompt_or_per_sequence(tiny):
     assert results[0]["rho_mean"] != pytest.approx(1.0, abs=1e-6)
 
 
+def test_per_sequence_rollout_prefills_every_response_and_samples_the_same(tiny, monkeypatch):
+    # --per-sequence passes each prompt G times (one prefill per response); the decode batch and the
+    # generator's draws are unchanged, so the samples are exactly those of the shared prefill
+    records, path = tiny
+    tok = cello.load_tokenizer(path)
+    model = cello.load_model(path)
+    prompts = [cello.prompt_ids(tok, r) for r in records[:3]]
+    calls = []
+    real_sample = cello.sample
+    monkeypatch.setattr(cello, "sample", lambda m, p, n, *a, **k: calls.append((len(p), n)) or real_sample(m, p, n, *a, **k))
+    outs = []
+    for flag in ([], ["--per-sequence"]):
+        args = update_args(path, "--group-size", "4", "--max-new-tokens", "10", "--sample-batch", "2", *flag)
+        outs.append(grpo.rollout(model, prompts, 5, 0, args, tok.eos_token_id, tok.pad_token_id, "cpu"))
+    assert calls == [(2, 4), (1, 4), (8, 1), (4, 1)]
+    assert outs[0]["responses"] == outs[1]["responses"] and outs[0]["finished"] == outs[1]["finished"]
+    assert len(outs[0]["responses"]) == 12 and len({tuple(r) for r in outs[0]["responses"]}) > 1
+    for a, b in zip(outs[0]["logprobs"], outs[1]["logprobs"]):
+        assert a == pytest.approx(b, abs=1e-6)
+
+
 def test_non_finite_loss_stops_before_the_weights_change(tiny):
     records, path = tiny
     tok = cello.load_tokenizer(path)
