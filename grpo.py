@@ -31,10 +31,10 @@ term acts): every group got equal rewards (all malformed, or all right).
 
 The defaults are the CPU demo: the "small" preset after SFT on the bundled puzzles (prompts 434-680
 tokens, expert-style responses 86-360 tokens, mean 212), P = 2 puzzles x G = 8 responses per step.
-Measured on the 2-core machine with OMP_NUM_THREADS=1 (other jobs running): 9.0 s per step for
-559-token prompts and 212-token responses (rollout 4.0, reference 1.2, update 3.8; --per-sequence:
-12.5 s, reference 1.9, update 6.5), about 20 s when every response runs to the 400-token budget
-(rollout 8-11, reference 3-4, update 8-11). Use OMP_NUM_THREADS=1 on a busy 2-core machine: with
+Measured by bench_grpo.py on the 2-core machine with OMP_NUM_THREADS=1 (other jobs running), every
+response run to the 400-token budget, 444-677-token prompts: 15.4 s per step (rollout 9.8, reference
+1.4, update 4.2; --per-sequence 21.0 s: 10.7, 3.0, 7.3); decoding the 400 tokens dominates and is
+the same work in both paths. Use OMP_NUM_THREADS=1 on a busy 2-core machine: with
 two threads the same step's rollout took 89 s (threads spin-waiting for a busy core).
 The paper's 7B run (Qwen2.5-7B-Instruct after SFT; 8 GPUs; one pass over the 6,912 released train
 puzzles is 108 steps):
