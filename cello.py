@@ -777,6 +777,9 @@ def load_resume(out_dir, model, optimizer=None, scheduler=None):
 # is also an end-to-end test of the command lines. A stage whose output already exists is skipped:
 # a demo killed half-way continues where it stopped when started again.
 
+# The demo's puzzles are smaller than the paper's (N 8-15, M 50) so that SFT from scratch and GRPO
+# fit 15 minutes on 2 CPU cores: prompts of ~360 tokens instead of ~560 (N 4-8, M 50).
+DEMO_N, DEMO_GENES = (4, 6), 25
 DEMO_CONTEXT = ("The cell is from a human donor, originating from the peripheral blood. "
                 "The patient is healthy with no diagnosed disease.")
 
@@ -787,24 +790,29 @@ def demo_stages(out, data, sft_steps, grpo_steps):
     train, val, test = (os.path.join(puzzles, f"{s}.jsonl") for s in ("train", "val", "test"))
     return [
         ("build puzzles", ["puzzles.py", "build", data, "--out-dir", puzzles, "--cell-type-key", "bulk_labels",
-                           "--donor-key", "none", "--context", DEMO_CONTEXT, "--n-min", "4", "--n-max", "8",
-                           "--genes", "50"], os.path.join(puzzles, "summary.json")),
+                           "--donor-key", "none", "--context", DEMO_CONTEXT, "--n-min", str(DEMO_N[0]),
+                           "--n-max", str(DEMO_N[1]), "--genes", str(DEMO_GENES)], os.path.join(puzzles, "summary.json")),
+        # --keep-all: every accepted trace (about 3.7 per puzzle) gives the small model varied examples
         ("distill from the expert", ["distill.py", "--puzzles", train, "--train", train, "--teacher", "expert",
-                                     "--samples", "4", "--out-dir", f"{out}/distill", "--yes"],
+                                     "--samples", "4", "--keep-all", "--out-dir", f"{out}/distill", "--yes"],
          f"{out}/distill/report.json"),
         ("SFT the small model", ["sft.py", "--data", f"{out}/distill/sft.jsonl", "--model", "small",
                                  "--out-dir", f"{out}/sft", "--max-steps", str(sft_steps)],
          f"{out}/sft/final/config.json"),
+        # responses of N <= 6 cells are ~120 tokens: a 200-token budget; lr 1e-4 moves a 4M model in 15 steps
         ("GRPO from the SFT model", ["grpo.py", "--model", f"{out}/sft/final", "--train", train, "--val", val,
-                                     "--out-dir", f"{out}/grpo", "--steps", str(grpo_steps)],
-         f"{out}/grpo/config.json"),
+                                     "--out-dir", f"{out}/grpo", "--steps", str(grpo_steps), "--puzzles-per-step",
+                                     "4", "--group-size", "8", "--max-new-tokens", "200", "--lr", "1e-4",
+                                     "--eval-every", "5", "--eval-batch", "16"],
+         f"{out}/grpo/final/config.json"),
         ("evaluate the baselines", ["eval.py", "--puzzles", test, "--train", train, "--responder", "random",
                                     "independent", "expert", "--out-dir", f"{out}/eval/baselines"],
          f"{out}/eval/baselines/summary.json"),
         ("evaluate SFT", ["eval.py", "--puzzles", test, "--responder", "model", "--model-path", f"{out}/sft/final",
-                          "--out-dir", f"{out}/eval/sft"], f"{out}/eval/sft/summary.json"),
-        ("evaluate SFT+GRPO", ["eval.py", "--puzzles", test, "--responder", "model", "--model-path", f"{out}/grpo",
-                               "--out-dir", f"{out}/eval/grpo"], f"{out}/eval/grpo/summary.json"),
+                          "--max-new-tokens", "300", "--out-dir", f"{out}/eval/sft"], f"{out}/eval/sft/summary.json"),
+        ("evaluate SFT+GRPO", ["eval.py", "--puzzles", test, "--responder", "model", "--model-path",
+                               f"{out}/grpo/final", "--max-new-tokens", "300", "--out-dir", f"{out}/eval/grpo"],
+         f"{out}/eval/grpo/summary.json"),
     ]
 
 
@@ -813,7 +821,8 @@ def plot_grpo(metrics_path, png_path):
     import matplotlib
     matplotlib.use("Agg")  # no display on a server
     import matplotlib.pyplot as plt
-    rows = read_jsonl(metrics_path)
+    every = read_jsonl(metrics_path)
+    rows = [r for r in every if "reward_mean" in r]  # training steps (step 0 is the evaluation before training)
     steps = [r["step"] for r in rows]
     fig, (ax_reward, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     ax_reward.plot(steps, [r["reward_mean"] for r in rows], label="train reward (mean of rollouts)")
@@ -822,7 +831,7 @@ def plot_grpo(metrics_path, png_path):
     ax_reward.legend()
     for key, label in [("cell_accuracy", "train cell-level"), ("batch_accuracy", "train batch-level")]:
         ax_acc.plot(steps, [r[key] for r in rows], label=label, alpha=0.6)
-    evaluated = [r for r in rows if "val_batch_accuracy" in r]
+    evaluated = [r for r in every if "val_batch_accuracy" in r]
     for key, label in [("val_cell_accuracy", "val cell-level (greedy)"),
                        ("val_batch_accuracy", "val batch-level (greedy)")]:
         ax_acc.plot([r["step"] for r in evaluated], [r[key] for r in evaluated], "o-", label=label)
@@ -844,12 +853,13 @@ def demo(argv):
     parser.add_argument("--out-dir", default="runs/demo", help="run folder: every stage writes below it")
     parser.add_argument("--data", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "data",
                                                        "pbmc68k_reduced.h5ad"), help="AnnData file of the demo")
-    parser.add_argument("--sft-steps", type=int, default=120, help="SFT optimizer steps")
-    parser.add_argument("--grpo-steps", type=int, default=20, help="GRPO steps")
+    parser.add_argument("--sft-steps", type=int, default=500, help="SFT optimizer steps (batch 8)")
+    parser.add_argument("--grpo-steps", type=int, default=15, help="GRPO steps (4 puzzles x 8 samples each)")
     args = parser.parse_args(argv)
     here = os.path.dirname(os.path.abspath(__file__))
     os.makedirs(args.out_dir, exist_ok=True)
-    timings = {}
+    timings_path = f"{args.out_dir}/timings.json"  # kept across restarts, so a resumed demo reports every stage
+    timings = read_json(timings_path) if os.path.exists(timings_path) else {}
     for name, command, done in demo_stages(args.out_dir, args.data, args.sft_steps, args.grpo_steps):
         if os.path.exists(done):
             print(f"== {name}: done already ({done})")
@@ -861,14 +871,19 @@ def demo(argv):
             sys.exit(f"cello.py demo: stage '{name}' failed (exit {result.returncode}); fix it and run the demo "
                      f"again: finished stages are kept")
         timings[name] = time.time() - start
+        with open(timings_path + ".tmp", "w") as f:
+            json.dump(timings, f, indent=1)
+        os.replace(timings_path + ".tmp", timings_path)
     import reward
     rows = read_json(f"{args.out_dir}/eval/baselines/summary.json")
     rows["SFT"] = read_json(f"{args.out_dir}/eval/sft/summary.json")["model"]
     rows["SFT+GRPO"] = read_json(f"{args.out_dir}/eval/grpo/summary.json")["model"]
     table = reward.format_table(rows)
     plot_grpo(f"{args.out_dir}/grpo/metrics.jsonl", f"{args.out_dir}/grpo.png")
-    lines = [f"Test puzzles: {rows['random']['count']} (N 4-8, M 50 genes), from {args.data}", "", table, ""]
+    lines = [f"Test puzzles: {rows['random']['count']} (N {DEMO_N[0]}-{DEMO_N[1]}, M {DEMO_GENES} genes), "
+             f"from {args.data}", "", table, ""]
     lines += [f"- {name}: {seconds / 60:.1f} min" for name, seconds in timings.items()]
+    lines += [f"- total: {sum(timings.values()) / 60:.1f} min"]
     with open(f"{args.out_dir}/results.md", "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
