@@ -461,9 +461,14 @@ def token_logprobs(model, input_ids, attention_mask, temperature=1.0, chunk_size
     hidden = _final_hidden(model, input_ids=input_ids, attention_mask=attention_mask, position_ids=positions)
     real = attention_mask[:, 1:].bool()  # [B, T-1]: positions whose next token is a real token
     if target_mask is not None:
-        real &= target_mask[:, 1:].bool()
+        wanted = target_mask[:, 1:].bool()
+        if not (real & wanted).any():  # e.g. an all-padding dummy micro-batch: the head still runs on one
+            wanted = wanted.clone()    # position, so every FSDP2 rank takes part in the same collectives
+            wanted.view(-1)[0] = True
+        real = real & wanted
     values = _logprobs_of(model, hidden[:, :-1][real], input_ids[:, 1:][real], temperature, chunk_size)
-    return torch.zeros(real.shape, dtype=torch.float32, device=values.device).masked_scatter(real, values)
+    out = torch.zeros(real.shape, dtype=torch.float32, device=values.device).masked_scatter(real, values)
+    return out if target_mask is None else out.masked_fill(~target_mask[:, 1:].bool(), 0.0)
 
 
 def _shared_prompt_hidden(model, prompt, responses, device):
