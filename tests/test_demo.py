@@ -1,0 +1,29 @@
+"""End to end: `python cello.py demo` runs every stage's script and writes the table and the plot."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+
+@pytest.mark.slow
+def test_demo_runs_every_stage_and_resumes(tmp_path):
+    out = tmp_path / "demo"
+    command = [sys.executable, os.path.join(ROOT, "cello.py"), "demo", "--out-dir", str(out),
+               "--sft-steps", "2", "--grpo-steps", "1"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = (out / "results.md").read_text()
+    for row in ("| random |", "| independent |", "| expert |", "| SFT |", "| SFT+GRPO |"):
+        assert row in results
+    assert (out / "grpo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # started again, every stage is found done and nothing is recomputed
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and again.stdout.count("done already") == 7
+
+
+def test_demo_rejects_an_unknown_command():
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "cello.py"), "train"], capture_output=True, text=True)
+    assert result.returncode != 0 and "usage: python cello.py demo" in result.stderr
