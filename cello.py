@@ -77,6 +77,51 @@ def read_jsonl(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
+def read_puzzles(path, flag, script, need_response=False):
+    """The puzzle records of a JSONL file, checked. Bad input exits with one line naming the script,
+    the flag or file and line, and what was expected: a missing file, a line that is not JSON, a
+    record without a "response" string (when need_response: SFT files), without id / cells /
+    candidates / answer, or whose cells, candidates and answer differ in length."""
+    def fail(where, what):
+        sys.exit(f"{script}: error: {where}: {what}")
+
+    if not os.path.isfile(path):
+        fail(f"{flag} {path}", "no such file")
+    records = []
+    with open(path) as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path} line {line_no}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                fail(where, f"not valid JSON ({e.msg})")
+            if not isinstance(record, dict):
+                fail(where, "expected a JSON object (a puzzle record)")
+            if need_response and not isinstance(record.get("response"), str):
+                fail(where, 'record has no "response" string (expected puzzle records with an accepted '
+                            'response, as distill.py writes)')
+            missing = [key for key in ("id", "cells", "candidates", "answer") if key not in record]
+            if missing:
+                fail(where, f"lacks field(s) {', '.join(missing)}")
+            if not len(record["cells"]) == len(record["candidates"]) == len(record["answer"]):
+                fail(where, "cells, candidates and answer must have the same length")
+            records.append(record)
+    if not records:
+        fail(f"{flag} {path}", "no records")
+    return records
+
+
+def write_json_atomic(path, obj):
+    """json.dump to a temporary name, then rename: a crash never leaves half a file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
 def write_jsonl_atomic(path, rows):
     """Write rows as JSONL to a temporary name, then rename: a crash never leaves half a file."""
     tmp = f"{path}.tmp{os.getpid()}"
@@ -852,7 +897,6 @@ def demo(argv):
     """The whole pipeline on the bundled data, each stage timed, then the results table and a plot."""
     import argparse
     import subprocess
-    import sys
     import time
     parser = argparse.ArgumentParser(prog="cello.py demo", description=demo.__doc__)
     parser.add_argument("--out-dir", default="runs/demo", help="run folder: every stage writes below it")
@@ -876,9 +920,7 @@ def demo(argv):
             sys.exit(f"cello.py demo: stage '{name}' failed (exit {result.returncode}); fix it and run the demo "
                      f"again: finished stages are kept")
         timings[name] = time.time() - start
-        with open(timings_path + ".tmp", "w") as f:
-            json.dump(timings, f, indent=1)
-        os.replace(timings_path + ".tmp", timings_path)
+        write_json_atomic(timings_path, timings)
     import reward
     rows = read_json(f"{args.out_dir}/eval/baselines/summary.json")
     rows["SFT"] = read_json(f"{args.out_dir}/eval/sft/summary.json")["model"]
@@ -901,7 +943,6 @@ def read_json(path):
 
 
 if __name__ == "__main__":
-    import sys
     if len(sys.argv) < 2 or sys.argv[1] != "demo":
         sys.exit("usage: python cello.py demo [--out-dir DIR] (see python cello.py demo --help)")
     demo(sys.argv[2:])

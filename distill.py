@@ -30,7 +30,6 @@ Run (one process; no torchrun):
     python distill.py --teacher model --model-path runs/grpo/final --puzzles train.jsonl --out-dir runs/self
 """
 import argparse
-import json
 import os
 import sys
 
@@ -45,18 +44,10 @@ CHARS_PER_TOKEN = 2.5  # gene symbols split into several tokens each: a delibera
 CHUNK = 16             # puzzles per call for the offline teachers (one progress step each)
 
 
-def check_records(records, path):
-    """Exit with one clear line when a puzzle record cannot be distilled."""
-    if not records:
-        sys.exit(f"distill.py: error: {path}: no puzzles")
+def check_unique_ids(records, path):
+    """Exit with one clear line on a repeated puzzle id: ids key the API cache."""
     seen = set()
-    for line, r in enumerate(records, 1):
-        missing = [key for key in ("id", "cells", "candidates", "answer") if key not in r]
-        if missing:
-            sys.exit(f"distill.py: error: {path}: record {line} lacks {', '.join(missing)}")
-        if not len(r["cells"]) == len(r["candidates"]) == len(r["answer"]):
-            sys.exit(f"distill.py: error: {path}: record {line} ({r['id']}): cells, candidates and answer "
-                     "must have the same length")
+    for r in records:
         if r["id"] in seen:
             sys.exit(f"distill.py: error: {path}: duplicate id {r['id']!r} (ids key the cache)")
         seen.add(r["id"])
@@ -200,15 +191,6 @@ def format_acceptance(report):
     return "\n".join(lines)
 
 
-def write_json_atomic(path, obj):
-    """json.dump to a temporary name, then rename."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     group = parser.add_argument_group("data")
@@ -274,8 +256,8 @@ def main():
     os.makedirs(args.out_dir, exist_ok=True)
     args.cache = args.cache or os.path.join(args.out_dir, "api_cache.jsonl")
 
-    records = cello.read_jsonl(args.puzzles)[:args.limit]
-    check_records(records, args.puzzles)
+    records = cello.read_puzzles(args.puzzles, "--puzzles", "distill.py")[:args.limit]
+    check_unique_ids(records, args.puzzles)
     if args.teacher == "api":
         confirm_cost(args, records)
     respond = make_teacher(args)
@@ -301,7 +283,7 @@ def main():
     cello.write_jsonl_atomic(os.path.join(args.out_dir, "sft.jsonl"), sft)
     columns = ("id", "sample", "n", "status", "reward", "num_tokens", "error")
     cello.write_jsonl_atomic(os.path.join(args.out_dir, "samples.jsonl"), [{c: r[c] for c in columns} for r in rows])
-    write_json_atomic(os.path.join(args.out_dir, "report.json"), report)
+    cello.write_json_atomic(os.path.join(args.out_dir, "report.json"), report)
     print(format_acceptance(report))
     if report["usage"]:
         print("usage: " + ", ".join(f"{key} {value:,}" for key, value in report["usage"].items()))

@@ -15,7 +15,6 @@ Run (one process; the model responder uses cello's sampler on --device):
 """
 import argparse
 import importlib
-import json
 import os
 import sys
 
@@ -84,21 +83,6 @@ def parse_args(argv=None):
     return args
 
 
-def read_puzzles(path, what):
-    """Puzzle records of a JSONL file; one clear line and exit on a file that is not puzzles."""
-    try:
-        records = cello.read_jsonl(path)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        sys.exit(f"eval.py: error: {what} {path}: not a readable JSONL file ({e})")
-    for i, r in enumerate(records):
-        missing = [k for k in ("id", "cells", "candidates", "answer") if k not in r]
-        if missing:
-            sys.exit(f"eval.py: error: {what} {path}: line {i + 1} lacks field(s) {', '.join(missing)}")
-    if not records:
-        sys.exit(f"eval.py: error: {what} {path}: no puzzles")
-    return records
-
-
 def build(name, args, train_records):
     """The responder called name, with this run's options."""
     if name in ("random", "independent", "expert"):
@@ -148,8 +132,8 @@ def summarize(rows, num_samples):
 
 def main(argv=None):
     args = parse_args(argv)
-    records = read_puzzles(args.puzzles, "--puzzles")[:args.limit]
-    train_records = read_puzzles(args.train, "--train") if args.train else None
+    records = cello.read_puzzles(args.puzzles, "--puzzles", "eval.py")[:args.limit]
+    train_records = cello.read_puzzles(args.train, "--train", "eval.py") if args.train else None
     os.makedirs(args.out_dir, exist_ok=True)
     print(f"eval.py: {len(records)} puzzles from {args.puzzles}, {args.num_samples} sample(s) each")
 
@@ -177,10 +161,7 @@ def main(argv=None):
         if "pass_at_k" in m:
             print(f"{name}: pass@{m['k']} (share of puzzles with a fully correct sample) = {100 * m['pass_at_k']:.1f}%")
     cello.write_jsonl_atomic(os.path.join(args.out_dir, "predictions.jsonl"), predictions)
-    tmp = os.path.join(args.out_dir, f"summary.json.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(summary, f, indent=2)
-    os.replace(tmp, os.path.join(args.out_dir, "summary.json"))
+    cello.write_json_atomic(os.path.join(args.out_dir, "summary.json"), summary)
     print(f"eval.py: wrote {args.out_dir}/predictions.jsonl and summary.json")
 
 

@@ -279,24 +279,6 @@ def parse_args(argv=None):
 # Helpers of the loop
 # ---------------------------------------------------------------------------------------------
 
-def load_puzzles(path, flag):
-    """Puzzle records of a JSONL file; exits with one clear line when the file or a record is bad."""
-    if not os.path.isfile(path):
-        sys.exit(f"grpo.py: error: {flag} {path!r}: no such file")
-    try:
-        records = cello.read_jsonl(path)
-    except json.JSONDecodeError as e:
-        sys.exit(f"grpo.py: error: {flag} {path!r}: not JSONL ({e})")
-    for i, record in enumerate(records):
-        missing = [k for k in ("cells", "candidates", "answer") if k not in record]
-        if missing or len(record["answer"]) != len(record["cells"]):
-            sys.exit(f"grpo.py: error: {flag} {path!r} line {i + 1}: expected a puzzle record with cells, "
-                     f"candidates and one answer label per cell (missing: {missing or 'none'})")
-    if not records:
-        sys.exit(f"grpo.py: error: {flag} {path!r} holds no puzzles")
-    return records
-
-
 def step_puzzles(num_puzzles, consumed, count, seed):
     """Indices of the next `count` puzzles after `consumed` have been used.
 
@@ -485,8 +467,8 @@ def main(argv=None):
                  f"--minibatches {args.minibatches}")
     torch.manual_seed(args.seed)
     os.makedirs(args.out_dir, exist_ok=True)
-    train = load_puzzles(args.train, "--train")
-    val = load_puzzles(args.val, "--val")[:args.eval_puzzles or None] if args.val else []
+    train = cello.read_puzzles(args.train, "--train", "grpo.py")
+    val = cello.read_puzzles(args.val, "--val", "grpo.py")[:args.eval_puzzles or None] if args.val else []
 
     # Policy (trained), reference (frozen copy of the starting policy, only when beta > 0). On resume
     # the policy's weights come from last/, but the reference stays the starting model.

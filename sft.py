@@ -55,28 +55,6 @@ import cello
 # Data: read, tokenize, batch
 # ---------------------------------------------------------------------------------------------
 
-def read_sft_records(path, flag):
-    """SFT records of a JSONL file; exits with one line on a missing file, bad JSON or no response."""
-    if not os.path.isfile(path):
-        sys.exit(f"sft.py: error: {flag} {path}: no such file")
-    records = []
-    with open(path) as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                sys.exit(f"sft.py: error: {path} line {line_no}: not valid JSON ({e.msg})")
-            if not isinstance(record, dict) or not isinstance(record.get("response"), str):
-                sys.exit(f"sft.py: error: {path} line {line_no}: record has no \"response\" string "
-                         f"(expected puzzle records with an accepted response, as distill.py writes)")
-            records.append(record)
-    if not records:
-        sys.exit(f"sft.py: error: {flag} {path}: no records")
-    return records
-
-
 def tokenize(tokenizer, records, max_length):
     """(ids, loss_mask) of each record no longer than max_length tokens, and the number skipped."""
     examples = [cello.example_ids(tokenizer, r, r["response"]) for r in records]
@@ -275,9 +253,9 @@ def main(argv=None):
     os.makedirs(args.out_dir, exist_ok=True)
 
     # Data: the validation split is drawn with its own seeded generator, the same on every rank.
-    train_records = read_sft_records(args.data, "--data")
+    train_records = cello.read_puzzles(args.data, "--data", "sft.py", need_response=True)
     if args.val_data:
-        val_records = read_sft_records(args.val_data, "--val-data")
+        val_records = cello.read_puzzles(args.val_data, "--val-data", "sft.py", need_response=True)
     else:
         order = list(range(len(train_records)))
         random.Random(f"sft-val-{args.seed}").shuffle(order)

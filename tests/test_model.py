@@ -188,3 +188,16 @@ def test_bad_preset_and_no_records(tmp_path):
     with pytest.raises(SystemExit, match="needs puzzle records"):
         cello.build_model("tiny", str(tmp_path / "m"), [])
     assert not os.path.exists(tmp_path / "m")
+
+
+@pytest.mark.parametrize("line, message", [
+    ('[1, 2]', "line 1: expected a JSON object (a puzzle record)"),
+    ('{"id": "a", "cells": [["X"]], "candidates": ["A", "B"], "answer": ["A"]}',
+     "line 1: cells, candidates and answer must have the same length"),
+])
+def test_read_puzzles_names_the_file_line_and_problem(tmp_path, line, message):
+    path = tmp_path / "p.jsonl"
+    path.write_text(line + "\n")
+    with pytest.raises(SystemExit) as exit_info:
+        cello.read_puzzles(str(path), "--train", "grpo.py")
+    assert exit_info.value.code == f"grpo.py: error: {path} {message}"
