@@ -122,6 +122,12 @@ def write_json_atomic(path, obj):
     os.replace(tmp, path)
 
 
+def append_jsonl(path, row):
+    """Append one JSON line (a metrics row) to a file."""
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
 def write_jsonl_atomic(path, rows):
     """Write rows as JSONL to a temporary name, then rename: a crash never leaves half a file."""
     tmp = f"{path}.tmp{os.getpid()}"

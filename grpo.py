@@ -320,12 +320,6 @@ def all_gather_list(items):
     return [x for part in out for x in part]
 
 
-def append_jsonl(path, row):
-    """Append one metrics line (rank 0 only)."""
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
-
-
 def autocast(model, args):
     """bf16 autocast for a one-process --bf16 run; under FSDP2 the sharding policy casts instead."""
     on = args.bf16 and cello.get_world_size() == 1
@@ -517,7 +511,7 @@ def main(argv=None):
     if val and args.eval_every and step == 0:
         row = {"step": 0, **evaluate(model, tokenizer, val, args, rank, world_size)}
         if rank == 0:
-            append_jsonl(metrics_path, row)
+            cello.append_jsonl(metrics_path, row)
     G = args.group_size
     bar = tqdm(range(step, args.steps), initial=step, total=args.steps, disable=rank != 0, desc="grpo")
     for step in bar:
@@ -569,7 +563,7 @@ def main(argv=None):
         if val and args.eval_every and ((step + 1) % args.eval_every == 0 or last):
             row.update(evaluate(model, tokenizer, val, args, rank, world_size))
         if rank == 0:  # the line first: a resume drops lines newer than its checkpoint, never misses one
-            append_jsonl(metrics_path, row)
+            cello.append_jsonl(metrics_path, row)
             bar.set_postfix(reward=f"{row['reward_mean']:.3f}", acc=f"{row['cell_accuracy']:.3f}",
                             kl=f"{row['kl']:.4f}", gnorm=f"{row['grad_norm']:.3f}",
                             zero_groups=f"{zero_groups:.2f}", s=f"{row['time_step']:.1f}")

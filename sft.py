@@ -37,7 +37,6 @@ rather than the paper's DoRA adapter; batch sizes, warmup and save intervals are
         --eval-every 10 --save-every 20
 """
 import argparse
-import json
 import math
 import os
 import random
@@ -322,8 +321,7 @@ def main(argv=None):
         if val and (step % args.eval_every == 0 or step == total_steps):
             row["val_loss"] = validation_loss(model, val, rank, world_size, args.micro_batch_size, pad_id, device)
         if rank == 0:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            cello.append_jsonl(metrics_path, row)
         progress.update(1)
         progress.set_postfix(loss=f"{loss:.4f}", **({"val": f"{row['val_loss']:.4f}"} if "val_loss" in row else {}))
         if step % args.save_every == 0 and step < total_steps:
