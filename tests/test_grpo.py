@@ -373,12 +373,12 @@ def toy_score(text, answer, num_tokens=None):
 grpo.reward.score = toy_score
 exit_after = int(os.environ.get("EXIT_AFTER_STEP", "0"))
 if exit_after:  # simulate a kill right after that step's metrics line, before its checkpoint
-    append = grpo.append_jsonl
+    append = grpo.cello.append_jsonl
     def append_then_die(path, row):
         append(path, row)
         if row["step"] == exit_after:
             os._exit(137)
-    grpo.append_jsonl = append_then_die
+    grpo.cello.append_jsonl = append_then_die
 grpo.main(sys.argv[1:])
 """
 VOLATILE = ("time_rollout", "time_reference", "time_update", "time_step", "tokens_per_s")
