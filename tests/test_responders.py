@@ -59,21 +59,44 @@ def test_fit_expert_log_odds_by_hand():
 
 
 def test_expert_trace_and_conflict_by_hand():
-    """Both cells point to X on their own; cell 1 fits X better, so cell 2 moves to Y."""
+    """Both cells point to X on their own; cell 1 fits X better, so cell 2 gets Y (the joint assignment)."""
     train = [{"id": "t", "cells": [["x1", "x2", "h"], ["y1", "y2", "h"]], "candidates": ["X", "Y"], "answer": ["X", "Y"]}]
     profile = responders.fit_expert(train)
     record = {"id": "p", "cells": [["x1", "x2", "h"], ["x2", "y1", "h"]], "candidates": ["X", "Y"], "answer": ["X", "Y"]}
     text = responders.expert_response(record, profile, None, temperature=0.0)
     assert text == ("<think>\n"
-                    "Most confident first: Cell 1, Cell 2.\n"
-                    "Cell 1: x1, x2 point to X.\n"
-                    "Cell 2: x2 point to X, but Cell 1 fits it better, so Cell 2 takes Y (y1).\n"
+                    "Left: X; Y\n"
+                    "Cell 1: x1, x2, h -> X\n"
+                    "Left: Y\n"
+                    "Cell 2: x2, y1, h -> Y\n"
                     "</think>\n<answer>X | Y</answer>")
     assert reward.reward(text, record["answer"]) == 1.0
     # Ignoring the batch, both cells take X: a repeated label, so the response is malformed (-1).
     independent = responders.independent_response(record, profile)
     assert reward.parse_answer(independent, 2)["labels"] == ["X", "X"]
     assert reward.reward(independent, record["answer"]) == -1.0
+
+
+def test_expert_trace_restates_top_genes_and_eliminates_candidates():
+    """Each 'Cell k' line copies the cell's first TRACE_GENES genes and takes a type from the 'Left'
+    line above it; the next 'Left' line is that list minus the type; the answer repeats the types."""
+    train = synthetic_records(60, seed=11, noise=0.2)
+    test = synthetic_records(20, seed=12, split="test", n_range=(2, 6), noise=0.3)
+    respond = responders.make_responder("expert", train_records=train, temperature=0.5)
+    for record, texts in zip(test, respond(test, 2)):
+        for text in texts:
+            lines = text.split("\n")[1:-2]  # between "<think>" and "</think>"
+            n = len(record["cells"])
+            assert len(lines) == 2 * n
+            left, taken = list(record["candidates"]), []
+            for k in range(n):
+                assert lines[2 * k] == "Left: " + "; ".join(left)
+                genes, label = lines[2 * k + 1].removeprefix(f"Cell {k + 1}: ").split(" -> ")
+                assert genes.split(", ") == record["cells"][k][:responders.TRACE_GENES]
+                assert label in left
+                left.remove(label)
+                taken.append(label)
+            assert answer_labels(text, n) == taken
 
 
 def test_expert_learns_from_train_only():
@@ -101,7 +124,7 @@ def test_expert_answers_are_valid_permutations(temperature):
         for text in texts:
             labels = answer_labels(text, len(record["cells"]))
             assert sorted(labels) == sorted(record["candidates"])
-            assert text.startswith("<think>\nMost confident first: Cell ") and "\n</think>\n<answer>" in text
+            assert text.startswith("<think>\nLeft: ") and "\n</think>\n<answer>" in text
 
 
 def test_expert_is_accurate_on_clean_puzzles():
