@@ -169,6 +169,8 @@ def build(args):
         fail(f"--n-max must be >= --n-min (got {args.n_max} < {args.n_min})")
     if args.genes < 1:
         fail(f"--genes must be >= 1 (got {args.genes})")
+    if not 0 <= args.train_gene_dropout < 1:
+        fail(f"--train-gene-dropout must be in [0, 1) (got {args.train_gene_dropout})")
     if min(args.puzzles_per_group, args.val_puzzles_per_group, args.test_puzzles_per_group) < 0:
         fail("--puzzles-per-group, --val-puzzles-per-group and --test-puzzles-per-group must be >= 0")
     if not (0 <= args.val_frac < 1 and 0 < args.test_frac < 1 and args.val_frac + args.test_frac < 1):
@@ -262,6 +264,8 @@ def build(args):
                  "test": args.test_puzzles_per_group}
     barcodes = [str(v) for v in adata.obs_names]
     cache = {}
+    # its own generator, so that the puzzles (cells, order) are the same whatever --train-gene-dropout is
+    dropout_rng = np.random.default_rng([args.seed, 1])
     records = {split: [] for split in SPLITS}
     skipped_groups = 0
     seen = set()
@@ -277,8 +281,11 @@ def build(args):
                 for i, _ in puzzle:
                     if i not in cache:
                         row = matrix[i].toarray().ravel() if hasattr(matrix, "toarray") else np.asarray(matrix[i]).ravel()
-                        cache[i] = top_genes(row.astype(np.float64), symbols, args.genes)
-                    cells.append(cache[i])
+                        cache[i] = row.astype(np.float64)
+                    row = cache[i]
+                    if split == "train" and args.train_gene_dropout > 0:
+                        row = np.where(dropout_rng.random(row.shape) < args.train_gene_dropout, 0.0, row)
+                    cells.append(top_genes(row, symbols, args.genes))
                 answer = [t for _, t in puzzle]
                 group = "/".join(x for x in (donor, batch, f"c{context_ids[context]}" if len(context_ids) > 1 else "") if x)
                 records[split].append({
@@ -498,6 +505,10 @@ def main(argv=None):
     g.add_argument("--puzzles-per-group", type=int, default=130,
                    help="train puzzles per N per group (group = donor, batch and context within a split); "
                         "fewer when the group cannot make that many distinct puzzles")
+    g.add_argument("--train-gene-dropout", type=float, default=0.0,
+                   help="train puzzles only: drop each expressed gene of a cell with this probability before "
+                        "taking its top M, afresh in every puzzle (scRNA-seq dropout as augmentation: a cell "
+                        "seen in many puzzles never shows the same list, so a model must read it, not recall it)")
     g.add_argument("--val-puzzles-per-group", type=int, default=10, help="as --puzzles-per-group, for val")
     g.add_argument("--test-puzzles-per-group", type=int, default=20, help="as --puzzles-per-group, for test")
     g = b.add_argument_group("splits and randomness")

@@ -112,6 +112,29 @@ def test_same_seed_same_files_other_seed_differs(built, tmp_path):
         assert read(out / name) != read(tmp_path / "seed1" / name)
 
 
+def test_train_gene_dropout_varies_train_lists_only(built, pbmc, tmp_path):
+    """--train-gene-dropout: the same puzzles (cells, order); val and test files unchanged; each train
+    cell's list is the top M of its row with some expressed genes dropped, so a cell that appears in
+    several train puzzles shows different lists."""
+    out, plain = built
+    adata, raw, row_of, genes = pbmc
+    col_of = {g: j for j, g in enumerate(genes)}
+    dropped = build(tmp_path / "dropout", *SMALL, "--train-gene-dropout", "0.3")
+    for name in ("val.jsonl", "test.jsonl"):
+        assert read(out / name) == read(tmp_path / "dropout" / name)
+    assert [r["cell_ids"] for r in dropped["train"]] == [r["cell_ids"] for r in plain["train"]]
+    lists = {}
+    for r in dropped["train"]:
+        for cell_id, cell_genes in zip(r["cell_ids"], r["cells"]):
+            values = raw[row_of[cell_id]][[col_of[g] for g in cell_genes]]
+            assert len(cell_genes) == 20 and np.all(np.diff(values) <= 0) and np.all(values > 0)
+            lists.setdefault(cell_id, set()).add(tuple(cell_genes))
+    repeated = [cell for cell, seen in lists.items() if sum(cell in r["cell_ids"] for r in dropped["train"]) > 1]
+    assert repeated and all(len(lists[cell]) > 1 for cell in repeated)
+    changed = sum(a != b for r, q in zip(dropped["train"], plain["train"]) for a, b in zip(r["cells"], q["cells"]))
+    assert changed >= 0.95 * sum(len(r["cells"]) for r in plain["train"])  # P(top 20 all kept) = 0.7**20
+
+
 def test_barcode_suffix_batches(tmp_path):
     splits = build(tmp_path, *SMALL, "--batch-key", "barcode-suffix")
     records = [r for rs in splits.values() for r in rs]
@@ -276,6 +299,7 @@ def test_no_puzzle_at_all(tmp_path):
     (["--n-min", "1"], "--n-min must be >= 2"),
     (["--n-min", "5", "--n-max", "4"], "--n-max must be >= --n-min"),
     (["--genes", "0"], "--genes must be >= 1"),
+    (["--train-gene-dropout", "1"], "--train-gene-dropout must be in [0, 1)"),
     (["--genes", "13"], "--genes 13 is more than the 12 genes"),
     (["--test-frac", "0"], "--val-frac and --test-frac"),
     (["--test-puzzles-per-group", "-1"], "must be >= 0"),
