@@ -23,8 +23,8 @@ Bad input stops with one line and a non-zero exit: missing file, a line that is 
 without a "response". Examples longer than --max-length tokens are skipped (truncation would cut the
 answer and the EOS the model must learn) and their count is printed; no example left is an error.
 
-Run (the defaults suit the CPU demo: the `small` preset from scratch on ~600 expert traces of ~1,050
-tokens, batch 8, lr 2e-3; one epoch is ~75 steps, about 660k tokens):
+Run (the defaults suit the CPU demo: the `small` preset from scratch on ~1,400 expert traces of ~500
+tokens, batch 8, lr 3e-3; one epoch is ~175 steps, about 700k tokens):
     python sft.py --data sft.jsonl --model small --out-dir runs/sft
     torchrun --nproc_per_node 2 sft.py --data sft.jsonl --model small --out-dir runs/sft
 Continue an interrupted run (same flags):
@@ -212,7 +212,7 @@ def parse_args(argv=None):
     batching.add_argument("--bucket-batches", type=int, default=8,
                           help="global batches per length bucket (1: sort within each batch only)")
     optim = parser.add_argument_group("optimization")
-    optim.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of AdamW")
+    optim.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of AdamW")
     optim.add_argument("--min-lr-ratio", type=float, default=0.1, help="final learning rate / peak (cosine)")
     optim.add_argument("--warmup-steps", type=int, default=5, help="optimizer steps of linear warmup")
     optim.add_argument("--epochs", type=int, default=3, help="passes over the training examples")

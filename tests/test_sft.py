@@ -153,7 +153,10 @@ def one_step(tiny, micro_batch_size):
     """(loss, grad_norm, weights) after one SGD step on a 4-example global batch."""
     tokenizer = cello.load_tokenizer(tiny)
     model = cello.load_model(tiny)
-    examples, _ = sft.tokenize(tokenizer, make_records(4, seed=3), 10_000)
+    records = make_records(4, seed=3)
+    for i, record in enumerate(records):  # responses of different lengths: the normalisation then matters
+        record["response"] = record["response"].replace("<think>", "<think>" + "Cell by cell. " * i)
+    examples, _ = sft.tokenize(tokenizer, records, 10_000)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     batch = [0, 1, 2, 3]
