@@ -864,8 +864,10 @@ def demo_stages(out, data, sft_steps, grpo_steps):
         ("distill from the expert", ["distill.py", "--puzzles", train, "--train", train, "--teacher", "expert",
                                      "--samples", "4", "--out-dir", f"{out}/distill", "--yes"],
          f"{out}/distill/report.json"),
+        # val loss and checkpoints every 100 steps, not 20: at 20 they cost a sixth of the SFT stage
         ("SFT the small model", ["sft.py", "--data", f"{out}/distill/sft.jsonl", "--model", "small",
-                                 "--out-dir", f"{out}/sft", "--max-steps", str(sft_steps)],
+                                 "--out-dir", f"{out}/sft", "--max-steps", str(sft_steps), "--eval-every", "100",
+                                 "--save-every", "100"],
          f"{out}/sft/final/config.json"),
         # expert-style responses are 123, 158 and 193 tokens for N = 4, 5, 6: a 240-token budget
         ("GRPO from the SFT model", ["grpo.py", "--model", f"{out}/sft/final", "--train", train, "--val", val,
