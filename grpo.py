@@ -31,7 +31,8 @@ term acts): every group got equal rewards (all malformed, or all right).
 
 The defaults are the CPU demo: the "small" preset after SFT on the bundled puzzles (prompts 434-680
 tokens, expert-style responses 86-360 tokens, mean 212), P = 2 puzzles x G = 8 responses per step.
-Measured by bench_grpo.py on the 2-core machine with OMP_NUM_THREADS=1 (other jobs running), every
+Measured by bench_grpo.py (with the small preset of the time: hidden 256, 3.74M parameters; it is
+hidden 128 now) on the 2-core machine with OMP_NUM_THREADS=1 (other jobs running), every
 response run to the 400-token budget, 444-677-token prompts: 15.4 s per step (rollout 9.8, reference
 1.4, update 4.2; --per-sequence 21.0 s: 10.7, 3.0, 7.3); decoding the 400 tokens dominates and is
 the same work in both paths. Use OMP_NUM_THREADS=1 on a busy 2-core machine: with

@@ -35,7 +35,7 @@ from scipy.optimize import linear_sum_assignment
 
 # Expert sampling temperature, in the score matrix's per-gene log-odds units. On the bundled pbmc68k
 # train puzzles (N 4..8) it keeps 83% of samples fully correct and 97.7% of puzzles with one in k = 4
-# (temperature 0: 96.2%), with 4 distinct traces per 4 samples: enough to reject, most accepted.
+# (temperature 0: 96.2%): enough wrong assignments to reject, most accepted.
 DEFAULT_TEMPERATURE = 0.1
 # Genes a trace line restates per cell, top first. The top 5 already carry most of the signal (the
 # expert scores 84% of test cells right from them, 86% from all 25, demo puzzles), and restating them
@@ -119,13 +119,6 @@ def score_matrix(record, profile):
         for j, m in enumerate(markers):
             S[i, j] = sum(wr * m.get(g, 0.0) for wr, g in zip(w, genes)) / total
     return S
-
-
-def top_genes(genes, markers, k=3):
-    """The k genes of a cell's list contributing most to a type (w(r) * score), strongest first."""
-    contrib = [(rank_weight(r) * markers.get(g, 0.0), -r, g) for r, g in enumerate(genes)]
-    best = [g for c, _, g in sorted(contrib, reverse=True) if c > 0][:k]
-    return best or list(genes[:k])  # no learned markers (an unseen type): name the top-expressed genes
 
 
 # ---------------------------------------------------------------------------------------------
