@@ -108,7 +108,7 @@ def test_cell_types_are_single_tokens_wherever_they_stand(small_dir, records):
         ids = tokenizer.encode(text, add_special_tokens=False)
         assert ids.count(label_id) == 1 and tokenizer.decode(ids) == text
     # every candidate line of a prompt is one label token
-    assert all(tokenizer.encode(c, add_special_tokens=False).__len__() == 1 for r in records for c in r["candidates"])
+    assert all(len(tokenizer.encode(c, add_special_tokens=False)) == 1 for r in records for c in r["candidates"])
     # single_word: a label is never cut out of a longer word
     for text in [f"x{label}", f"{label}x"]:
         assert label_id not in tokenizer.encode(text, add_special_tokens=False)
