@@ -129,7 +129,7 @@ def test_train_gene_dropout_varies_train_lists_only(built, pbmc, tmp_path):
             values = raw[row_of[cell_id]][[col_of[g] for g in cell_genes]]
             assert len(cell_genes) == 20 and np.all(np.diff(values) <= 0) and np.all(values > 0)
             lists.setdefault(cell_id, set()).add(tuple(cell_genes))
-    repeated = [cell for cell, seen in lists.items() if sum(cell in r["cell_ids"] for r in dropped["train"]) > 1]
+    repeated = [cell for cell in lists if sum(cell in r["cell_ids"] for r in dropped["train"]) > 1]
     assert repeated and all(len(lists[cell]) > 1 for cell in repeated)
     changed = sum(a != b for r, q in zip(dropped["train"], plain["train"]) for a, b in zip(r["cells"], q["cells"]))
     assert changed >= 0.95 * sum(len(r["cells"]) for r in plain["train"])  # P(top 20 all kept) = 0.7**20
