@@ -22,7 +22,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule
 from torch.utils.checkpoint import checkpoint
-from transformers import DynamicCache, StaticCache
+from transformers import AttentionInterface, DynamicCache, StaticCache
+from transformers.masking_utils import AttentionMaskInterface
 
 # ---------------------------------------------------------------------------------------------
 # 1. Prompt rendering
@@ -379,8 +380,73 @@ def _next_token(logits, temperature, top_p, generator):
             mass_before = sorted_probs.cumsum(-1) - sorted_probs
             sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)
             probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-        tokens = torch.multinomial(probs, 1, generator=generator)[:, 0]
+        # inverse CDF: the first token whose cumulative probability reaches u, u uniform in (0, total].
+        # One random number per row (torch.multinomial draws one per vocabulary entry: 1.6 ms of a
+        # 20 ms decode step on CPU); a zero-probability token never comes first, as its cdf equals its
+        # predecessor's.
+        cdf = probs.cumsum(-1)  # [b, V]
+        u = (1 - torch.rand((len(probs), 1), generator=generator, device=probs.device)) * cdf[:, -1:]
+        tokens = torch.searchsorted(cdf, u)[:, 0]
     return tokens, logp.gather(-1, tokens[:, None])[:, 0]
+
+
+def _shared_prefix_attention(module, query, key, value, attention_mask, scaling, shared_prefix, **kwargs):
+    """Decode-step attention over a prompt shared by a group of rows, plus each row's own tokens.
+
+    Row r (of P * G, group-major) belongs to prompt r // G. For each head, with q the row's query:
+        scores = [q . Kprompt_j * scaling + bias_j  for the prompt's slots j] ++ [q . Kown_t * scaling]
+        out = softmax(scores) @ [Vprompt ; Vown]
+    the same numbers as attention over the row's own copy of prompt + response, but each prompt's
+    keys and values are read once per step for its G rows (one batched matmul per group), not G times.
+    shared_prefix: {"keys_t": per layer [P, kv_heads, d, W] (left-padded prompts' keys, transposed and
+    contiguous: twice as fast a matmul on CPU as a transposed view), "values": per layer [P, kv_heads, W, d],
+    "bias": [P, 1, 1, W] (0 on real slots, -inf on padding), "group": G, "live": [R] rows still
+    decoding (of P * G), "length": response tokens so far}. query [R, H, 1, d]; key/value: the rows'
+    own cache [R, kv_heads, >= length, d]. Returns ([R, 1, H, d], None) as Hugging Face's attention
+    functions do. attention_mask is unused: the bias and "length" are the whole mask.
+    """
+    prefix_keys_t = shared_prefix["keys_t"][module.layer_idx]  # [P, kv_heads, d, W]
+    prefix_values = shared_prefix["values"][module.layer_idx]  # [P, kv_heads, W, d]
+    prompts, kv_heads, dim, width = prefix_keys_t.shape
+    group, live, length = shared_prefix["group"], shared_prefix["live"], shared_prefix["length"]
+    rows, heads = query.shape[:2]
+    per_kv = heads // kv_heads  # grouped-query attention: query heads per key/value head
+
+    def to_groups(x):  # [P * G, H, n] -> [P, kv_heads, G * per_kv, n]: one matmul per prompt and kv head
+        return x.view(prompts, group, kv_heads, per_kv, -1).transpose(1, 2).reshape(prompts, kv_heads, group * per_kv, -1)
+
+    def to_rows(x):  # the inverse: [P, kv_heads, G * per_kv, n] -> [P * G, H, n]
+        return x.view(prompts, kv_heads, group, per_kv, -1).transpose(1, 2).reshape(prompts * group, heads, -1)
+
+    everyone = rows == prompts * group  # no row has finished yet: no scatter into the P * G layout needed
+
+    def scatter(x):  # [R, H, n] -> [P * G, H, n]; finished rows get zeros (cheap, and keep the layout)
+        if everyone:
+            return x
+        full = x.new_zeros((prompts * group, *x.shape[1:]))
+        full[live] = x
+        return full
+
+    def gather(x):  # [P * G, H, n] -> [R, H, n]
+        return x if everyone else x[live]
+
+    query = query * scaling  # [R, H, 1, d]: scaling the query is cheaper than scaling the scores
+    prefix_scores = to_groups(scatter(query[:, :, 0])) @ prefix_keys_t  # [P, kv_heads, G * per_kv, W]
+    prefix_scores = gather(to_rows(prefix_scores.float() + shared_prefix["bias"]))  # [R, H, W]
+    own_keys, own_values = key[:, :, :length], value[:, :, :length]  # [R, kv_heads, length, d]
+    if per_kv > 1:
+        own_keys, own_values = own_keys.repeat_interleave(per_kv, 1), own_values.repeat_interleave(per_kv, 1)
+    own_scores = (query @ own_keys.transpose(-1, -2))[:, :, 0].float()  # [R, H, length]
+    probs = torch.cat([prefix_scores, own_scores], -1).softmax(-1).to(query.dtype)  # [R, H, W + length]
+    out = gather(to_rows(to_groups(scatter(probs[..., :width])) @ prefix_values))  # [R, H, d]
+    out = out + (probs[..., None, width:] @ own_values)[:, :, 0]
+    return out[:, None], None
+
+
+# Registered by name so that the model's own attention layers call it during decoding (sample sets
+# config._attn_implementation for the decode loop only); it builds its own mask, so the model makes none.
+AttentionInterface.register("cello_shared_prefix", _shared_prefix_attention)
+AttentionMaskInterface.register("cello_shared_prefix", lambda **kwargs: None)
 
 
 @torch.no_grad()
@@ -418,48 +484,56 @@ def sample(model, prompts, num_samples, max_new_tokens, eos_id, pad_id, temperat
             out = model(input_ids=torch.tensor([prompt], device=device), cache=prompt_caches[-1], use_cache=True,
                         logits_to_keep=1)
             last_logits.append(out.logits[0, -1].float())
-        # Lay the prompts out left-padded in a preallocated cache, each copied to its G rows (group-major).
-        # A DynamicCache would torch.cat every layer's whole cache at every decode step, which took 70%
-        # of decoding on CPU; StaticCache writes each new token in place.
+        # Keep each prompt's keys and values once, left-padded to the longest: [P, kv_heads, width, head_dim]
+        # per layer (keys stored transposed). Decoding attends to them through _shared_prefix_attention, which reads each
+        # group's prompt once per step for all its G rows instead of G copies of it.
         width = max(len(p) for p in prompts)
-        cache = StaticCache(config=model.config, max_cache_len=width + max_new_tokens)
+        prefix_keys, prefix_values = [], []
         for layer_idx in range(len(prompt_caches[0].layers)):
-            padded = []
-            for states in ("keys", "values"):
-                first = getattr(prompt_caches[0].layers[layer_idx], states)  # [1, heads, n, head_dim]
+            for states, padded in (("keys", prefix_keys), ("values", prefix_values)):
+                first = getattr(prompt_caches[0].layers[layer_idx], states)  # [1, kv_heads, n, head_dim]
                 full = first.new_zeros((len(prompts), first.shape[1], width, first.shape[3]))
                 for i, prompt_cache in enumerate(prompt_caches):
                     full[i, :, width - len(prompts[i]):] = getattr(prompt_cache.layers[layer_idx], states)[0]
-                padded.append(full.repeat_interleave(num_samples, 0))
-            cache.update(padded[0], padded[1], layer_idx)
-        del prompt_caches, padded
-        # the mask covers the new tokens' slots up front: the causal mask hides slots not yet written
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * (len(p) + max_new_tokens) for p in prompts], device=device)
-        mask = mask.repeat_interleave(num_samples, 0)  # [R, width + max_new_tokens]
+                padded.append(full.transpose(-1, -2).contiguous() if states == "keys" else full)
+        del prompt_caches
+        padding = torch.tensor([[True] * (width - len(p)) + [False] * len(p) for p in prompts], device=device)
+        shared = {"keys_t": prefix_keys, "values": prefix_values, "group": num_samples,
+                  "bias": torch.zeros(padding.shape, device=device).masked_fill(padding, float("-inf"))[:, None, None]}
+        # The responses' own keys and values: a preallocated cache written in place (a DynamicCache
+        # would torch.cat every layer's cache at every step, which took 70% of decoding on CPU).
+        cache = StaticCache(config=model.config, max_cache_len=max(1, max_new_tokens - 1))
         logits = torch.stack(last_logits).repeat_interleave(num_samples, 0)  # [R, V]
         next_pos = torch.tensor([len(p) for p in prompts], device=device).repeat_interleave(num_samples, 0)  # [R]
         live = torch.arange(rows, device=device)  # output row of each row still decoding
-        for step in range(max_new_tokens):
-            token, logprob = _next_token(logits, temperature, top_p, generator)
-            tokens[live, step] = token
-            logprobs[live, step] = logprob
-            lengths[live] = step + 1
-            stop = token == eos_id
-            if step == max_new_tokens - 1:
-                finished[live[stop]] = True
-                break
-            if stop.any():  # drop finished rows from the batch (and their cache) rather than decode padding
-                finished[live[stop]] = True
-                keep = (~stop).nonzero()[:, 0]
-                if len(keep) == 0:
+        attention = model.config._attn_implementation
+        model.config._attn_implementation = "cello_shared_prefix"
+        try:
+            for step in range(max_new_tokens):
+                token, logprob = _next_token(logits, temperature, top_p, generator)
+                tokens[live, step] = token
+                logprobs[live, step] = logprob
+                lengths[live] = step + 1
+                stop = token == eos_id
+                if step == max_new_tokens - 1:
+                    finished[live[stop]] = True
                     break
-                live, token, mask, next_pos = live[keep], token[keep], mask[keep], next_pos[keep]
-                for layer in cache.layers:
-                    layer.keys, layer.values = layer.keys[keep], layer.values[keep]
-            out = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_pos[:, None],
-                        cache=cache, use_cache=True)
-            logits = out.logits[:, -1].float()
-            next_pos = next_pos + 1
+                if stop.any():  # drop finished rows from the batch (and their cache) rather than decode padding
+                    finished[live[stop]] = True
+                    keep = (~stop).nonzero()[:, 0]
+                    if len(keep) == 0:
+                        break
+                    live, token, next_pos = live[keep], token[keep], next_pos[keep]
+                    for layer in cache.layers:
+                        if layer.is_initialized:  # the cache allocates itself at the first forward
+                            layer.keys, layer.values = layer.keys[keep], layer.values[keep]
+                shared["live"], shared["length"] = live, step + 1
+                out = model(input_ids=token[:, None], position_ids=next_pos[:, None], cache=cache, use_cache=True,
+                            shared_prefix=shared)
+                logits = out.logits[:, -1].float()
+                next_pos = next_pos + 1
+        finally:
+            model.config._attn_implementation = attention
     lengths = lengths.tolist()
     return {"responses": [t[:n] for t, n in zip(tokens.tolist(), lengths)],
             "logprobs": [lp[:n] for lp, n in zip(logprobs.tolist(), lengths)],

@@ -99,6 +99,20 @@ def test_tiny_top_p_is_greedy(model):
     assert nucleus["responses"] == greedy["responses"]
 
 
+@pytest.mark.parametrize("top_p,expected", [(1.0, [0.5, 0.0, 0.3, 0.2, 0.0]),
+                                             (0.75, [0.625, 0.0, 0.375, 0.0, 0.0])])
+def test_draws_follow_the_probabilities_and_never_pick_a_zero_one(top_p, expected):
+    """20,000 draws from known probabilities (top-p 0.75 keeps 0.5 and 0.3, renormalised): each frequency
+    within 0.015 (over 4 standard deviations of a binomial share), tokens of probability 0 never."""
+    probs = torch.tensor([0.5, 0.0, 0.3, 0.2, 0.0])
+    logits = probs.log().expand(20000, -1).clone()
+    tokens, logprobs = cello._next_token(logits, 1.0, top_p, torch.Generator().manual_seed(0))
+    freq = torch.bincount(tokens, minlength=5) / len(tokens)
+    assert freq[1] == 0 and freq[4] == 0 and (top_p == 1.0 or freq[3] == 0)
+    assert torch.allclose(freq, torch.tensor(expected), atol=0.015), freq
+    assert torch.allclose(logprobs, probs.log()[tokens])  # log-probs stay those of the full distribution
+
+
 @pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 1.0), (0.7, 0.8), (0, 1.0)])
 def test_sampled_logprobs_equal_recomputed_logprobs(model, temperature, top_p):
     out = cello.sample(model, PROMPTS, 3, 12, eos_id=5, pad_id=PAD, temperature=temperature, top_p=top_p,
