@@ -10,18 +10,19 @@ cost does not depend on them, and a random model would score -1 everywhere). Bef
 policy gets back its starting weights and a fresh AdamW, so every timed step does the same work.
 
 Configurations:
-  demo   the CPU demo: the "small" preset built by cello.prepare_model on real puzzles (--data), with
-         grpo.py's defaults for P (puzzles per step), G and --max-new-tokens.
+  demo   the CPU demo: the "small" preset built by cello.prepare_model on real puzzles (--data: the
+         demo's train.jsonl), with the demo's P (puzzles per step), G and --max-new-tokens.
   issue  issue 6's case on the same ~4M-parameter Llama: 2 puzzles x 8 responses x 64 new tokens,
          random prompts of ~1,200 tokens (+-5%).
   sweep  the issue config with one factor changed: G 4 or 16, prompt 600 or response 200 tokens.
 Timings: one warm-up step per path, then --repeats rounds; each round runs both paths one after the
 other (load from other users hits both alike). Figures are medians over the rounds.
 
-Run (CPU, 1 thread; demo + issue about 6 minutes on the shared 2-core machine):
+Run (CPU, 1 thread; demo + issue about 4 minutes on the shared 2-core machine), on the demo's puzzles
+(runs/demo/puzzles/train.jsonl after `python cello.py demo`, or built alone with the demo's flags):
     python puzzles.py build data/pbmc68k_reduced.h5ad --out-dir runs/puzzles --cell-type-key bulk_labels \\
         --donor-key none --context "The cell is from a human donor, originating from the peripheral blood. \\
-The patient is healthy with no diagnosed disease."
+The patient is healthy with no diagnosed disease." --n-min 4 --n-max 6 --genes 25
     python bench_grpo.py --data runs/puzzles/train.jsonl --work-dir runs/bench-grpo
     python bench_grpo.py --data runs/puzzles/train.jsonl --work-dir runs/bench-grpo --configs sweep --repeats 1
 """
@@ -125,12 +126,13 @@ def random_prompts(P, mean_len, seed):
     return [torch.randint(10, policy.config.vocab_size, (n,), generator=g).tolist() for n in lengths]
 
 
-defaults = grpo.parse_args(["--model", "-", "--train", "-", "--out-dir", "-"])  # grpo.py's P, G, --max-new-tokens
-if "demo" in configs:
+if "demo" in configs:  # P, G and --max-new-tokens exactly as `python cello.py demo` runs grpo.py
+    stages = {name: command for name, command, _ in cello.demo_stages("demo", "data", 1, 1)}
+    demo = grpo.parse_args(stages["GRPO from the SFT model"][1:])
     g = torch.Generator().manual_seed(args.seed)
-    picked = torch.randperm(len(records), generator=g)[:defaults.puzzles_per_step].tolist()
-    bench("demo", [cello.prompt_ids(tokenizer, records[i]) for i in picked], defaults.group_size,
-          defaults.max_new_tokens, args.repeats)
+    picked = torch.randperm(len(records), generator=g)[:demo.puzzles_per_step].tolist()
+    bench("demo", [cello.prompt_ids(tokenizer, records[i]) for i in picked], demo.group_size,
+          demo.max_new_tokens, args.repeats)
 if "issue" in configs:
     bench("issue", random_prompts(2, args.issue_prompt_len, args.seed), 8, args.issue_new_tokens, args.repeats)
 if "sweep" in configs:  # one factor at a time around the issue config (G 8, prompt 1200, response 64)
