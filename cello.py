@@ -950,7 +950,7 @@ def demo_stages(out, data, sft_steps, grpo_steps):
         ("GRPO from the SFT model", ["grpo.py", "--model", f"{out}/sft/final", "--train", train, "--val", val,
                                      "--out-dir", f"{out}/grpo", "--steps", str(grpo_steps), "--puzzles-per-step",
                                      "4", "--group-size", "8", "--max-new-tokens", "240", "--lr", "1e-4",
-                                     "--eval-every", "5", "--eval-batch", "16"],
+                                     "--eval-every", "10", "--eval-batch", "16"],
          f"{out}/grpo/final/config.json"),
         ("evaluate the baselines", ["eval.py", "--puzzles", test, "--train", train, "--responder", "random",
                                     "independent", "expert", "--out-dir", f"{out}/eval/baselines"],
@@ -999,8 +999,8 @@ def demo(argv):
     parser.add_argument("--out-dir", default="runs/demo", help="run folder: every stage writes below it")
     parser.add_argument("--data", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "data",
                                                        "pbmc68k_reduced.h5ad"), help="AnnData file of the demo")
-    parser.add_argument("--sft-steps", type=int, default=2000, help="SFT optimizer steps (batch 4)")
-    parser.add_argument("--grpo-steps", type=int, default=25, help="GRPO steps (4 puzzles x 8 samples each)")
+    parser.add_argument("--sft-steps", type=int, default=1700, help="SFT optimizer steps (batch 4)")
+    parser.add_argument("--grpo-steps", type=int, default=20, help="GRPO steps (4 puzzles x 8 samples each)")
     args = parser.parse_args(argv)
     here = os.path.dirname(os.path.abspath(__file__))
     os.makedirs(args.out_dir, exist_ok=True)
