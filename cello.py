@@ -940,11 +940,13 @@ def demo_stages(out, data, sft_steps, grpo_steps):
                                      "--samples", "4", "--out-dir", f"{out}/distill", "--yes"],
          f"{out}/distill/report.json"),
         # Batches of 4, not 8: the model learns to copy prompt lines (val loss falls from ~0.5 to ~0.1)
-        # between steps 1,250 and 1,500 with batches of 4 and of 8 alike, so twice the steps in the same
-        # minutes get past it. Val loss and checkpoints every 100 steps (every 20 cost a sixth of the stage).
+        # between steps 1,250 and 1,500 with batches of 4 and of 8 alike, if the learning rate is still
+        # high then (a cosine to 10% over 1,700 steps had not got there by step 1,600): so twice the steps
+        # in the same minutes, decaying only to half the peak. Val loss and checkpoints every 100 steps.
         ("SFT the small model", ["sft.py", "--data", f"{out}/distill/sft.jsonl", "--model", "small",
                                  "--out-dir", f"{out}/sft", "--max-steps", str(sft_steps), "--batch-size", "4",
-                                 "--micro-batch-size", "4", "--eval-every", "100", "--save-every", "100"],
+                                 "--micro-batch-size", "4", "--min-lr-ratio", "0.5", "--eval-every", "100",
+                                 "--save-every", "100"],
          f"{out}/sft/final/config.json"),
         # expert-style responses are 123, 158 and 193 tokens for N = 4, 5, 6: a 240-token budget
         ("GRPO from the SFT model", ["grpo.py", "--model", f"{out}/sft/final", "--train", train, "--val", val,
