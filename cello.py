@@ -413,7 +413,8 @@ def _shared_prefix_attention(module, query, key, value, attention_mask, scaling,
     per_kv = heads // kv_heads  # grouped-query attention: query heads per key/value head
 
     def to_groups(x):  # [P * G, H, n] -> [P, kv_heads, G * per_kv, n]: one matmul per prompt and kv head
-        return x.view(prompts, group, kv_heads, per_kv, -1).transpose(1, 2).reshape(prompts, kv_heads, group * per_kv, -1)
+        x = x.view(prompts, group, kv_heads, per_kv, -1).transpose(1, 2)
+        return x.reshape(prompts, kv_heads, group * per_kv, -1)
 
     def to_rows(x):  # the inverse: [P, kv_heads, G * per_kv, n] -> [P * G, H, n]
         return x.view(prompts, kv_heads, group, per_kv, -1).transpose(1, 2).reshape(prompts * group, heads, -1)
@@ -486,8 +487,8 @@ def sample(model, prompts, num_samples, max_new_tokens, eos_id, pad_id, temperat
                         logits_to_keep=1)
             last_logits.append(out.logits[0, -1].float())
         # Keep each prompt's keys and values once, left-padded to the longest: [P, kv_heads, width, head_dim]
-        # per layer (keys stored transposed). Decoding attends to them through _shared_prefix_attention, which reads each
-        # group's prompt once per step for all its G rows instead of G copies of it.
+        # per layer (keys stored transposed). Decoding attends to them through _shared_prefix_attention,
+        # which reads each group's prompt once per step for all its G rows instead of G copies of it.
         width = max(len(p) for p in prompts)
         prefix_keys, prefix_values = [], []
         for layer_idx in range(len(prompt_caches[0].layers)):
