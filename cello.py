@@ -745,8 +745,8 @@ def shard_model(model, device, bf16=False, activation_checkpointing=False):
     """FSDP2: fully_shard each decoder layer, then the root, over a 1-D mesh of all ranks. Returns model.
 
     bf16: parameters are gathered and computed in bfloat16 while the sharded master weights and the
-    gradient reduction stay float32 (MixedPrecisionPolicy). With one process there is nothing to shard
-    and bf16 is ignored (load the model with dtype=torch.bfloat16 for pure bf16 instead).
+    gradient reduction stay float32 (MixedPrecisionPolicy). Without a process group (a plain run, or
+    torchrun with one process) there is nothing to shard and bf16 is ignored (the scripts autocast).
     activation_checkpointing: recompute each decoder layer in backward instead of storing its
     activations (Hugging Face's gradient checkpointing; it acts in train() mode only).
     Layers reshard after their forward (memory); the root does not, since its parameters (embedding,
@@ -755,7 +755,7 @@ def shard_model(model, device, bf16=False, activation_checkpointing=False):
     """
     if activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if get_world_size() == 1:
+    if not dist.is_initialized():
         return model
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -772,6 +772,13 @@ def shard_model(model, device, bf16=False, activation_checkpointing=False):
         fully_shard(layer, mesh=mesh, mp_policy=mp_policy)
     fully_shard(model, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=False)
     return model
+
+
+def bf16_autocast(model, bf16):
+    """The context for a --bf16 forward: autocast to bfloat16 for an unsharded model (float32 weights
+    and optimizer); under FSDP2 (cello.shard_model) the sharding policy casts instead, so it is off."""
+    on = bf16 and not isinstance(model, FSDPModule)
+    return torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16, enabled=on)
 
 
 def rng_states():

@@ -321,12 +321,6 @@ def all_gather_list(items):
     return [x for part in out for x in part]
 
 
-def autocast(model, args):
-    """bf16 autocast for a one-process --bf16 run; under FSDP2 the sharding policy casts instead."""
-    on = args.bf16 and cello.get_world_size() == 1
-    return torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16, enabled=on)
-
-
 def rollout(model, prompts, step, first_position, args, eos_id, pad_id, device):
     """Sample G responses to each prompt with the current policy (no gradients).
 
@@ -341,7 +335,7 @@ def rollout(model, prompts, step, first_position, args, eos_id, pad_id, device):
     """
     out = {"responses": [], "logprobs": [], "finished": []}
     G = args.group_size
-    with torch.no_grad(), autocast(model, args):
+    with torch.no_grad(), cello.bf16_autocast(model, args.bf16):
         for a in range(0, len(prompts), args.sample_batch):
             gen = torch.Generator(device=device).manual_seed(sample_seed(args.seed, step, first_position + a))
             chunk = prompts[a:a + args.sample_batch]
@@ -358,7 +352,7 @@ def rollout(model, prompts, step, first_position, args, eos_id, pad_id, device):
 
 def reference_logprobs(ref_model, prompts, responses, args):
     """Log-probs [R, L] (float32, on the CPU) of the responses under the frozen reference, no gradients."""
-    with torch.no_grad(), autocast(ref_model, args):
+    with torch.no_grad(), cello.bf16_autocast(ref_model, args.bf16):
         ref_logp, _ = cello.response_logprobs(ref_model, prompts, responses, temperature=args.temperature,
                                               shared_prompt=not args.per_sequence)
     return ref_logp.float().cpu()
@@ -391,7 +385,7 @@ def policy_update(model, optimizer, batch, args, world_size=1):
             for a in range(p0, p1, args.micro_batch):
                 b = min(a + args.micro_batch, p1)
                 rows = slice(a * G, b * G)
-                with autocast(model, args):
+                with cello.bf16_autocast(model, args.bf16):
                     logp, _ = cello.response_logprobs(model, batch["prompts"][a:b], batch["responses"][rows],
                                                       temperature=args.temperature,
                                                       shared_prompt=not args.per_sequence)
@@ -432,7 +426,7 @@ def evaluate(model, tokenizer, records, args, rank, world_size):
     per_rank = math.ceil(len(records) / world_size)
     padded = mine + [mine[-1] if mine else records[0]] * (per_rank - len(mine))
     scores = []
-    with torch.no_grad(), autocast(model, args):
+    with torch.no_grad(), cello.bf16_autocast(model, args.bf16):
         for a in range(0, per_rank, args.eval_batch):
             chunk = padded[a:a + args.eval_batch]
             out = cello.sample(model, [cello.prompt_ids(tokenizer, r) for r in chunk], 1, args.max_new_tokens,

@@ -225,7 +225,8 @@ def parse_args(argv=None):
     loop.add_argument("--save-every", type=int, default=20, help="optimizer steps between checkpoints in OUT_DIR/last")
     system = parser.add_argument_group("system")
     system.add_argument("--bf16", action="store_true",
-                        help="bf16 mixed precision under torchrun/FSDP2 (float32 master weights); ignored in 1 process")
+                        help="bf16 compute, float32 master weights (FSDP2 mixed precision under torchrun, "
+                        "autocast in 1 process)")
     system.add_argument("--activation-checkpointing", action="store_true",
                         help="recompute each decoder layer's activations in backward instead of storing them")
     args = parser.parse_args(argv)
@@ -310,16 +311,18 @@ def main(argv=None):
         num_tokens = sum(sum(train[i][1]) for i in batch)  # response tokens of the global batch
         lr = optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler moves it after)
         started = time.perf_counter()
-        loss, grad_norm = train_step(model, optimizer, scheduler, train,
-                                     rank_micro_batches(batch, rank, world_size, args.micro_batch_size),
-                                     num_tokens, pad_id, device, world_size, args.grad_clip)
+        with cello.bf16_autocast(model, args.bf16):
+            loss, grad_norm = train_step(model, optimizer, scheduler, train,
+                                         rank_micro_batches(batch, rank, world_size, args.micro_batch_size),
+                                         num_tokens, pad_id, device, world_size, args.grad_clip)
         step += 1
         tokens = sum(lengths[i] for i in batch)
         row = {"step": step, "epoch": epoch, "loss": loss, "lr": lr,
                "grad_norm": grad_norm, "tokens": tokens,
                "tokens_per_s": tokens / (time.perf_counter() - started)}
         if val and (step % args.eval_every == 0 or step == total_steps):
-            row["val_loss"] = validation_loss(model, val, rank, world_size, args.micro_batch_size, pad_id, device)
+            with cello.bf16_autocast(model, args.bf16):
+                row["val_loss"] = validation_loss(model, val, rank, world_size, args.micro_batch_size, pad_id, device)
         if rank == 0:
             cello.append_jsonl(metrics_path, row)
         progress.update(1)

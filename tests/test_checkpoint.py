@@ -55,6 +55,11 @@ def test_single_process_helpers_are_plain():
     assert cello.all_reduce(2.5) == 2.5 and cello.all_reduce([1.0, 3.0], op="mean") == [1.0, 3.0]
     model = torch.nn.Linear(2, 2)
     assert cello.shard_model(model, torch.device("cpu")) is model
+    # --bf16 in one process autocasts; without the flag nothing is cast
+    with cello.bf16_autocast(model, True):
+        assert model(torch.ones(1, 2)).dtype == torch.bfloat16
+    with cello.bf16_autocast(model, False):
+        assert model(torch.ones(1, 2)).dtype == torch.float32
 
 
 def test_save_load_gives_identical_logits(model_dir, tmp_path):
@@ -160,7 +165,7 @@ def test_two_process_fsdp2_matches_one_process(model_dir, tmp_path):
     assert result["mean_rank"] == 0.5 and result["sum_rank"] == 1.0
     fp32_loss = cello.load_model(model_dir)(BATCH, labels=BATCH).loss.item()
     assert result["bf16_loss"] == pytest.approx(fp32_loss, abs=1e-2) and result["bf16_loss"] != fp32_loss
-    assert result["bf16_grad_dtype"] == "torch.float32"
+    assert result["bf16_grad_dtype"] == "torch.float32" and result["autocast_under_fsdp"] is False
 
 
 def test_activation_checkpointing_gives_the_same_gradients(model_dir):
@@ -197,7 +202,9 @@ def worker(model_dir, work_dir):
     mixed.train()
     loss = mixed(BATCH, labels=BATCH).loss
     loss.backward()
-    result = {"grad_norm": grad_norm, "resumed_state": state, "resumed_max_diff": resumed_max_diff,
+    with cello.bf16_autocast(mixed, True):  # FSDP2's policy casts: the one-process autocast stays off
+        autocast_under_fsdp = torch.is_autocast_enabled("cpu")
+    result = {"autocast_under_fsdp": autocast_under_fsdp, "grad_norm": grad_norm, "resumed_state": state, "resumed_max_diff": resumed_max_diff,
               "mean_rank": cello.all_reduce(float(rank), op="mean"), "sum_rank": cello.all_reduce(float(rank)),
               "bf16_loss": loss.item(), "bf16_grad_dtype": str(mixed.model.embed_tokens.weight.grad.dtype)}
     if rank == 0:
