@@ -23,6 +23,9 @@ How build works:
      --val-puzzles-per-group or --test-puzzles-per-group). A puzzle takes N random distinct types of
      the group, one random cell of each, in random cell order; a drawn set of cells that already
      made a puzzle is drawn again (at most 20 K tries), so no two puzzles hold the same cells.
+     --exclude-puzzles FILE adds FILE's cell sets to those already made: puzzles for RL that the SFT
+     data (FILE) never showed together, from the same split (same --seed and split flags). Use the
+     new train.jsonl; test.jsonl is the same, val.jsonl may differ (val is drawn after train).
      Groups with fewer than N types are skipped and counted.
      Context: --context, else SPEC.md's sentence from the metadata columns that exist (cells whose
      fields are all unknown get "The cell is from an unknown donor."; a file with no such column
@@ -124,6 +127,26 @@ def draw_puzzles(pools, n, k, rng, seen):
         seen.add(key)
         out.append([cells[i] for i in rng.permutation(n)])
     return out
+
+
+def excluded_cell_sets(path, barcodes):
+    """The cell sets (frozensets of row indices) of the puzzles in a JSONL file built from this input."""
+    index = {b: i for i, b in enumerate(barcodes)}
+    if not os.path.isfile(path):
+        fail(f"--exclude-puzzles {path}: no such file")
+    sets = set()
+    with open(path) as f:
+        for line_no, line in enumerate(f, 1):
+            try:
+                ids = json.loads(line)["cell_ids"] if line.strip() else []
+            except (ValueError, KeyError, TypeError):
+                fail(f"--exclude-puzzles {path} line {line_no}: expected a puzzle record with a \"cell_ids\" list")
+            missing = [c for c in ids if c not in index]
+            if missing:
+                fail(f"--exclude-puzzles {path} line {line_no}: cell id {missing[0]!r} is not in this input's obs names")
+            if ids:
+                sets.add(frozenset(index[c] for c in ids))
+    return sets
 
 
 def load_h5ad(path):
@@ -268,7 +291,7 @@ def build(args):
     dropout_rng = np.random.default_rng([args.seed, 1])
     records = {split: [] for split in SPLITS}
     skipped_groups = 0
-    seen = set()
+    seen = excluded_cell_sets(args.exclude_puzzles, barcodes) if args.exclude_puzzles else set()
     for key in sorted(groups):
         split, donor, batch, context = key
         pools = groups[key]
@@ -509,6 +532,9 @@ def main(argv=None):
                    help="train puzzles only: drop each expressed gene of a cell with this probability before "
                         "taking its top M, afresh in every puzzle (scRNA-seq dropout as augmentation: a cell "
                         "seen in many puzzles never shows the same list, so a model must read it, not recall it)")
+    g.add_argument("--exclude-puzzles", default=None,
+                   help="puzzles JSONL built from this input (e.g. the SFT's train.jsonl): never draw one of its "
+                        "cell sets again (RL puzzles the SFT never saw)")
     g.add_argument("--val-puzzles-per-group", type=int, default=10, help="as --puzzles-per-group, for val")
     g.add_argument("--test-puzzles-per-group", type=int, default=20, help="as --puzzles-per-group, for test")
     g = b.add_argument_group("splits and randomness")

@@ -89,6 +89,19 @@ def test_no_cell_in_two_splits_and_no_repeated_puzzle(built):
     assert len(sets) == len(set(sets))
 
 
+
+def test_exclude_puzzles_draws_only_new_cell_sets_from_the_same_split(built, tmp_path):
+    out, splits = built
+    rl = build(tmp_path / "rl", *SMALL, "--exclude-puzzles", str(out / "train.jsonl"))
+    sft_sets = {frozenset(r["cell_ids"]) for r in splits["train"]}
+    rl_sets = {frozenset(r["cell_ids"]) for r in rl["train"]}
+    assert len(rl["train"]) == len(splits["train"]) and not rl_sets & sft_sets
+    # the same split (it is made before any puzzle is drawn): no val or test cell in the new train
+    # puzzles, and the same test puzzles
+    held_out = {c for split in ("val", "test") for r in splits[split] for c in r["cell_ids"]}
+    assert not {c for r in rl["train"] for c in r["cell_ids"]} & held_out
+    assert rl["test"] == splits["test"]
+
 def test_summary_matches_files(built):
     out, splits = built
     summary = json.load(open(out / "summary.json"))
@@ -256,6 +269,16 @@ FLAGS = ["--n-min", "3", "--n-max", "4", "--genes", "4"]
 def test_missing_file(tmp_path):
     expect_error(tmp_path, tmp_path / "nope.h5ad", FLAGS, "nope.h5ad: no such file")
 
+
+
+def test_exclude_puzzles_errors(tmp_path):
+    expect_error(tmp_path, DATA, SMALL + ["--exclude-puzzles", str(tmp_path / "none.jsonl")],
+                 "--exclude-puzzles", "none.jsonl: no such file")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"cell_ids": ["AAAGCCTGGCTAAC-1"]}\n{"id": "no cells"}\n')
+    expect_error(tmp_path, DATA, SMALL + ["--exclude-puzzles", str(bad)], "bad.jsonl line 2", '"cell_ids"')
+    bad.write_text('{"cell_ids": ["NOT-A-BARCODE"]}\n')
+    expect_error(tmp_path, DATA, SMALL + ["--exclude-puzzles", str(bad)], "line 1", "'NOT-A-BARCODE' is not in")
 
 def test_not_an_h5ad(tmp_path):
     path = tmp_path / "text.h5ad"
