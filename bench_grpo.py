@@ -51,7 +51,8 @@ parser.add_argument("--configs", default="demo,issue", help="comma-separated: de
 parser.add_argument("--repeats", type=int, default=3, help="timed rounds per configuration (after one warm-up)")
 parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 keeps figures steady on a shared machine)")
 parser.add_argument("--device", default="cpu", help="cpu or cuda (a GPU: times then wait for its queued work)")
-parser.add_argument("--bf16", action="store_true", help="grpo.py's one-process --bf16: autocast to bfloat16, float32 weights")
+parser.add_argument("--bf16", action="store_true",
+                    help="grpo.py's one-process --bf16: autocast to bfloat16, float32 weights")
 parser.add_argument("--seed", type=int, default=0, help="seed of the prompts, samples and rewards")
 parser.add_argument("--issue-puzzles", type=int, default=2, help="issue config: puzzles per step (P)")
 parser.add_argument("--issue-group-size", type=int, default=8, help="issue config: responses per puzzle (G)")
@@ -72,7 +73,8 @@ device = torch.device(args.device)
 policy = cello.load_model(model_path, device).eval()
 ref_model = copy.deepcopy(policy).requires_grad_(False)
 start_weights = copy.deepcopy(policy.state_dict())
-print(f"model: {args.model}, {policy.config.model_type}, {sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters, "
+print(f"model: {args.model}, {policy.config.model_type}, "
+      f"{sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters, "
       f"{policy.config._attn_implementation} attention, on {device}"
       f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, "
       f"{'bf16 autocast' if args.bf16 else 'float32'}, {torch.get_num_threads()} CPU thread(s)")

@@ -143,7 +143,8 @@ def excluded_cell_sets(path, barcodes):
                 fail(f"--exclude-puzzles {path} line {line_no}: expected a puzzle record with a \"cell_ids\" list")
             missing = [c for c in ids if c not in index]
             if missing:
-                fail(f"--exclude-puzzles {path} line {line_no}: cell id {missing[0]!r} is not in this input's obs names")
+                fail(f"--exclude-puzzles {path} line {line_no}: cell id {missing[0]!r} is not in this input's "
+                     "obs names")
             if ids:
                 sets.add(frozenset(index[c] for c in ids))
     return sets

@@ -215,7 +215,8 @@ def worker(model_dir, work_dir):
     loss.backward()
     with cello.bf16_autocast(mixed, True):  # FSDP2's policy casts: the one-process autocast stays off
         autocast_under_fsdp = torch.is_autocast_enabled("cpu")
-    result = {"autocast_under_fsdp": autocast_under_fsdp, "grad_norm": grad_norm, "resumed_state": state, "resumed_max_diff": resumed_max_diff,
+    result = {"autocast_under_fsdp": autocast_under_fsdp, "grad_norm": grad_norm, "resumed_state": state,
+              "resumed_max_diff": resumed_max_diff,
               "mean_rank": cello.all_reduce(float(rank), op="mean"), "sum_rank": cello.all_reduce(float(rank)),
               "bf16_loss": loss.item(), "bf16_grad_dtype": str(mixed.model.embed_tokens.weight.grad.dtype)}
     if rank == 0:
