@@ -195,8 +195,6 @@ def build(args):
         fail(f"--genes must be >= 1 (got {args.genes})")
     if not 0 <= args.train_gene_dropout < 1:
         fail(f"--train-gene-dropout must be in [0, 1) (got {args.train_gene_dropout})")
-    if not 0 <= args.train_mix_cells < 1:
-        fail(f"--train-mix-cells must be in [0, 1) (got {args.train_mix_cells})")
     if min(args.puzzles_per_group, args.val_puzzles_per_group, args.test_puzzles_per_group) < 0:
         fail("--puzzles-per-group, --val-puzzles-per-group and --test-puzzles-per-group must be >= 0")
     if not (0 <= args.val_frac < 1 and 0 < args.test_frac < 1 and args.val_frac + args.test_frac < 1):
@@ -290,16 +288,8 @@ def build(args):
                  "test": args.test_puzzles_per_group}
     barcodes = [str(v) for v in adata.obs_names]
     cache = {}
-
-    def expression(i):
-        if i not in cache:
-            row = matrix[i].toarray().ravel() if hasattr(matrix, "toarray") else np.asarray(matrix[i]).ravel()
-            cache[i] = row.astype(np.float64)
-        return cache[i]
-
-    # their own generator, so that the puzzles (cells, order) are the same whatever the augmentation flags are
-    augment_rng = np.random.default_rng([args.seed, 1])
-    shuffle_rng = np.random.default_rng([args.seed, 2])
+    # its own generator, so that the puzzles (cells, order) are the same whatever --train-gene-dropout is
+    dropout_rng = np.random.default_rng([args.seed, 1])
     records = {split: [] for split in SPLITS}
     skipped_groups = 0
     seen = excluded_cell_sets(args.exclude_puzzles, barcodes) if args.exclude_puzzles else set()
@@ -312,19 +302,15 @@ def build(args):
                 continue
             for puzzle in draw_puzzles(pools, n, per_group[split], rng, seen):
                 cells = []
-                for i, cell_type in puzzle:
-                    row = expression(i)
-                    if split == "train" and args.train_mix_cells > 0:
-                        # a new cell of the same type: this one blended with a random other of its type and group
-                        weight = augment_rng.uniform(0, args.train_mix_cells)
-                        row = (1 - weight) * row + weight * expression(int(augment_rng.choice(pools[cell_type])))
+                for i, _ in puzzle:
+                    if i not in cache:
+                        row = matrix[i].toarray().ravel() if hasattr(matrix, "toarray") else np.asarray(matrix[i]).ravel()
+                        cache[i] = row.astype(np.float64)
+                    row = cache[i]
                     if split == "train" and args.train_gene_dropout > 0:
-                        row = np.where(augment_rng.random(row.shape) < args.train_gene_dropout, 0.0, row)
+                        row = np.where(dropout_rng.random(row.shape) < args.train_gene_dropout, 0.0, row)
                     cells.append(top_genes(row, symbols, args.genes))
                 answer = [t for _, t in puzzle]
-                candidates = sorted(answer)
-                if split == "train" and args.train_shuffle_candidates:
-                    candidates = [candidates[j] for j in shuffle_rng.permutation(n)]
                 group = "/".join(x for x in (donor, batch, f"c{context_ids[context]}" if len(context_ids) > 1 else "") if x)
                 records[split].append({
                     "id": f"{stem}/{split}/{group}/n{n}/{len(records[split]):05d}",
@@ -334,7 +320,7 @@ def build(args):
                     "split": split,
                     "context": context,
                     "cells": cells,
-                    "candidates": candidates,
+                    "candidates": sorted(answer),
                     "answer": answer,
                     "cell_ids": [barcodes[i] for i, _ in puzzle],
                 })
@@ -547,14 +533,6 @@ def main(argv=None):
                    help="train puzzles only: drop each expressed gene of a cell with this probability before "
                         "taking its top M, afresh in every puzzle (scRNA-seq dropout as augmentation: a cell "
                         "seen in many puzzles never shows the same list, so a model must read it, not recall it)")
-    g.add_argument("--train-mix-cells", type=float, default=0.0,
-                   help="train puzzles only: blend each cell's expression with a random other cell of the same "
-                        "type and group, with a weight drawn uniformly from [0, this], afresh in every puzzle, "
-                        "before any dropout (new cells of a known type from a small file)")
-    g.add_argument("--train-shuffle-candidates", action="store_true",
-                   help="train puzzles only: list the candidates in random order instead of sorted (a model "
-                        "must then copy the list from the prompt; it cannot write the types it expects in "
-                        "sorted order)")
     g.add_argument("--exclude-puzzles", default=None,
                    help="puzzles JSONL built from this input (e.g. the SFT's train.jsonl): never draw one of its "
                         "cell sets again (RL puzzles the SFT never saw)")
