@@ -4,7 +4,7 @@ A responder is a plain function
 
     respond(records: list[dict], num_samples: int) -> list[list[str]]
 
-giving num_samples full assistant responses for each puzzle record (see INTERFACES.md for the record
+giving num_samples full assistant responses for each puzzle record (see cello.py, section 1, for the record
 format). eval.py scores responders; distill.py uses them as teachers. Build one by name with
 make_responder(name, **options):
 
