@@ -33,6 +33,9 @@ How build works:
   5. A cell's genes: the M highest values of its row, descending; equal values keep gene order
      (a stable sort, so the lower gene index comes first). Symbols that collide after stripping the
      suffix appear once, at their best rank.
+  6. Train-only augmentations (val and test never change): --train-gene-dropout drops expressed genes
+     before the top M are taken, afresh in every puzzle; --train-blank-cells gives one cell of a
+     share of the puzzles random genes (blank_cells), so its type follows only by elimination.
 The defaults (N 4..8, M 50, 130/10/20 puzzles per N per group) give 650 train, 50 val and 100 test
 puzzles on the bundled file with the command above. All output files are written under temporary
 names and renamed at the end: an error leaves nothing.
@@ -129,6 +132,30 @@ def draw_puzzles(pools, n, k, rng, seen):
     return out
 
 
+def blank_cells(records, share, rng):
+    """Train-only augmentation: in `share` of the records, one cell (chosen at random) shows M random
+    genes instead of its own. The genes are drawn without replacement, each with probability
+    proportional to how many cell lists of `records` hold it, so a blank cell looks like an ordinary
+    list of common genes and markers of several types, but points to no type. Its type follows only
+    by elimination, and the candidate list can only be read from the prompt, not inferred from the
+    cells. Changes records in place; returns the index of the blank cell per record (None: untouched).
+    """
+    counts = Counter(g for r in records for cell in r["cells"] for g in cell)
+    genes = sorted(counts)
+    weights = np.array([counts[g] for g in genes], dtype=np.float64)
+    weights /= weights.sum()
+    blanked = []
+    for r in records:
+        if rng.random() >= share:
+            blanked.append(None)
+            continue
+        i = int(rng.integers(len(r["cells"])))
+        picks = rng.choice(len(genes), size=len(r["cells"][i]), replace=False, p=weights)
+        r["cells"][i] = [genes[j] for j in picks]
+        blanked.append(i)
+    return blanked
+
+
 def excluded_cell_sets(path, barcodes):
     """The cell sets (frozensets of row indices) of the puzzles in a JSONL file built from this input."""
     index = {b: i for i, b in enumerate(barcodes)}
@@ -195,6 +222,8 @@ def build(args):
         fail(f"--genes must be >= 1 (got {args.genes})")
     if not 0 <= args.train_gene_dropout < 1:
         fail(f"--train-gene-dropout must be in [0, 1) (got {args.train_gene_dropout})")
+    if not 0 <= args.train_blank_cells <= 1:
+        fail(f"--train-blank-cells must be in [0, 1] (got {args.train_blank_cells})")
     if min(args.puzzles_per_group, args.val_puzzles_per_group, args.test_puzzles_per_group) < 0:
         fail("--puzzles-per-group, --val-puzzles-per-group and --test-puzzles-per-group must be >= 0")
     if not (0 <= args.val_frac < 1 and 0 < args.test_frac < 1 and args.val_frac + args.test_frac < 1):
@@ -324,6 +353,8 @@ def build(args):
                     "answer": answer,
                     "cell_ids": [barcodes[i] for i, _ in puzzle],
                 })
+    if args.train_blank_cells > 0:  # own generator: the puzzles stay the same whatever the share
+        blank_cells(records["train"], args.train_blank_cells, np.random.default_rng([args.seed, 2]))
     total = sum(len(r) for r in records.values())
     if total == 0:
         fail(f"no puzzle could be built: every group has fewer than --n-min {args.n_min} cell types "
@@ -533,6 +564,10 @@ def main(argv=None):
                    help="train puzzles only: drop each expressed gene of a cell with this probability before "
                         "taking its top M, afresh in every puzzle (scRNA-seq dropout as augmentation: a cell "
                         "seen in many puzzles never shows the same list, so a model must read it, not recall it)")
+    g.add_argument("--train-blank-cells", type=float, default=0.0,
+                   help="train puzzles only: share of puzzles in which one random cell shows random genes "
+                        "(weighted by how common they are in train lists) instead of its own: no evidence, "
+                        "so its type comes by elimination and the candidates must be read from the prompt")
     g.add_argument("--exclude-puzzles", default=None,
                    help="puzzles JSONL built from this input (e.g. the SFT's train.jsonl): never draw one of its "
                         "cell sets again (RL puzzles the SFT never saw)")

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import warnings
+from collections import Counter
 
 import anndata
 import numpy as np
@@ -146,6 +147,46 @@ def test_train_gene_dropout_varies_train_lists_only(built, pbmc, tmp_path):
     assert repeated and all(len(lists[cell]) > 1 for cell in repeated)
     changed = sum(a != b for r, q in zip(dropped["train"], plain["train"]) for a, b in zip(r["cells"], q["cells"]))
     assert changed >= 0.95 * sum(len(r["cells"]) for r in plain["train"])  # P(top 20 all kept) = 0.7**20
+
+
+def test_train_blank_cells_blanks_one_train_cell_per_chosen_puzzle(built, tmp_path):
+    """--train-blank-cells: the same puzzles (cells, order, answers); val and test files unchanged; in
+    each chosen train puzzle exactly one cell's list is replaced by M distinct genes from the train
+    lists; with share 1 every train puzzle is chosen, with 0.5 about half."""
+    out, plain = built
+    train_genes = {g for r in plain["train"] for cell in r["cells"] for g in cell}
+    for share, low, high in (("1", 1.0, 1.0), ("0.5", 0.3, 0.7)):
+        blank = build(tmp_path / share, *SMALL, "--train-blank-cells", share)
+        for name in ("val.jsonl", "test.jsonl"):
+            assert read(out / name) == read(tmp_path / share / name)
+        changed = 0
+        for r, q in zip(blank["train"], plain["train"]):
+            assert (r["cell_ids"], r["answer"], r["candidates"]) == (q["cell_ids"], q["answer"], q["candidates"])
+            diff = [i for i, (a, b) in enumerate(zip(r["cells"], q["cells"])) if a != b]
+            assert len(diff) <= 1
+            for i in diff:
+                genes = r["cells"][i]
+                assert len(genes) == 20 and len(set(genes)) == 20 and set(genes) <= train_genes
+            changed += len(diff)
+        assert low <= changed / len(plain["train"]) <= high
+
+
+def test_blank_cells_draws_genes_by_train_frequency():
+    """blank_cells draws each gene with probability proportional to the number of lists holding it: a gene
+    in 3 of 4 lists is drawn far more often than one in 1 of 4; share 0 changes nothing."""
+    records = [{"cells": [["A", "B"], ["A", "C"]]}, {"cells": [["A", "D"], ["E", "F"]]}]
+    untouched = json.loads(json.dumps(records))
+    assert puzzles.blank_cells(records, 0.0, np.random.default_rng(0)) == [None, None]
+    assert records == untouched
+    drawn = Counter()
+    rng = np.random.default_rng(0)
+    for _ in range(2000):
+        trial = json.loads(json.dumps(untouched))
+        (i, j) = puzzles.blank_cells(trial, 1.0, rng)
+        drawn.update(trial[0]["cells"][i] + trial[1]["cells"][j])
+    # weights: A 3, B..F 1 each (total 8); two draws without replacement, each from what is left:
+    # P(A in a pair) = 1 - (5/8)(4/7) = 0.643, P(B in a pair) = 1/8 + (3/8)(1/5) + (4/8)(1/7) = 0.271
+    assert abs(drawn["A"] / 4000 - 0.643) < 0.03 and abs(drawn["B"] / 4000 - 0.271) < 0.03
 
 
 def test_barcode_suffix_batches(tmp_path):
@@ -323,6 +364,7 @@ def test_no_puzzle_at_all(tmp_path):
     (["--n-min", "5", "--n-max", "4"], "--n-max must be >= --n-min"),
     (["--genes", "0"], "--genes must be >= 1"),
     (["--train-gene-dropout", "1"], "--train-gene-dropout must be in [0, 1)"),
+    (["--train-blank-cells", "1.5"], "--train-blank-cells must be in [0, 1]"),
     (["--genes", "13"], "--genes 13 is more than the 12 genes"),
     (["--test-frac", "0"], "--val-frac and --test-frac"),
     (["--test-puzzles-per-group", "-1"], "must be >= 0"),
