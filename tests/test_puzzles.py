@@ -126,17 +126,26 @@ def test_same_seed_same_files_other_seed_differs(built, tmp_path):
         assert read(out / name) != read(tmp_path / "seed1" / name)
 
 
+def build_augmented(built, out_dir, *flags):
+    """A build with a train-only augmentation flag, after checking that the flag changes nothing else:
+    val and test files byte for byte, the train puzzles' cells, their order and answers."""
+    out, plain = built
+    augmented = build(out_dir, *SMALL, *flags)
+    for name in ("val.jsonl", "test.jsonl"):
+        assert read(out / name) == read(out_dir / name)
+    for r, q in zip(augmented["train"], plain["train"], strict=True):
+        assert (r["cell_ids"], r["answer"], r["candidates"]) == (q["cell_ids"], q["answer"], q["candidates"])
+    return augmented
+
+
 def test_train_gene_dropout_varies_train_lists_only(built, pbmc, tmp_path):
     """--train-gene-dropout: the same puzzles (cells, order); val and test files unchanged; each train
     cell's list is the top M of its row with some expressed genes dropped, so a cell that appears in
     several train puzzles shows different lists."""
-    out, plain = built
+    plain = built[1]
     adata, raw, row_of, genes = pbmc
     col_of = {g: j for j, g in enumerate(genes)}
-    dropped = build(tmp_path / "dropout", *SMALL, "--train-gene-dropout", "0.3")
-    for name in ("val.jsonl", "test.jsonl"):
-        assert read(out / name) == read(tmp_path / "dropout" / name)
-    assert [r["cell_ids"] for r in dropped["train"]] == [r["cell_ids"] for r in plain["train"]]
+    dropped = build_augmented(built, tmp_path / "dropout", "--train-gene-dropout", "0.3")
     lists = {}
     for r in dropped["train"]:
         for cell_id, cell_genes in zip(r["cell_ids"], r["cells"]):
@@ -153,15 +162,12 @@ def test_train_blank_cells_blanks_one_train_cell_per_chosen_puzzle(built, tmp_pa
     """--train-blank-cells: the same puzzles (cells, order, answers); val and test files unchanged; in
     each chosen train puzzle exactly one cell's list is replaced by M distinct genes from the train
     lists; with share 1 every train puzzle is chosen, with 0.5 about half."""
-    out, plain = built
+    plain = built[1]
     train_genes = {g for r in plain["train"] for cell in r["cells"] for g in cell}
     for share, low, high in (("1", 1.0, 1.0), ("0.5", 0.3, 0.7)):
-        blank = build(tmp_path / share, *SMALL, "--train-blank-cells", share)
-        for name in ("val.jsonl", "test.jsonl"):
-            assert read(out / name) == read(tmp_path / share / name)
+        blank = build_augmented(built, tmp_path / share, "--train-blank-cells", share)
         changed = 0
         for r, q in zip(blank["train"], plain["train"]):
-            assert (r["cell_ids"], r["answer"], r["candidates"]) == (q["cell_ids"], q["answer"], q["candidates"])
             diff = [i for i, (a, b) in enumerate(zip(r["cells"], q["cells"])) if a != b]
             assert len(diff) <= 1
             for i in diff:
