@@ -338,3 +338,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+    cello.exit_after_torchrun()

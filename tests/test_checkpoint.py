@@ -228,9 +228,4 @@ def worker(model_dir, work_dir):
 
 if __name__ == "__main__":
     worker(*sys.argv[1:3])
-    # All work is done and the process group destroyed. About 1 run in 8 on a loaded 2-core machine a
-    # gloo worker thread still alive at interpreter teardown aborts the process ("terminate called
-    # without an active exception", SIGABRT) after result.json is written; skip that teardown.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    cello.exit_after_torchrun()
