@@ -1047,8 +1047,10 @@ def demo(argv):
              f"from {args.data}", "", table, ""]
     lines += [f"- {name}: {seconds / 60:.1f} min" for name, seconds in timings.items()]
     lines += [f"- total: {sum(timings.values()) / 60:.1f} min"]
-    with open(f"{args.out_dir}/results.md", "w") as f:
+    tmp = f"{args.out_dir}/results.md.tmp"
+    with open(tmp, "w") as f:
         f.write("\n".join(lines) + "\n")
+    os.replace(tmp, f"{args.out_dir}/results.md")
     print("\n".join(lines))
     print(f"\nwrote {args.out_dir}/results.md and {args.out_dir}/grpo.png")
 

@@ -68,7 +68,6 @@ Choices this file makes (each is tested in tests/test_grpo.py):
   sample exactly what 1 process samples.
 """
 import argparse
-import json
 import math
 import os
 import sys
@@ -498,8 +497,8 @@ def main(argv=None):
     elif rank == 0 and os.path.exists(metrics_path):
         os.remove(metrics_path)
     if rank == 0:
-        with open(os.path.join(args.out_dir, "args.json"), "w") as f:
-            json.dump({**vars(args), "world_size": world_size, "train_puzzles": len(train)}, f, indent=2)
+        cello.write_json_atomic(os.path.join(args.out_dir, "args.json"),
+                                {**vars(args), "world_size": world_size, "train_puzzles": len(train)})
     cello.print0(f"grpo: {len(train)} train puzzles (prompts <= {args.max_prompt_tokens} tokens), {len(val)} val, "
                  f"{world_size} process(es), P={args.puzzles_per_step} G={args.group_size}, from step {step}")
 
