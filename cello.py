@@ -950,20 +950,21 @@ def demo_stages(out, data, sft_steps, grpo_steps):
         ("build puzzles", ["puzzles.py", "build", data, "--out-dir", puzzles, "--cell-type-key", "bulk_labels",
                            "--donor-key", "none", "--context", DEMO_CONTEXT, "--n-min", str(DEMO_N[0]),
                            "--n-max", str(DEMO_N[1]), "--genes", str(DEMO_GENES),
-                           # 1,500 train puzzles from ~490 train cells, each list with dropout: every cell is
-                           # in ~15 puzzles and never shows the same list, so the model must read the
+                           # 4,500 train puzzles from ~490 train cells, each list with dropout: every cell is
+                           # in ~45 puzzles and never shows the same list, so the model must read the
                            # prompt rather than recall the cell (without dropout it recalled)
-                           "--puzzles-per-group", "500", "--train-gene-dropout", "0.3"],
+                           "--puzzles-per-group", "1500", "--train-gene-dropout", "0.3"],
          os.path.join(puzzles, "summary.json")),
         ("distill from the expert", ["distill.py", "--puzzles", train, "--train", train, "--teacher", "expert",
                                      "--samples", "4", "--out-dir", f"{out}/distill", "--yes"],
          f"{out}/distill/report.json"),
         # val loss and checkpoints every 100 steps, not 20: at 20 they cost a sixth of the SFT stage.
-        # 1,000 steps fit the 15 minutes; the model learns to copy prompt lines (val loss ~0.6 -> ~0.1)
-        # only later, around step 1,250-1,500 with a still-high learning rate (README: "What moved it").
+        # The model learns to copy prompt lines (val loss ~0.6 -> ~0.1) around step 1,200-1,500, and only
+        # while the learning rate is still high, so the demo keeps it constant after warmup (a cosine
+        # over 1,500 steps has decayed too far by then; README: "What moved it").
         ("SFT the small model", ["sft.py", "--data", f"{out}/distill/sft.jsonl", "--model", "small",
-                                 "--out-dir", f"{out}/sft", "--max-steps", str(sft_steps), "--eval-every", "100",
-                                 "--save-every", "100"],
+                                 "--out-dir", f"{out}/sft", "--max-steps", str(sft_steps), "--min-lr-ratio", "1.0",
+                                 "--eval-every", "100", "--save-every", "100"],
          f"{out}/sft/final/config.json"),
         # expert-style responses are 123, 158 and 193 tokens for N = 4, 5, 6: a 240-token budget
         ("GRPO from the SFT model", ["grpo.py", "--model", f"{out}/sft/final", "--train", train, "--val", val,
@@ -1018,7 +1019,7 @@ def demo(argv):
     parser.add_argument("--out-dir", default="runs/demo", help="run folder: every stage writes below it")
     parser.add_argument("--data", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "data",
                                                        "pbmc68k_reduced.h5ad"), help="AnnData file of the demo")
-    parser.add_argument("--sft-steps", type=int, default=1000, help="SFT optimizer steps (batch 8)")
+    parser.add_argument("--sft-steps", type=int, default=1500, help="SFT optimizer steps (batch 8)")
     parser.add_argument("--grpo-steps", type=int, default=15, help="GRPO steps (4 puzzles x 8 samples each)")
     args = parser.parse_args(argv)
     here = os.path.dirname(os.path.abspath(__file__))
