@@ -114,13 +114,17 @@ def read_puzzles(path, flag, script, need_response=False):
     return records
 
 
-def write_json_atomic(path, obj):
-    """json.dump to a temporary name, then rename: a crash never leaves half a file."""
+def write_text_atomic(path, text):
+    """Write text to a temporary name, then rename: a crash never leaves half a file."""
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
+        f.write(text)
     os.replace(tmp, path)
+
+
+def write_json_atomic(path, obj):
+    """One JSON object (indent 2), written atomically."""
+    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 def append_jsonl(path, row):
@@ -130,12 +134,8 @@ def append_jsonl(path, row):
 
 
 def write_jsonl_atomic(path, rows):
-    """Write rows as JSONL to a temporary name, then rename: a crash never leaves half a file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    """Rows as JSON lines, written atomically."""
+    write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1048,10 +1048,7 @@ def demo(argv):
              f"from {args.data}", "", table, ""]
     lines += [f"- {name}: {seconds / 60:.1f} min" for name, seconds in timings.items()]
     lines += [f"- total: {sum(timings.values()) / 60:.1f} min"]
-    tmp = f"{args.out_dir}/results.md.tmp"
-    with open(tmp, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(tmp, f"{args.out_dir}/results.md")
+    write_text_atomic(f"{args.out_dir}/results.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"\nwrote {args.out_dir}/results.md and {args.out_dir}/grpo.png")
 
