@@ -966,11 +966,12 @@ def demo_stages(out, data, sft_steps, grpo_steps):
                                  "--out-dir", f"{out}/sft", "--max-steps", str(sft_steps), "--min-lr-ratio", "1.0",
                                  "--eval-every", "100", "--save-every", "100"],
          f"{out}/sft/final/config.json"),
-        # expert-style responses are 123, 158 and 193 tokens for N = 4, 5, 6: a 240-token budget
+        # expert-style responses are 123, 158 and 193 tokens for N = 4, 5, 6: a 240-token budget. 150 steps,
+        # not 15: batch-level accuracy only rises after ~100 steps (README: "What GRPO does in the demo")
         ("GRPO from the SFT model", ["grpo.py", "--model", f"{out}/sft/final", "--train", train, "--val", val,
                                      "--out-dir", f"{out}/grpo", "--steps", str(grpo_steps), "--puzzles-per-step",
                                      "4", "--group-size", "8", "--max-new-tokens", "240", "--lr", "1e-4",
-                                     "--eval-every", "5", "--eval-batch", "16"],
+                                     "--eval-every", "25", "--save-every", "25", "--eval-batch", "16"],
          f"{out}/grpo/final/config.json"),
         ("evaluate the baselines", ["eval.py", "--puzzles", test, "--train", train, "--responder", "random",
                                     "independent", "expert", "--out-dir", f"{out}/eval/baselines"],
@@ -1020,7 +1021,7 @@ def demo(argv):
     parser.add_argument("--data", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "data",
                                                        "pbmc68k_reduced.h5ad"), help="AnnData file of the demo")
     parser.add_argument("--sft-steps", type=int, default=1500, help="SFT optimizer steps (batch 8)")
-    parser.add_argument("--grpo-steps", type=int, default=15, help="GRPO steps (4 puzzles x 8 samples each)")
+    parser.add_argument("--grpo-steps", type=int, default=150, help="GRPO steps (4 puzzles x 8 samples each)")
     args = parser.parse_args(argv)
     here = os.path.dirname(os.path.abspath(__file__))
     os.makedirs(args.out_dir, exist_ok=True)
