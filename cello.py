@@ -992,20 +992,29 @@ def plot_grpo(metrics_path, png_path):
     every = read_jsonl(metrics_path)
     rows = [r for r in every if "reward_mean" in r]  # training steps (step 0 is the evaluation before training)
     steps = [r["step"] for r in rows]
+
+    def trailing_mean(key, window=10):  # one step's 32 rollouts are noisy: the trend is in the mean
+        values = [r[key] for r in rows]
+        return [np.mean(values[max(0, i + 1 - window):i + 1]) for i in range(len(values))]
+
     fig, (ax_reward, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_reward.plot(steps, [r["reward_mean"] for r in rows], label="train reward (mean of rollouts)")
+    ax_reward.plot(steps, [r["reward_mean"] for r in rows], alpha=0.3, label="train reward (mean of rollouts)")
+    ax_reward.plot(steps, trailing_mean("reward_mean"), label="the same, mean of the last 10 steps")
     ax_reward.set_xlabel("GRPO step")
     ax_reward.set_ylabel("reward")
     ax_reward.legend()
-    for key, label in [("cell_accuracy", "train cell-level"), ("batch_accuracy", "train batch-level")]:
-        ax_acc.plot(steps, [r[key] for r in rows], label=label, alpha=0.6)
+    measures = [("format_validity", "validity"), ("cell_accuracy", "cell-level"), ("batch_accuracy", "batch-level")]
+    for i, (key, label) in enumerate(measures):
+        ax_acc.plot(steps, trailing_mean(key), color=f"C{i}", label=f"train {label}")
     evaluated = [r for r in every if "val_batch_accuracy" in r]
-    for key, label in [("val_cell_accuracy", "val cell-level (greedy)"),
-                       ("val_batch_accuracy", "val batch-level (greedy)")]:
-        ax_acc.plot([r["step"] for r in evaluated], [r[key] for r in evaluated], "o-", label=label)
+    for i, (key, label) in enumerate(measures):
+        ax_acc.plot([r["step"] for r in evaluated], [r[f"val_{key}"] for r in evaluated], "o--", color=f"C{i}",
+                    label=f"val {label}")
     ax_acc.set_xlabel("GRPO step")
     ax_acc.set_ylabel("accuracy")
-    ax_acc.legend()
+    ax_acc.set_title("train: rollouts, 10-step means; val: greedy", fontsize="medium")
+    ax_acc.set_ylim(0, 1.3)  # room above the curves for the legend
+    ax_acc.legend(fontsize="small", loc="upper center", ncol=2)
     fig.tight_layout()
     fig.savefig(png_path + ".tmp.png", dpi=100)
     os.replace(png_path + ".tmp.png", png_path)
