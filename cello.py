@@ -958,20 +958,18 @@ def demo_stages(out, data, sft_steps, grpo_steps):
         ("distill from the expert", ["distill.py", "--puzzles", train, "--train", train, "--teacher", "expert",
                                      "--samples", "4", "--out-dir", f"{out}/distill", "--yes"],
          f"{out}/distill/report.json"),
-        # val loss and checkpoints every 100 steps, not 20: at 20 they cost a sixth of the SFT stage.
-        # The model learns to copy prompt lines (val loss ~0.6 -> ~0.1) around step 1,200-1,500, and only
-        # while the learning rate is still high, so the demo keeps it constant after warmup (a cosine
-        # over 1,500 steps has decayed too far by then; README: "What moved it").
+        # sft.py's and grpo.py's defaults are the demo's recipe. SFT: the model learns to copy prompt lines
+        # (val loss ~0.6 -> ~0.1) around step 1,200-1,500, and only while the learning rate is still high,
+        # so it stays constant after warmup (README: "What moved it"); val loss and checkpoints every 100
+        # steps (at 20 they cost a sixth of the stage).
         ("SFT the small model", ["sft.py", "--data", f"{out}/distill/sft.jsonl", "--model", "small",
-                                 "--out-dir", f"{out}/sft", "--max-steps", str(sft_steps), "--min-lr-ratio", "1.0",
-                                 "--eval-every", "100", "--save-every", "100"],
+                                 "--out-dir", f"{out}/sft", "--max-steps", str(sft_steps)],
          f"{out}/sft/final/config.json"),
-        # expert-style responses are 123, 158 and 193 tokens for N = 4, 5, 6: a 240-token budget. 150 steps,
-        # not 15: batch-level accuracy only rises after ~100 steps (README: "What GRPO does in the demo")
+        # GRPO: 4 puzzles x 8 samples, lr 1e-4; expert-style responses are 123, 158 and 193 tokens for
+        # N = 4, 5, 6: a 240-token budget. 150 steps, not 15: batch-level accuracy only rises after ~100
+        # steps (README: "What GRPO does in the demo")
         ("GRPO from the SFT model", ["grpo.py", "--model", f"{out}/sft/final", "--train", train, "--val", val,
-                                     "--out-dir", f"{out}/grpo", "--steps", str(grpo_steps), "--puzzles-per-step",
-                                     "4", "--group-size", "8", "--max-new-tokens", "240", "--lr", "1e-4",
-                                     "--eval-every", "25", "--save-every", "25", "--eval-batch", "16"],
+                                     "--out-dir", f"{out}/grpo", "--steps", str(grpo_steps)],
          f"{out}/grpo/final/config.json"),
         ("evaluate the baselines", ["eval.py", "--puzzles", test, "--train", train, "--responder", "random",
                                     "independent", "expert", "--out-dir", f"{out}/eval/baselines"],

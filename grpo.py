@@ -26,17 +26,17 @@ time_reference, time_update, time_step (seconds); lr.
 Why the loss is about 0 while the model learns: with mu = 1 the ratio is 1, so the policy loss is
 -sum_i A_i n_i / (all tokens) (n_i = length of response i), and the advantages of a group sum to 0:
 the value is near 0 (exactly 0 for equal lengths), plus beta * KL. Its gradient,
--sum_i A_i * grad log p(response i) / (all tokens), is not 0: watch grad_norm. When zero_adv_groups is 1.0 the policy gradient really is 0 (only the KL
-term acts): every group got equal rewards (all malformed, or all right).
+-sum_i A_i * grad log p(response i) / (all tokens), is not 0: watch grad_norm. When zero_adv_groups
+is 1.0 the policy gradient really is 0 (only the KL term acts): every group got equal rewards (all
+malformed, or all right).
 
-The defaults are the CPU demo: the "small" preset after SFT on the bundled puzzles (prompts 434-680
-tokens, expert-style responses 86-360 tokens, mean 212), P = 2 puzzles x G = 8 responses per step.
-Measured by bench_grpo.py (with the small preset of the time: hidden 256, 3.74M parameters; it is
-hidden 128 now) on the 2-core machine with OMP_NUM_THREADS=1 (other jobs running), every
-response run to the 400-token budget, 444-677-token prompts: 15.4 s per step (rollout 9.8, reference
-1.4, update 4.2; --per-sequence 21.0 s: 10.7, 3.0, 7.3); decoding the 400 tokens dominates and is
-the same work in both paths. Use OMP_NUM_THREADS=1 on a busy 2-core machine: with
-two threads the same step's rollout took 89 s (threads spin-waiting for a busy core).
+The defaults are the CPU demo's recipe (`python cello.py demo`): the "small" preset after SFT on the
+demo's puzzles (N 4-6 cells, ~330-400-token prompts, expert-style responses of ~125-195 tokens), P = 4
+puzzles x G = 8 responses per step, a 240-token budget, lr 1e-4, 150 steps. On the 2-core machine,
+idle: ~1.4 s per step (rollout 0.6, reference 0.2, update 0.6; BENCHMARKS.md), 3.7 minutes in all,
+and the test puzzles go from 50.0% to 83.3% well formed, batch-level 11.7% -> 18.3% (README). On a
+2-core machine busy with other jobs use OMP_NUM_THREADS=1: two threads spin-waiting for a busy core
+once made a rollout 9x slower.
 The paper's 7B run (Qwen2.5-7B-Instruct after SFT; 8 GPUs; one pass over the 6,912 released train
 puzzles is 108 steps):
     torchrun --nproc_per_node 8 grpo.py --model runs/sft-7b --train train.jsonl --val val.jsonl \\
@@ -220,9 +220,9 @@ def parse_args(argv=None):
     g.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute each decoder layer's activations in backward (saves memory, GPU runs)")
     g = parser.add_argument_group("rollout")
-    g.add_argument("--puzzles-per-step", type=int, default=2, help="P: puzzles per step, over all ranks (paper: 64)")
+    g.add_argument("--puzzles-per-step", type=int, default=4, help="P: puzzles per step, over all ranks (paper: 64)")
     g.add_argument("--group-size", type=int, default=8, help="G: responses sampled per puzzle (paper: 5)")
-    g.add_argument("--max-new-tokens", type=int, default=400, help="response budget in tokens (paper: 3000)")
+    g.add_argument("--max-new-tokens", type=int, default=240, help="response budget in tokens (paper: 3000)")
     g.add_argument("--sample-batch", type=int, default=8,
                    help="puzzles per sampling call (their G responses decode together); fewer calls are faster")
     g.add_argument("--temperature", type=float, default=1.0,
@@ -239,7 +239,7 @@ def parse_args(argv=None):
     g.add_argument("--no-std-scaling", action="store_true",
                    help="advantage r - mean(r) without dividing by the group std (Dr. GRPO)")
     g = parser.add_argument_group("optimisation")
-    g.add_argument("--lr", type=float, default=2e-5, help="AdamW learning rate, constant after warm-up (paper: 1e-6)")
+    g.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate, constant after warm-up (paper: 1e-6)")
     g.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up, in GRPO steps")
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the global gradient norm to this")
@@ -254,11 +254,11 @@ def parse_args(argv=None):
                         "shared prompt once")
     g = parser.add_argument_group("run")
     g.add_argument("--out-dir", required=True, help="folder for checkpoints and metrics.jsonl")
-    g.add_argument("--steps", type=int, default=20, help="GRPO steps to run (in total, counting resumed ones)")
-    g.add_argument("--eval-every", type=int, default=10,
+    g.add_argument("--steps", type=int, default=150, help="GRPO steps to run (in total, counting resumed ones)")
+    g.add_argument("--eval-every", type=int, default=25,
                    help="greedy evaluation on --val every this many steps, at step 0 and at the end (0: never)")
-    g.add_argument("--eval-batch", type=int, default=8, help="val puzzles per greedy sampling call")
-    g.add_argument("--save-every", type=int, default=10, help="checkpoint every this many steps (and at the end)")
+    g.add_argument("--eval-batch", type=int, default=16, help="val puzzles per greedy sampling call")
+    g.add_argument("--save-every", type=int, default=25, help="checkpoint every this many steps (and at the end)")
     g.add_argument("--seed", type=int, default=0, help="seed of the data order and of sampling")
     g.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out-dir")
     args = parser.parse_args(argv)
