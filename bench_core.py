@@ -8,13 +8,17 @@
 2. Shared-prompt log-probs: cello.response_logprobs with each prompt run once for its G responses
    (shared_prompt=True) against the per-sequence reference, forward only (GRPO's reference model)
    and forward + backward (the policy), on the same speed model, ~1,200-token prompts.
-3. Memory: peak resident memory (Linux VmHWM, reset through /proc/self/clear_refs) of cello's chunked
+3. SFT step: forward + backward of sft.py's response loss for the `small` preset's shape (random
+   weights) on a demo-shaped batch (8 sequences, ~450 tokens, the last ~160 the response), in float32
+   and under bf16 autocast (sft.py --bf16 in one process: float32 weights, bf16 matmuls).
+4. Memory: peak resident memory (Linux VmHWM, reset through /proc/self/clear_refs) of cello's chunked
    log-probs against the naive log_softmax(model(...).logits) for a model with a 152k vocabulary,
    without and with backward.
 
 Run (CPU, one process, about 5 minutes on 2 cores):
     python bench_core.py
     python bench_core.py --parts speed --prompts 8 --prompt-len 1000 --new-tokens 128
+    python bench_core.py --parts sft --threads 2 --repeats 20
 """
 import argparse
 import gc
@@ -25,9 +29,11 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import cello
+import sft
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-parser.add_argument("--parts", default="speed,logprobs,memory", help="comma-separated: speed, logprobs, memory")
+parser.add_argument("--parts", default="speed,logprobs,sft,memory",
+                    help="comma-separated: speed, logprobs, sft, memory")
 parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 keeps figures steadier on a shared machine)")
 parser.add_argument("--seed", type=int, default=0, help="seed for weights and prompts")
 speed = parser.add_argument_group("speed: sampler against model.generate")
@@ -42,14 +48,18 @@ logp.add_argument("--lp-prompts", type=int, default=2, help="prompts")
 logp.add_argument("--lp-samples", type=int, default=8, help="responses per prompt (G)")
 logp.add_argument("--lp-prompt-len", type=int, default=1200, help="mean prompt length in tokens (+-5%%)")
 logp.add_argument("--lp-response-len", type=int, default=64, help="tokens per response")
+step = parser.add_argument_group("sft: one SFT forward + backward, float32 against bf16 autocast")
+step.add_argument("--sft-batch", type=int, default=8, help="sequences per step (the demo: 8)")
+step.add_argument("--sft-len", type=int, default=450, help="mean sequence length in tokens (+-10%%)")
+step.add_argument("--sft-response-len", type=int, default=160, help="response tokens (with loss) per sequence")
 memory = parser.add_argument_group("memory: chunked against naive log-probs")
 memory.add_argument("--memory-vocab", type=int, default=152064, help="vocabulary size (Qwen2.5: 152064)")
 memory.add_argument("--memory-batch", type=int, default=2, help="sequences")
 memory.add_argument("--memory-len", type=int, default=1024, help="tokens per sequence")
 args = parser.parse_args()
 parts = set(args.parts.split(","))
-if not parts <= {"speed", "logprobs", "memory"}:
-    parser.error(f"--parts: expected some of speed, logprobs, memory, got {args.parts!r}")
+if not parts <= {"speed", "logprobs", "sft", "memory"}:
+    parser.error(f"--parts: expected some of speed, logprobs, sft, memory, got {args.parts!r}")
 torch.set_num_threads(args.threads)
 print("command: python " + " ".join(sys.argv))
 
@@ -171,6 +181,33 @@ if "logprobs" in parts:
         print(f"  {method:40s} {seconds:7.2f} s")
     for what in ("forward", "forward + backward"):
         print(f"  {what}: shared / per-sequence = {times[what + ', shared'] / times[what + ', per-sequence']:.3f}")
+
+
+if "sft" in parts:
+    torch.manual_seed(args.seed)
+    model = LlamaForCausalLM(LlamaConfig(**cello.PRESETS["small"], tie_word_embeddings=True))
+    g = torch.Generator().manual_seed(args.seed)
+    lengths = torch.randint(int(args.sft_len * 0.9), int(args.sft_len * 1.1) + 1, (args.sft_batch,), generator=g)
+    examples = [(torch.randint(2, 4096, (int(k),), generator=g).tolist(),
+                 [0] * (int(k) - args.sft_response_len) + [1] * args.sft_response_len) for k in lengths]
+    input_ids, loss_mask = sft.collate(examples, range(len(examples)), 0)
+    print(f"\n== sft: the small preset's shape ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters), "
+          f"{args.sft_batch} x {min(lengths)}-{max(lengths)} tokens, {args.sft_response_len} with loss, "
+          f"{args.threads} thread(s), CPU bf16 instructions: {torch.cpu._is_avx512_bf16_supported()}")
+
+    def sft_step(bf16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            nll = sft.summed_response_nll(model, input_ids, loss_mask, "cpu")
+        nll.backward()
+        model.zero_grad()
+        return nll.item() / loss_mask.sum().item()
+
+    times, results = interleaved({"float32": lambda: sft_step(False), "bf16 autocast": lambda: sft_step(True)},
+                                 args.repeats)
+    tokens = int(lengths.sum())
+    for method, seconds in times.items():
+        print(f"  {method:15s} {seconds:6.3f} s per step, {tokens / seconds:8.0f} tokens/s, loss {results[method]:.4f}")
+    print(f"  float32 / bf16 autocast = {times['float32'] / times['bf16 autocast']:.2f}x")
 
 
 def resident_kib(field):
