@@ -42,6 +42,9 @@ def test_advantage_per_group_and_dr_grpo():
 def test_advantage_equal_rewards_and_group_of_one_are_zero():
     assert grpo.group_advantages(T([0.3, 0.3, 0.3]), 3).tolist() == [0.0, 0.0, 0.0]
     assert grpo.group_advantages(T([-1.0] * 4), 4).tolist() == [0.0] * 4
+    # 8 x 0.3 (a valid answer with 3 of 5 cells right): in float32 the mean is off by an ulp, the std is
+    # ~3e-8 and every A would be ~0.029, a push from a group that carries no signal; float64 gives 0
+    assert grpo.group_advantages(T([0.3] * 8), 8).tolist() == [0.0] * 8
     # a group of one has no spread: defined as 0 (unbiased std would be NaN)
     assert grpo.group_advantages(T([0.7, -1.0]), 1).tolist() == [0.0, 0.0]
 
@@ -71,6 +74,10 @@ def test_clip_higher_is_asymmetric():
     assert loss.item() == pytest.approx(-1.25) and not clipped.item()  # 1.25 < 1.28: inside
     loss, _, clipped = grpo.clipped_surrogate(logp, T([[0.0]]), T([1.0]), clip_low=0.2, clip_high=0.2)
     assert loss.item() == pytest.approx(-1.2) and clipped.item()
+    # below 1 the low bound applies, whatever clip_high is: rho 0.75, A = -1 -> clip(0.75, 0.8, 1.28) = 0.8
+    loss, _, clipped = grpo.clipped_surrogate(T([[math.log(0.75)]]), T([[0.0]]), T([-1.0]), clip_low=0.2,
+                                              clip_high=0.28)
+    assert loss.item() == pytest.approx(0.8) and clipped.item()
 
 
 def test_tokens_outside_clip_range_get_zero_gradient():
@@ -126,6 +133,9 @@ def test_aggregation_modes():
     assert agg(per_token, mask, "seq-mean", grpo.loss_divisor("seq-mean", 4, 2, 3)).item() == pytest.approx(3.0)
     # token-sum: 10 / (2 sequences * 3 max new tokens)
     assert agg(per_token, mask, "token-sum", grpo.loss_divisor("token-sum", 4, 2, 3)).item() == pytest.approx(10 / 6)
+    # a NaN or inf in padding stays out (0 * NaN would be NaN)
+    for mode in grpo.LOSS_AGG_MODES:
+        assert agg(T([[1.0, math.nan, math.inf]]), T([[1.0, 0.0, 0.0]]), mode, 1.0).item() == 1.0
     with pytest.raises(ValueError, match="unknown loss aggregation"):
         grpo.loss_divisor("mean", 4, 2, 3)
 

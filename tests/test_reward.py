@@ -88,6 +88,9 @@ def test_score_fields():
     assert (bad["valid"], bad["correct"], bad["reward"], bad["exact"]) == (False, 0, -1.0, False)
     assert bad["uniqueness"] == pytest.approx(2 / 3)
     assert reward.score("nothing", ["A", "B"])["uniqueness"] == 0.0
+    # uniqueness is over the labels given, not over N: 2 distinct labels for 3 cells is 1.0
+    short = reward.score("<answer>A | B</answer>", ["A", "B", "C"])
+    assert (short["valid"], short["uniqueness"]) == (False, 1.0)
 
 
 # ---- metrics on a hand-computed set ----

@@ -168,6 +168,25 @@ def test_chunked_logprobs_equal_naive_values_and_gradients(model, chunk_size):
         assert_grads_close(g_chunked, g_naive)
 
 
+def test_chunked_backward_recomputes_each_chunk_instead_of_keeping_logits(model):
+    """With grad on, each chunk of the output projection is checkpointed: backward runs the output layer
+    again, once per chunk, so no chunk's [chunk, V] logits stay alive between forward and backward."""
+    seqs = random_tokens([9, 4, 12], seed=4)
+    ids, mask = padded(seqs).long(), padded([[1] * len(s) for s in seqs]).long()
+    calls = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda module, args, out: calls.append(out.shape[-2]))
+    try:
+        logprobs = cello.token_logprobs(model, ids, mask, chunk_size=5)
+        forward_calls = list(calls)
+        logprobs.sum().backward()
+    finally:
+        hook.remove()
+        model.zero_grad()
+    # positions projected per call: the model's own call projects none, then 22 targets in chunks of 5
+    assert forward_calls == [0, 5, 5, 5, 5, 2]
+    assert sorted(calls[len(forward_calls):]) == [2, 5, 5, 5, 5]
+
+
 def test_target_mask_keeps_only_the_masked_positions(model):
     """SFT passes its loss mask: values there equal the full computation, every other position is 0."""
     seqs = random_tokens([9, 12], seed=8)
