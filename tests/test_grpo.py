@@ -413,8 +413,7 @@ def toy_run(tiny, tmp_path_factory):
 def run_cli(runner, flags, nproc=1, env=None):
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     cmd = [sys.executable, str(runner)] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
-        "--master_port", str(29500 + os.getpid() % 1000), str(runner)]
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), str(runner)]
     return subprocess.run(cmd + flags, env=env, capture_output=True, text=True, timeout=600)
 
 

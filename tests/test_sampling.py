@@ -302,7 +302,8 @@ def test_two_process_fsdp2_matches_one_process(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     subprocess.run([sys.executable, str(script), root, here, str(tmp_path / "one.json")], check=True, env=env,
                    timeout=300)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29617",
+    # --standalone: torchrun picks a free port itself (a fixed port failed when another job held it)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                     str(script), root, here, str(tmp_path / "two.json")], check=True, env=env, timeout=300)
     import json
     one, two = json.loads((tmp_path / "one.json").read_text()), json.loads((tmp_path / "two.json").read_text())
