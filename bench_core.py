@@ -188,7 +188,7 @@ if "sft" in parts:
     model = LlamaForCausalLM(LlamaConfig(**cello.PRESETS["small"], tie_word_embeddings=True))
     g = torch.Generator().manual_seed(args.seed)
     lengths = torch.randint(int(args.sft_len * 0.9), int(args.sft_len * 1.1) + 1, (args.sft_batch,), generator=g)
-    examples = [(torch.randint(2, 4096, (int(k),), generator=g).tolist(),
+    examples = [(torch.randint(2, cello.PRESETS["small"]["vocab_size"], (int(k),), generator=g).tolist(),
                  [0] * (int(k) - args.sft_response_len) + [1] * args.sft_response_len) for k in lengths]
     input_ids, loss_mask = sft.collate(examples, range(len(examples)), 0)
     print(f"\n== sft: the small preset's shape ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters), "
