@@ -193,7 +193,7 @@ if "sft" in parts:
     input_ids, loss_mask = sft.collate(examples, range(len(examples)), 0)
     print(f"\n== sft: the small preset's shape ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters), "
           f"{args.sft_batch} x {min(lengths)}-{max(lengths)} tokens, {args.sft_response_len} with loss, "
-          f"{args.threads} thread(s), CPU bf16 instructions: {torch.cpu._is_avx512_bf16_supported()}")
+          f"{args.threads} thread(s), AVX512-BF16: {getattr(torch.cpu, '_is_avx512_bf16_supported', lambda: '?')()}")
 
     def sft_step(bf16):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
