@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule
 from torch.utils.checkpoint import checkpoint
 from transformers import AttentionInterface, DynamicCache, StaticCache
+from transformers.cache_utils import DynamicLayer
 from transformers.masking_utils import AttentionMaskInterface
 
 # ---------------------------------------------------------------------------------------------
@@ -606,6 +607,42 @@ def token_logprobs(model, input_ids, attention_mask, temperature=1.0, chunk_size
     return out if target_mask is None else out.masked_fill(~target_mask[:, 1:].bool(), 0.0)
 
 
+class _PrefixLayer(DynamicLayer):
+    """A cache layer holding a fixed prefix (or none) that returns prefix + the keys and values of the
+    forward now running, without appending them for good.
+
+    Activation checkpointing replays each decoder layer's forward in backward, cache update included:
+    DynamicLayer would append the same keys a second time and the replay would attend to them twice.
+    Here a replay gets exactly the keys and values of the first run (keys [b, kv_heads, n, d]).
+    """
+
+    def __init__(self, keys=None, values=None):
+        super().__init__()
+        self.prefix_keys, self.prefix_values = keys, values
+        if keys is not None:  # the mask is built from get_seq_length(): the prefix's length
+            self.keys, self.values, self.device, self.is_initialized = keys, values, keys.device, True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if self.prefix_keys is None:
+            keys, values = key_states, value_states
+        else:
+            keys = torch.cat([self.prefix_keys, key_states], -2)
+            values = torch.cat([self.prefix_values, value_states], -2)
+        if not self.is_initialized:
+            # Only a prefix-less layer's first run is kept (the prompt's keys, read back by the caller). A
+            # replay's keys are not: they would hold its recomputed graph alive until the cache dies.
+            self.keys, self.values, self.device, self.is_initialized = keys, values, keys.device, True
+        return keys, values
+
+
+def _prefix_cache(model, prefixes=None):
+    """A DynamicCache of _PrefixLayer layers: prefixes is a list of (keys, values) per layer, or None."""
+    cache = DynamicCache(config=model.config)
+    cache.layers = [_PrefixLayer(*(prefixes[i] if prefixes else (None, None)))
+                    for i in range(model.config.num_hidden_layers)]
+    return cache
+
+
 def _shared_prompt_hidden(model, prompt, responses, device):
     """Hidden states [n, H] that predict the tokens of G responses to one prompt, the prompt run once.
 
@@ -616,15 +653,19 @@ def _shared_prompt_hidden(model, prompt, responses, device):
     expanded keys and values into the prompt's single forward. Rows of the result: response by
     response, token by token; the prompt's last hidden state predicts each response's first token.
     Both forwards always run (even for empty responses): FSDP2 ranks must make the same calls.
+    The caches are _PrefixLayer ones, so activation checkpointing may replay either forward.
+    Memory: each layer's weights serve both forwards, and autograd sums a weight's two gradients before
+    accumulating, so the responses' weight gradients wait for the prompt's backward (a second copy of
+    the decoder layers' gradients in backward; BENCHMARKS.md, "On a GPU (NVIDIA H100 ...)").
     """
     group, n = len(responses), len(prompt)
     width = max(1, max(len(r) for r in responses))
-    prompt_cache = DynamicCache(config=model.config)
+    prompt_cache = _prefix_cache(model)
     prompt_hidden = _final_hidden(model, use_cache=True, cache=prompt_cache,
                                   input_ids=torch.tensor([prompt], device=device))  # [1, n, H]
-    cache = DynamicCache(config=model.config)
-    for layer_idx, layer in enumerate(prompt_cache.layers):  # expand: G views, gradients sum back
-        cache.update(layer.keys.expand(group, -1, -1, -1), layer.values.expand(group, -1, -1, -1), layer_idx)
+    # expand: G views of the prompt's keys and values [1 -> G, kv_heads, n, d]; their gradients sum back
+    cache = _prefix_cache(model, [(layer.keys.expand(group, -1, -1, -1), layer.values.expand(group, -1, -1, -1))
+                                  for layer in prompt_cache.layers])
     ids = torch.zeros((group, width), dtype=torch.long)
     real = torch.zeros((group, width), dtype=torch.bool)
     for g, response in enumerate(responses):
@@ -764,10 +805,19 @@ def shard_model(model, device, bf16=False, activation_checkpointing=False):
     final norm, head) are needed again at once (cello.gathered_weights relies on this setup).
     Create the optimizer after this call: sharding replaces the parameters with DTensor ones.
     """
+    # e.g. {"LlamaDecoderLayer"}, {"Qwen2DecoderLayer"}
+    layer_classes = tuple(getattr(model, "_no_split_modules", None) or ())
+    layers = [m for m in model.modules() if type(m).__name__ in layer_classes]
     if activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        for layer in layers:
+            # Hugging Face drops the cache of a checkpointed layer (a replay would write it twice);
+            # the caches that carry gradients here (_shared_prompt_hidden's) are replay-safe, so keep them
+            layer._can_checkpoint_with_cache = True
     if not dist.is_initialized():
         return model
+    if not layers:
+        raise ValueError(f"shard_model: found no decoder layers ({layer_classes}) in {type(model).__name__}")
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -775,10 +825,6 @@ def shard_model(model, device, bf16=False, activation_checkpointing=False):
     mesh = init_device_mesh(device.type, (get_world_size(),))
     mp_policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16
                  else MixedPrecisionPolicy())
-    layer_classes = tuple(model._no_split_modules or ())  # e.g. {"LlamaDecoderLayer"}, {"Qwen2DecoderLayer"}
-    layers = [m for m in model.modules() if type(m).__name__ in layer_classes]
-    if not layers:
-        raise ValueError(f"shard_model: found no decoder layers ({layer_classes}) in {type(model).__name__}")
     for layer in layers:
         fully_shard(layer, mesh=mesh, mp_policy=mp_policy)
     fully_shard(model, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=False)

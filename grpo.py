@@ -62,6 +62,10 @@ Choices this file makes (each is tested in tests/test_grpo.py):
 - tokens_per_s is response tokens sampled in the step (all ranks) / wall time of the whole step.
 - --bf16: under FSDP2, bf16 compute with float32 master weights (cello.shard_model's policy); with
   one process, torch.autocast to bf16 around every forward (weights and optimizer stay float32).
+- --activation-checkpointing runs the policy in train mode (Hugging Face checkpoints only there; the
+  model must have no dropout, so it is the same function as in eval mode) and recomputes each decoder
+  layer in backward, the shared prompt's replay-safe cache included. On one H100 it makes a 7B group
+  of the paper's lengths fit: 15.2 GiB above weights and gradients (BENCHMARKS.md).
 - Sampling randomness comes from generators seeded by (seed, step, puzzle position in the step), one
   per sampling call of --sample-batch puzzles: a resumed run repeats exactly what the uninterrupted
   run would have done, and with --sample-batch 1 (or any divisor of each rank's share) K processes
@@ -469,7 +473,15 @@ def main(argv=None):
         model_path = cello.prepare_model(args.model, args.out_dir, train)
     tokenizer = cello.load_tokenizer(model_path)
     model = cello.load_model(model_path, device)
-    model.eval()  # no dropout anywhere: the ratio must compare the same function; gradients still flow
+    # No dropout anywhere: the ratio must compare the same function, so eval mode (gradients still
+    # flow). Activation checkpointing acts in train mode only (Hugging Face's rule), which is the same
+    # function when the model has no dropout (Llama's and Qwen's attention_dropout is 0).
+    model.train(args.activation_checkpointing)
+    dropout = max([getattr(model.config, "attention_dropout", 0.0)] +
+                  [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)])
+    if args.activation_checkpointing and dropout > 0:
+        sys.exit(f"grpo.py: error: --activation-checkpointing trains in train mode, where {model_path} has "
+                 f"dropout {dropout}; set its config's attention_dropout to 0 or leave the flag out")
     cello.shard_model(model, device, bf16=args.bf16, activation_checkpointing=args.activation_checkpointing)
     ref_model = None
     if args.beta > 0:

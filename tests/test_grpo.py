@@ -390,8 +390,39 @@ if exit_after:  # simulate a kill right after that step's metrics line, before i
             os._exit(137)
     grpo.cello.append_jsonl = append_then_die
 grpo.main(sys.argv[1:])
+grpo.cello.exit_after_torchrun()  # as grpo.py's __main__ does
 """
 VOLATILE = ("time_rollout", "time_reference", "time_update", "time_step", "tokens_per_s")
+
+
+def test_activation_checkpointing_recomputes_and_gives_the_same_update(tiny):
+    # grpo.py --activation-checkpointing: train mode, each decoder layer replayed in backward, the
+    # shared prompt's cache kept through the replay; same samples and the same update as without it
+    records, path = tiny
+    tok = cello.load_tokenizer(path)
+    prompts = [cello.prompt_ids(tok, r) for r in records[4:6]]
+    plain, checkpointed = cello.load_model(path).eval(), cello.load_model(path)
+    cello.shard_model(checkpointed, torch.device("cpu"), activation_checkpointing=True).train()
+    samples = [cello.sample(m, prompts, 4, 6, tok.eos_token_id, tok.pad_token_id,
+                            generator=torch.Generator().manual_seed(4)) for m in (plain, checkpointed)]
+    assert samples[0] == samples[1]
+    out = samples[0]
+    old, mask = grpo.pad_rows(out["logprobs"])
+    batch = {"prompts": prompts, "responses": out["responses"], "old_logp": old, "mask": mask, "ref_logp": None,
+             "advantages": grpo.group_advantages(T([1.0, 0.0, 0.5, 0.0, 0.0, 1.0, 1.0, 0.2]), 4)}
+    calls, results = [], []
+    for model in (plain, checkpointed):
+        calls.append(0)
+        mlp = model.model.layers[0].mlp  # counted by wrapping forward: module hooks do not fire in a replay
+        forward = mlp.forward
+        mlp.forward = lambda *a, forward=forward: calls.__setitem__(-1, calls[-1] + 1) or forward(*a)
+        args = update_args(path, "--beta", "0", "--group-size", "4")
+        results.append(grpo.policy_update(model, torch.optim.SGD(model.parameters(), lr=0.5), batch, args))
+    assert calls == [4, 8]  # per prompt, its forward and its responses' forward; checkpointed: again in backward
+    assert results[0]["loss"] == pytest.approx(results[1]["loss"], rel=1e-5)
+    assert results[0]["grad_norm"] == pytest.approx(results[1]["grad_norm"], rel=1e-4)
+    for p, q in zip(plain.parameters(), checkpointed.parameters()):
+        assert torch.allclose(p, q, atol=1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -483,15 +514,16 @@ def test_two_process_fsdp2_run_matches_one_process(toy_run, tmp_path):
     """2 ranks (1 puzzle each, FSDP2 over gloo) against 1 process with the same seed. Sampling is seeded
     per puzzle (--sample-batch 1), so the rollouts are the same; the updates differ only by float summation order.
     Tolerance: rollout and eval metrics equal to 1e-6; loss, KL, grad norm within 1e-4 relative.
-    The 2-process run is repeated with --per-sequence log-probs: same numbers."""
+    The 2-process run uses --activation-checkpointing (shared prompt, replayed layers under FSDP2) and
+    is repeated with --per-sequence log-probs instead: same numbers."""
     runner, d, flags = toy_run
     one = tmp_path / "one"
     r = run_cli(runner, flags + ["--out-dir", str(one), "--steps", "3"])
     assert r.returncode == 0, r.stderr[-3000:]
     rows1 = read_metrics(one)
     assert rows1[1]["grad_norm"] > 0
-    # the shared-prompt path (default) and the per-sequence reference path, both under 2 processes
-    for name, extra in (("two", []), ("two-per-sequence", ["--per-sequence"])):
+    # the shared-prompt path (default, here checkpointed) and the per-sequence reference path, 2 processes
+    for name, extra in (("two", ["--activation-checkpointing"]), ("two-per-sequence", ["--per-sequence"])):
         r = run_cli(runner, flags + ["--out-dir", str(tmp_path / name), "--steps", "3", *extra], nproc=2)
         assert r.returncode == 0, r.stderr[-3000:]
         rows2 = read_metrics(tmp_path / name)
