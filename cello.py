@@ -20,11 +20,19 @@ import sys
 import numpy as np
 import torch
 import torch.distributed as dist
+import transformers
 from torch.distributed.fsdp import FSDPModule
 from torch.utils.checkpoint import checkpoint
 from transformers import AttentionInterface, DynamicCache, StaticCache
 from transformers.cache_utils import DynamicLayer
 from transformers.masking_utils import AttentionMaskInterface
+
+# Older 5.x releases name the models' cache argument past_key_values: the sampler's and the
+# shared-prompt path's caches would be ignored, and fail far from the cause (seen on a GPU machine
+# with 5.17). So say it here.
+if tuple(int(part) for part in transformers.__version__.split(".")[:2]) < (5, 24):
+    raise ImportError(f"cello needs transformers >= 5.24 (requirements.txt), found {transformers.__version__}: "
+                      f"pip install 'transformers>=5.24,<6'")
 
 # ---------------------------------------------------------------------------------------------
 # 1. Prompt rendering

@@ -1,6 +1,8 @@
 """Tests for cello.py section 2: the puzzle tokenizer, model presets, loading and loss masks."""
 import json
 import os
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -10,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import cello
-from conftest import DATA
+from conftest import DATA, ROOT
 
 CONTEXT = "The cell is from a human, originating from the blood. The patient is healthy with no diagnosed disease."
 
@@ -218,3 +220,11 @@ def test_read_puzzles_names_the_file_line_and_problem(tmp_path, line, message):
     with pytest.raises(SystemExit) as exit_info:
         cello.read_puzzles(str(path), "--train", "grpo.py")
     assert exit_info.value.code == f"grpo.py: error: {path} {message}"
+
+
+def test_an_older_transformers_is_a_clear_import_error():
+    # 5.17 (seen on a GPU machine) ignores the cache= argument; cello must say so at import
+    code = "import transformers; transformers.__version__ = '5.17.0'; import cello"
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0
+    assert "cello needs transformers >= 5.24 (requirements.txt), found 5.17.0" in run.stderr.strip().splitlines()[-1]
