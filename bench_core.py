@@ -14,11 +14,17 @@
 4. Memory: peak resident memory (Linux VmHWM, reset through /proc/self/clear_refs) of cello's chunked
    log-probs against the naive log_softmax(model(...).logits) for a model with a 152k vocabulary,
    without and with backward.
+5. Scale (for a GPU; not in the default parts): the policy loss of one GRPO group at the paper's
+   lengths, forward + backward of cello.response_logprobs, for Qwen2.5-0.5B- and 7B-shaped models
+   with random bfloat16 weights (as FSDP2's bf16 policy computes): shared prompt against
+   per-sequence, each with and without activation checkpointing (grpo.py --activation-checkpointing).
+   Peak GPU memory above the weights and their gradients, and seconds (best of --repeats).
 
 Run (CPU, one process, about 5 minutes on 2 cores):
     python bench_core.py
     python bench_core.py --parts speed --prompts 8 --prompt-len 1000 --new-tokens 128
     python bench_core.py --parts sft --threads 2 --repeats 20
+    python bench_core.py --parts scale --device cuda    (one GPU with 80 GB for the 7B shape)
 """
 import argparse
 import gc
@@ -26,14 +32,14 @@ import sys
 import time
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 import cello
 import sft
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--parts", default="speed,logprobs,sft,memory",
-                    help="comma-separated: speed, logprobs, sft, memory")
+                    help="comma-separated: speed, logprobs, sft, memory, scale")
 parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 keeps figures steadier on a shared machine)")
 parser.add_argument("--seed", type=int, default=0, help="seed for weights and prompts")
 speed = parser.add_argument_group("speed: sampler against model.generate")
@@ -56,10 +62,16 @@ memory = parser.add_argument_group("memory: chunked against naive log-probs")
 memory.add_argument("--memory-vocab", type=int, default=152064, help="vocabulary size (Qwen2.5: 152064)")
 memory.add_argument("--memory-batch", type=int, default=2, help="sequences")
 memory.add_argument("--memory-len", type=int, default=1024, help="tokens per sequence")
+scale = parser.add_argument_group("scale: one GRPO group's loss at the paper's lengths")
+scale.add_argument("--device", default="cpu", help="cpu or cuda (scale part only)")
+scale.add_argument("--scale-shapes", default="0.5b,7b", help="comma-separated Qwen2.5 shapes: 0.5b, 7b")
+scale.add_argument("--scale-group", type=int, default=5, help="responses to the prompt (paper: G = 5)")
+scale.add_argument("--scale-prompt-len", type=int, default=2800, help="prompt tokens (paper: ~2,800)")
+scale.add_argument("--scale-response-len", type=int, default=900, help="tokens per response (paper: ~900)")
 args = parser.parse_args()
 parts = set(args.parts.split(","))
-if not parts <= {"speed", "logprobs", "sft", "memory"}:
-    parser.error(f"--parts: expected some of speed, logprobs, sft, memory, got {args.parts!r}")
+if not parts <= {"speed", "logprobs", "sft", "memory", "scale"}:
+    parser.error(f"--parts: expected some of speed, logprobs, sft, memory, scale, got {args.parts!r}")
 torch.set_num_threads(args.threads)
 print("command: python " + " ".join(sys.argv))
 
@@ -260,3 +272,78 @@ if "memory" in parts:
         (n_mib, n_s), (c_mib, c_s) = rows[("naive", grad)], rows[("chunked", grad)]
         print(f"  {label:20s} naive {n_mib:8.0f} MiB {n_s:6.2f} s | chunked {c_mib:8.0f} MiB {c_s:6.2f} s | "
               f"ratio {c_mib / n_mib:.3f}")
+
+
+# Qwen2.5's published configs (random weights here: memory and time do not depend on their values)
+QWEN_SHAPES = {
+    "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                 num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+               num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
+}
+
+if "scale" in parts:
+    device = torch.device(args.device)
+    shapes = args.scale_shapes.split(",")
+    if not set(shapes) <= set(QWEN_SHAPES):
+        parser.error(f"--scale-shapes: expected some of {', '.join(QWEN_SHAPES)}, got {args.scale_shapes!r}")
+    g = torch.Generator().manual_seed(args.seed)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def group_loss_peak(model, prompt, responses, shared):
+        """(peak MiB above the current allocation, seconds) of one forward + backward; GPU memory on
+        cuda, resident memory on cpu."""
+        def run():
+            logprobs, mask = cello.response_logprobs(model, [prompt], responses, shared_prompt=shared)
+            (-(logprobs * mask).sum() / mask.sum()).backward()
+            sync()
+        if device.type == "cpu":
+            return peak_mib(run)
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        start = time.perf_counter()
+        run()
+        seconds = time.perf_counter() - start
+        return (torch.cuda.max_memory_allocated(device) - before) / 2 ** 20, seconds
+
+    for shape in shapes:
+        config = Qwen2Config(**QWEN_SHAPES[shape], max_position_embeddings=32768, rope_theta=1e6)
+        torch.manual_seed(args.seed)
+        with torch.device(device):
+            model = Qwen2ForCausalLM._from_config(config, dtype=torch.bfloat16).train()  # no dropout in Qwen2.5
+        for p in model.parameters():  # gradient buffers exist before measuring, for every case alike
+            p.grad = torch.zeros_like(p)
+        prompt = torch.randint(10, config.vocab_size, (args.scale_prompt_len,), generator=g).tolist()
+        responses = [torch.randint(10, config.vocab_size, (args.scale_response_len,), generator=g).tolist()
+                     for _ in range(args.scale_group)]
+        weights_gib = sum(p.numel() for p in model.parameters()) * 2 / 2 ** 30
+        billions = sum(p.numel() for p in model.parameters()) / 1e9
+        print(f"\n== scale: Qwen2.5-{shape} shape, {billions:.2f}B parameters in bfloat16 "
+              f"({weights_gib:.1f} GiB weights + {weights_gib:.1f} GiB gradients), on {device}"
+              f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}; one group: "
+              f"{args.scale_prompt_len}-token prompt x {args.scale_group} responses x {args.scale_response_len} tokens")
+        for checkpointing in (False, True):
+            if checkpointing:
+                cello.shard_model(model, device, activation_checkpointing=True)  # no process group: just this
+            for shared in (True, False):
+                path = "shared prompt" if shared else "per-sequence"
+                label = f"{path:13s}, {'with' if checkpointing else 'no':4s} activation checkpointing"
+                try:
+                    best = (float("inf"), float("inf"))
+                    for _ in range(args.repeats):
+                        mib, seconds = group_loss_peak(model, prompt, responses, shared)
+                        best = (mib, min(best[1], seconds))
+                    print(f"  {label}: peak {best[0] / 1024:6.1f} GiB above weights + grads, {best[1]:6.2f} s")
+                except torch.OutOfMemoryError:
+                    print(f"  {label}: out of memory")
+                model.zero_grad(set_to_none=False)
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+        del model
+        gc.collect()
