@@ -321,9 +321,9 @@ if "scale" in parts:
         prompt = torch.randint(10, config.vocab_size, (args.scale_prompt_len,), generator=g).tolist()
         responses = [torch.randint(10, config.vocab_size, (args.scale_response_len,), generator=g).tolist()
                      for _ in range(args.scale_group)]
-        weights_gib = sum(p.numel() for p in model.parameters()) * 2 / 2 ** 30
-        billions = sum(p.numel() for p in model.parameters()) / 1e9
-        print(f"\n== scale: Qwen2.5-{shape} shape, {billions:.2f}B parameters in bfloat16 "
+        params = sum(p.numel() for p in model.parameters())
+        weights_gib = params * 2 / 2 ** 30
+        print(f"\n== scale: Qwen2.5-{shape} shape, {params / 1e9:.2f}B parameters in bfloat16 "
               f"({weights_gib:.1f} GiB weights + {weights_gib:.1f} GiB gradients), on {device}"
               f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}; one group: "
               f"{args.scale_prompt_len}-token prompt x {args.scale_group} responses x {args.scale_response_len} tokens")
@@ -333,12 +333,10 @@ if "scale" in parts:
             for shared in (True, False):
                 path = "shared prompt" if shared else "per-sequence"
                 label = f"{path:13s}, {'with' if checkpointing else 'no':4s} activation checkpointing"
-                try:
-                    best = (float("inf"), float("inf"))
-                    for _ in range(args.repeats):
-                        mib, seconds = group_loss_peak(model, prompt, responses, shared)
-                        best = (mib, min(best[1], seconds))
-                    print(f"  {label}: peak {best[0] / 1024:6.1f} GiB above weights + grads, {best[1]:6.2f} s")
+                try:  # memory of the last run (the same every run), the fastest run's seconds
+                    runs = [group_loss_peak(model, prompt, responses, shared) for _ in range(args.repeats)]
+                    print(f"  {label}: peak {runs[-1][0] / 1024:6.1f} GiB above weights + grads, "
+                          f"{min(seconds for _, seconds in runs):6.2f} s")
                 except torch.OutOfMemoryError:
                     print(f"  {label}: out of memory")
                 model.zero_grad(set_to_none=False)

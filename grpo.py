@@ -478,11 +478,13 @@ def main(argv=None):
     # flow). Activation checkpointing acts in train mode only (Hugging Face's rule), which is the same
     # function when the model has no dropout (Llama's and Qwen's attention_dropout is 0).
     model.train(args.activation_checkpointing)
-    dropout = max([getattr(model.config, "attention_dropout", 0.0)] +
-                  [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)])
-    if args.activation_checkpointing and dropout > 0:
-        sys.exit(f"grpo.py: error: --activation-checkpointing trains in train mode, where {model_path} has "
-                 f"dropout {dropout}; set its config's attention_dropout to 0 or leave the flag out")
+    if args.activation_checkpointing:
+        dropout = max([getattr(model.config, "attention_dropout", 0.0)] +
+                      [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)])
+        if dropout > 0:
+            sys.exit(f"grpo.py: error: --activation-checkpointing runs the policy in train mode, where "
+                     f"{model_path}'s dropout {dropout} would change it; set its config's attention_dropout "
+                     f"to 0 or leave the flag out")
     cello.shard_model(model, device, bf16=args.bf16, activation_checkpointing=args.activation_checkpointing)
     ref_model = None
     if args.beta > 0:

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -455,6 +456,21 @@ def read_metrics(out_dir):
 
 def stable(row):
     return {k: v for k, v in row.items() if k not in VOLATILE}
+
+
+def test_activation_checkpointing_refuses_a_model_with_dropout(toy_run, tmp_path):
+    # train mode would switch its dropout on: the ratio would compare different functions
+    runner, d, flags = toy_run
+    model_at = flags.index("--model") + 1
+    folder = tmp_path / "dropout-model"
+    shutil.copytree(flags[model_at], folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "attention_dropout": 0.1}))
+    with pytest.raises(SystemExit) as stop:
+        grpo.main(flags[:model_at] + [str(folder)] + flags[model_at + 1:] +
+                  ["--out-dir", str(tmp_path / "out"), "--steps", "1", "--activation-checkpointing"])
+    assert str(stop.value).startswith("grpo.py: error: --activation-checkpointing runs the policy in train mode")
+    assert "dropout 0.1" in str(stop.value)
 
 
 @pytest.mark.slow
