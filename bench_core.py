@@ -27,6 +27,7 @@ Run (CPU, one process, about 5 minutes on 2 cores):
     python bench_core.py --parts scale --device cuda    (one GPU with 80 GB for the 7B shape)
 """
 import argparse
+import ctypes
 import gc
 import sys
 import time
@@ -228,7 +229,10 @@ def resident_kib(field):
 
 
 def peak_mib(fn):
-    """Peak resident memory above the current level while fn runs, in MiB (Linux only)."""
+    """Peak resident memory above the current level while fn runs, in MiB (Linux only). glibc's mmap
+    threshold is fixed at 64 KiB first: larger blocks then go back to the system when freed, so a run's
+    high-water mark counts its own allocations, not heap that an earlier run freed and left resident."""
+    ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024)  # -3: M_MMAP_THRESHOLD (fixed, no longer adaptive)
     gc.collect()
     before = resident_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:

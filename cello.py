@@ -651,6 +651,22 @@ def _prefix_cache(model, prefixes=None):
     return cache
 
 
+def _backward_later(tensors):
+    """Detached copies of tensors (leaves that require grad) for the rest of the forward. Once a
+    backward has computed all their gradients, a hook runs backward from tensors with those gradients:
+    a pass over the graph that made them, started from inside the first (as reentrant checkpointing
+    does)."""
+    copies = [t.detach().requires_grad_() for t in tensors]
+
+    def backward_the_rest(grads):
+        pairs = [(t, g) for t, g in zip(tensors, grads) if g is not None]
+        if pairs:
+            torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
+
+    torch.autograd.graph.register_multi_grad_hook(copies, backward_the_rest)
+    return copies
+
+
 def _shared_prompt_hidden(model, prompt, responses, device):
     """Hidden states [n, H] that predict the tokens of G responses to one prompt, the prompt run once.
 
@@ -662,18 +678,26 @@ def _shared_prompt_hidden(model, prompt, responses, device):
     response, token by token; the prompt's last hidden state predicts each response's first token.
     Both forwards always run (even for empty responses): FSDP2 ranks must make the same calls.
     The caches are _PrefixLayer ones, so activation checkpointing may replay either forward.
-    Memory: each layer's weights serve both forwards, and autograd sums a weight's two gradients before
-    accumulating, so the responses' weight gradients wait for the prompt's backward (a second copy of
-    the decoder layers' gradients in backward; BENCHMARKS.md, "On a GPU (NVIDIA H100 ...)").
+    Backward runs in two passes: the responses' pass ends at detached copies of what they read from
+    the prompt (its last hidden state, its keys and values per layer), and once all their gradients
+    are in, a hook runs the prompt's pass from them (_backward_later). In one pass, autograd would sum
+    a weight's contributions from both forwards before accumulating, so the responses' would wait for
+    the prompt's backward to reach the layer: a second copy of the decoder's weight gradients
+    (unsharded under FSDP2; 12.2 GiB at 7B, BENCHMARKS.md). In two, each pass accumulates at once.
+    Groups in one call share the responses' pass (grpo.py's --micro-batch 1 has one group per call).
     """
     group, n = len(responses), len(prompt)
     width = max(1, max(len(r) for r in responses))
     prompt_cache = _prefix_cache(model)
     prompt_hidden = _final_hidden(model, use_cache=True, cache=prompt_cache,
                                   input_ids=torch.tensor([prompt], device=device))  # [1, n, H]
+    reads = [prompt_hidden[:, -1:]] + [t for layer in prompt_cache.layers for t in (layer.keys, layer.values)]
+    if reads[0].requires_grad:
+        reads = _backward_later(reads)
+    last_hidden, kv = reads[0], reads[1:]
     # expand: G views of the prompt's keys and values [1 -> G, kv_heads, n, d]; their gradients sum back
-    cache = _prefix_cache(model, [(layer.keys.expand(group, -1, -1, -1), layer.values.expand(group, -1, -1, -1))
-                                  for layer in prompt_cache.layers])
+    cache = _prefix_cache(model, [(kv[2 * i].expand(group, -1, -1, -1), kv[2 * i + 1].expand(group, -1, -1, -1))
+                                  for i in range(len(prompt_cache.layers))])
     ids = torch.zeros((group, width), dtype=torch.long)
     real = torch.zeros((group, width), dtype=torch.bool)
     for g, response in enumerate(responses):
@@ -684,7 +708,7 @@ def _shared_prompt_hidden(model, prompt, responses, device):
     positions = torch.arange(n, n + width, device=device)[None].expand(group, -1)
     hidden = _final_hidden(model, use_cache=True, cache=cache, input_ids=ids, attention_mask=attention,
                            position_ids=positions)  # [G, L, H]
-    predictors = torch.cat([prompt_hidden[:, -1:].expand(group, -1, -1), hidden[:, :-1]], 1)  # [G, L, H]
+    predictors = torch.cat([last_hidden.expand(group, -1, -1), hidden[:, :-1]], 1)  # [G, L, H]
     return predictors[real]
 
 

@@ -65,8 +65,9 @@ Choices this file makes (each is tested in tests/test_grpo.py):
 - --activation-checkpointing runs the policy in train mode (Hugging Face checkpoints only there; the
   model must have no dropout, so it is the same function as in eval mode) and recomputes each decoder
   layer in backward, the shared prompt's replay-safe cache included. One 7B group of the paper's
-  lengths in bf16 then needs 15.2 GiB beyond its weights and gradients on an H100, and runs out of
-  memory without it (bench_core.py --parts scale; BENCHMARKS.md).
+  lengths in bf16 then needed 15.2 GiB beyond its weights and gradients on an H100, and ran out of
+  memory without it (bench_core.py --parts scale; BENCHMARKS.md), before the shared prompt's
+  two-pass backward removed a 12.2 GiB copy of the weight gradients from that (not re-measured).
 - Sampling randomness comes from generators seeded by (seed, step, puzzle position in the step), one
   per sampling call of --sample-batch puzzles: a resumed run repeats exactly what the uninterrupted
   run would have done, and with --sample-batch 1 (or any divisor of each rank's share) K processes

@@ -239,6 +239,31 @@ def test_shared_prompt_equals_per_sequence_values_and_gradients(attn):
     assert_grads_close(grads_of(model, lambda: loss(True)), grads_of(model, lambda: loss(False)))
 
 
+def test_shared_prompt_backward_accumulates_the_responses_weight_gradients_first():
+    """The shared path runs backward in two passes (responses, then the prompt from the keys and values
+    they read), so each decoder weight accumulates twice, once per pass, and no response gradient waits
+    for the prompt's pass. In one pass autograd would sum both contributions first: one accumulation
+    per weight, the responses' held until the prompt's backward reached it."""
+    model = tiny_llama(seed=3).train()
+    layer_params = [p for layer in model.model.layers for p in layer.parameters()]
+    accumulated = []
+    for i, p in enumerate(layer_params):
+        p.register_post_accumulate_grad_hook(lambda p, i=i: accumulated.append(i))
+    logprobs, mask = cello.response_logprobs(model, PROMPTS[:1], random_tokens([3, 5, 2], seed=9))
+    (logprobs * mask).sum().backward()
+    n = len(layer_params)
+    assert len(accumulated) == 2 * n
+    for k in range(2):  # two passes, each meets every weight once
+        assert sorted(accumulated[k * n:(k + 1) * n]) == list(range(n))
+
+    model.zero_grad(set_to_none=True)
+    accumulated.clear()
+    logprobs, mask = cello.response_logprobs(model, PROMPTS[:1], random_tokens([3, 5, 2], seed=9),
+                                             shared_prompt=False)
+    (logprobs * mask).sum().backward()
+    assert sorted(accumulated) == list(range(n))  # per-sequence: one forward, one accumulation each
+
+
 def test_bad_input_is_rejected_with_a_clear_message(model):
     with pytest.raises(ValueError, match="at least one token"):
         cello.sample(model, [[3], []], 1, 4, eos_id=EOS, pad_id=PAD)
