@@ -685,6 +685,8 @@ def _shared_prompt_hidden(model, prompt, responses, device):
     the prompt's backward to reach the layer: a second copy of the decoder's weight gradients
     (unsharded under FSDP2; 12.2 GiB at 7B, BENCHMARKS.md). In two, each pass accumulates at once.
     Groups in one call share the responses' pass (grpo.py's --micro-batch 1 has one group per call).
+    Under FSDP2 the responses' pass must be the outer one: its layers' backward hooks queue FSDP2's
+    end-of-backward work on it, so the nested prompt passes never trigger it (BENCHMARKS.md).
     """
     group, n = len(responses), len(prompt)
     width = max(1, max(len(r) for r in responses))
