@@ -33,8 +33,8 @@ malformed, or all right).
 The defaults are the CPU demo's recipe (`python cello.py demo`): the "small" preset after SFT on the
 demo's puzzles (N 4-6 cells, ~330-400-token prompts, expert-style responses of ~125-195 tokens), P = 4
 puzzles x G = 8 responses per step, a 240-token budget, lr 1e-4, 150 steps. On the 2-core machine,
-idle: ~1.4 s per step (rollout 0.6, reference 0.2, update 0.6; BENCHMARKS.md), 3.7 minutes in all,
-and the test puzzles go from 50.0% to 83.3% well formed, batch-level 11.7% -> 18.3% (README). On a
+idle: ~1.4-1.6 s per step (rollout 0.6-0.7, reference 0.2, update 0.6; BENCHMARKS.md), about 4 minutes
+in all, and the test puzzles go from 50.0% to 81.7% well formed, batch-level 11.7% -> 18.3% (README). On a
 2-core machine busy with other jobs use OMP_NUM_THREADS=1: two threads spin-waiting for a busy core
 once made a rollout 9x slower.
 The paper's 7B run (Qwen2.5-7B-Instruct after SFT; 8 GPUs; one pass over the 6,912 released train
