@@ -253,7 +253,9 @@ def parse_args(argv=None):
     g.add_argument("--minibatches", type=int, default=1,
                    help="optimizer steps per pass: the rollout's puzzles are split into this many minibatches")
     g.add_argument("--micro-batch", type=int, default=1,
-                   help="puzzles (each with its G responses) per forward/backward; gradients accumulate")
+                   help="puzzles (each with its G responses) per forward/backward; gradients accumulate. 1 "
+                        "needs the least memory (with more, backward holds one group's weight gradients "
+                        "until the next group's reach them)")
     g.add_argument("--per-sequence", action="store_true",
                    help="plain GRPO, the reference path: each response is sampled and scored with its own copy "
                         "of the prompt (prefill per response, per-sequence log-probs) instead of running each "
