@@ -723,7 +723,9 @@ def response_logprobs(model, prompts, responses, temperature=1.0, shared_prompt=
     mask is 0. shared_prompt=True runs each prompt once and its G responses in one batch on the
     prompt's keys and values (_shared_prompt_hidden), which carry the gradients of all G responses.
     shared_prompt=False is the per-sequence reference (prompt + response per row). Logits are computed
-    only at response positions, in chunks.
+    only at response positions, in chunks. Take gradients with .backward(): the shared prompt's share
+    arrives in a second backward pass that accumulates into .grad, which torch.autograd.grad(loss,
+    params) would not return.
     """
     if not prompts or not responses or len(responses) % len(prompts) or any(len(p) == 0 for p in prompts):
         raise ValueError(f"response_logprobs: need P non-empty prompts and a multiple of P responses, "
