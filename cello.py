@@ -1042,14 +1042,14 @@ def demo_stages(out, data, sft_steps, grpo_steps):
          f"{out}/distill/report.json"),
         # sft.py's and grpo.py's defaults are the demo's recipe. SFT: the model learns to copy prompt lines
         # (val loss ~0.6 -> ~0.1) around step 1,200-1,500, and only while the learning rate is still high,
-        # so it stays constant after warmup (README: "What moved the SFT row"); val loss and checkpoints
+        # so it stays constant after warmup (EXPERIMENTS.md: "What moved the SFT row"); val loss and checkpoints
         # every 100 steps (at 20 they cost a sixth of the stage).
         ("SFT the small model", ["sft.py", "--data", f"{out}/distill/sft.jsonl", "--model", "small",
                                  "--out-dir", f"{out}/sft", "--max-steps", str(sft_steps)],
          f"{out}/sft/final/config.json"),
         # GRPO: 4 puzzles x 8 samples, lr 1e-4; expert-style responses are 123, 158 and 193 tokens for
         # N = 4, 5, 6: a 240-token budget. 150 steps, not 15: batch-level accuracy only rises after ~100
-        # steps (README: "What GRPO does in the demo")
+        # steps (EXPERIMENTS.md: "What GRPO does in the demo")
         ("GRPO from the SFT model", ["grpo.py", "--model", f"{out}/sft/final", "--train", train, "--val", val,
                                      "--out-dir", f"{out}/grpo", "--steps", str(grpo_steps)],
          f"{out}/grpo/final/config.json"),
