@@ -12,13 +12,15 @@ Import a released file (JSONL, or parquet with pyarrow installed) with system_ms
     python puzzles.py import cellpuzzles_test.jsonl --out runs/released/test.jsonl
 
 How build works:
-  1. Cells: those with a cell type (values such as "unknown" or empty are skipped) and at least M
-     genes with expression > 0. Expression comes from layers['counts'], else .raw, else X (printed).
-     Gene symbols from var['feature_name'] when present (an "_ENSG..." suffix stripped), else var_names.
+  1. Cells: those with a cell type and a donor (values such as "unknown", NaN or empty are skipped and
+     counted) and at least M genes with expression > 0. Expression comes from layers['counts'], else
+     .raw, else X (printed). Gene symbols from var['feature_name'] when present (an "_ENSG..." suffix
+     stripped), else var_names.
   2. Groups: cells sharing donor, batch and context sentence; a puzzle never mixes groups.
   3. Split, without leakage: by donor when the file has >= 3 donors (each donor in one split),
      else by cell (each cell in one split, stratified by donor and type), so no test cell is in a
-     train or val puzzle. The mode is printed and stored in summary.json.
+     train or val puzzle. The mode is printed and stored in summary.json. Fractions that leave train
+     (or val, when --val-frac > 0, or test) with no donor or cell are an error.
   4. For each split, group and N in [--n-min, --n-max]: up to K puzzles (K = --puzzles-per-group,
      --val-puzzles-per-group or --test-puzzles-per-group). A puzzle takes N random distinct types of
      the group, one random cell of each, in random cell order; a drawn set of cells that already
@@ -53,7 +55,8 @@ import numpy as np
 import reward
 
 SPLITS = ("train", "val", "test")
-ABSENT = {"", "unknown", "na", "n/a", "nan", "none", "null"}   # metadata values that mean "not known"
+# metadata values that mean "not known"; "<na>" is how pandas' missing value of a nullable column prints
+ABSENT = {"", "unknown", "na", "n/a", "nan", "none", "null", "<na>"}
 ENSG_SUFFIX = re.compile(r"_ENSG\d+(\.\d+)?$")
 
 
@@ -76,6 +79,7 @@ def context_sentence(sex, stage, ethnicity, tissue, disease):
     out; None when every field is absent."""
     if not any((sex, stage, ethnicity, tissue, disease)):
         return None
+    # SPEC.md's literal rule: with only tissue or disease known this gives "The cell is from, ..." / "from. The ..."
     text = "The cell is from"
     text += f" a {sex}" if sex else ""
     text += f" at the {stage}" if stage else ""
@@ -162,19 +166,27 @@ def excluded_cell_sets(path, barcodes):
     if not os.path.isfile(path):
         fail(f"--exclude-puzzles {path}: no such file")
     sets = set()
-    with open(path) as f:
-        for line_no, line in enumerate(f, 1):
-            try:
-                ids = json.loads(line)["cell_ids"] if line.strip() else []
-            except (ValueError, KeyError, TypeError):
-                fail(f"--exclude-puzzles {path} line {line_no}: expected a puzzle record with a \"cell_ids\" list")
-            missing = [c for c in ids if c not in index]
-            if missing:
-                fail(f"--exclude-puzzles {path} line {line_no}: cell id {missing[0]!r} is not in this input's "
-                     "obs names")
-            if ids:
-                sets.add(frozenset(index[c] for c in ids))
+    for line_no, line in enumerate(read_utf8(path, "--exclude-puzzles ").split("\n"), 1):
+        try:
+            ids = json.loads(line)["cell_ids"] if line.strip() else []
+        except (ValueError, KeyError, TypeError):
+            fail(f"--exclude-puzzles {path} line {line_no}: expected a puzzle record with a \"cell_ids\" list")
+        missing = [c for c in ids if c not in index]
+        if missing:
+            fail(f"--exclude-puzzles {path} line {line_no}: cell id {missing[0]!r} is not in this input's "
+                 "obs names")
+        if ids:
+            sets.add(frozenset(index[c] for c in ids))
     return sets
+
+
+def read_utf8(path, what=""):
+    """The whole text of a file; a file that is not UTF-8 is one clear line, not a UnicodeDecodeError."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError:
+        fail(f"{what}{path}: not UTF-8 text")
 
 
 def load_h5ad(path):
@@ -224,6 +236,8 @@ def build(args):
         fail(f"--train-gene-dropout must be in [0, 1) (got {args.train_gene_dropout})")
     if not 0 <= args.train_blank_cells <= 1:
         fail(f"--train-blank-cells must be in [0, 1] (got {args.train_blank_cells})")
+    if args.seed < 0:   # numpy's generators take only seeds >= 0
+        fail(f"--seed must be >= 0 (got {args.seed})")
     if min(args.puzzles_per_group, args.val_puzzles_per_group, args.test_puzzles_per_group) < 0:
         fail("--puzzles-per-group, --val-puzzles-per-group and --test-puzzles-per-group must be >= 0")
     if not (0 <= args.val_frac < 1 and 0 < args.test_frac < 1 and args.val_frac + args.test_frac < 1):
@@ -239,7 +253,9 @@ def build(args):
 
     # Cell types, donors, batches and context, one value per cell.
     cell_types = [present(v) for v in column(args.cell_type_key, "--cell-type-key")]
-    donors = [stem] * adata.n_obs if args.donor_key == "none" else [str(v) for v in column(args.donor_key, "--donor-key")]
+    # A missing donor (NaN, "unknown", ...) is None, never a donor named "nan": such cells are left out below,
+    # as pooling them would make puzzles that mix real donors and a fake donor that counts for the split.
+    donors = [stem] * adata.n_obs if args.donor_key == "none" else [present(v) for v in column(args.donor_key, "--donor-key")]
     if args.batch_key is None:
         batches = [None] * adata.n_obs
     elif args.batch_key == "barcode-suffix":
@@ -250,7 +266,7 @@ def build(args):
                 fail(f"--batch-key barcode-suffix: obs name {name!r} does not end in -<lane number>")
             batches.append(match.group(1))
     else:
-        batches = [str(v) for v in column(args.batch_key, "--batch-key")]
+        batches = [present(v) for v in column(args.batch_key, "--batch-key")]   # missing: grouped by donor only
     if args.context is not None:
         contexts = [args.context] * adata.n_obs
     else:
@@ -277,10 +293,15 @@ def build(args):
     print(f"expression: {which} ({matrix.shape[0]} cells x {matrix.shape[1]} genes), gene symbols: {name_source}")
 
     # Eligible cells, by group.
-    usable = [i for i in range(adata.n_obs) if cell_types[i] is not None and expressed[i] >= args.genes]
+    typed = [i for i in range(adata.n_obs) if cell_types[i] is not None and expressed[i] >= args.genes]
+    usable = [i for i in typed if donors[i] is not None]
+    if typed and not usable:
+        fail(f"--donor-key {args.donor_key!r}: no usable cell of {args.input} has a donor (every value is missing); "
+             "pass --donor-key none to treat the file as one donor")
     skipped_cells = {"no cell type": sum(t is None for t in cell_types),
                      f"fewer than {args.genes} expressed genes": sum(int(t is not None and expressed[i] < args.genes)
-                                                                     for i, t in enumerate(cell_types))}
+                                                                     for i, t in enumerate(cell_types)),
+                     "no donor": len(typed) - len(usable)}
     rng = np.random.default_rng(args.seed)
 
     # Split assignment: split_of[cell index] in SPLITS.
@@ -305,6 +326,15 @@ def build(args):
             n_test, n_val = split_counts(len(cells), args.val_frac, args.test_frac)
             for r, i in enumerate(cells):
                 split_of[i] = "test" if r < n_test else "val" if r < n_test + n_val else "train"
+    # Rounding can leave train (or a val/test split that was asked for) without a donor or cell even with valid
+    # fractions (5 donors, 0.35 and 0.6): fail before anything is written rather than write an empty split.
+    units = Counter(donor_split.values()) if mode == "donor" else Counter(split_of.values())
+    empty = [s for s in SPLITS if not units[s] and (s != "val" or args.val_frac > 0)]
+    if usable and empty:
+        unit = "donors" if mode == "donor" else "cells (split per donor and type)"
+        fail(f"--val-frac {args.val_frac} and --test-frac {args.test_frac} leave the {empty[0]} split empty: "
+             f"{sum(units.values())} {unit} go {units['train']} to train, {units['val']} to val, {units['test']} "
+             "to test; choose fractions that leave each split at least one")
     print(f"split: by {mode} ({len(donor_names)} donor{'s' if len(donor_names) != 1 else ''}; "
           + ("each donor in one split)" if mode == "donor" else "each cell in one split, stratified by donor and type)"))
 
@@ -468,8 +498,7 @@ def read_released(path):
         except ImportError:
             fail(f"{path}: reading parquet needs pyarrow (pip install pyarrow), or convert it to JSONL")
         return list(enumerate(frame.to_dict("records"), start=1))
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    text = read_utf8(path)
     if text.lstrip().startswith("["):
         try:
             return list(enumerate(json.loads(text), start=1))

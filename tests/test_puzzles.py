@@ -283,6 +283,56 @@ def test_context_sentence():
     assert puzzles.context_sentence(None, None, None, "blood", None) == "The cell is from, originating from the blood."
     assert puzzles.context_sentence(None, None, None, None, None) is None
     assert [puzzles.present(v) for v in ("unknown", " NA ", float("nan"), "", "male")] == [None, None, None, None, "male"]
+    assert puzzles.present(pd.NA) is None   # a nullable column's missing value, which prints as "<NA>"
+    # SPEC.md's literal assembly, kept as the released format has it: disease alone gives "from. The ..."
+    assert puzzles.context_sentence(None, None, None, None, "COVID-19") == (
+        "The cell is from. The patient has been diagnosed with COVID-19.")
+
+
+def test_cells_without_donor_are_left_out_not_pooled(tmp_path, capsys):
+    """4 real donors plus 40 cells with no donor (NaN, "unknown"): the split is by the 4 donors only, the 40
+    cells are in no puzzle and are counted; a missing batch is no batch, not a batch named "nan"."""
+    donor_ids = [f"d{d}" if d < 4 else (np.nan if d == 4 else "unknown") for d in range(6) for _ in range(20)]
+    lanes = ["L1" if i % 2 else np.nan for i in range(120)]
+    path, _ = cellxgene_like(tmp_path / "f.h5ad", donors=6, per_type=4, obs={"donor_id": donor_ids, "lane": lanes})
+    splits = build(tmp_path / "out", "--n-min", "3", "--n-max", "4", "--genes", "4", "--val-frac", "0.25",
+                   "--test-frac", "0.25", "--batch-key", "lane", "--puzzles-per-group", "5", data=path)
+    summary = json.load(open(tmp_path / "out" / "summary.json"))
+    assert [summary["splits"][s]["donors"] for s in puzzles.SPLITS] == [["d1", "d3"], ["d0"], ["d2"]]
+    assert summary["skipped_cells"]["no donor"] == 40
+    assert "'no donor': 40" in capsys.readouterr().out
+    records = [r for rs in splits.values() for r in rs]
+    assert {r["donor"] for r in records} == {"d0", "d1", "d2", "d3"}
+    assert all(int(c[4:]) < 80 for r in records for c in r["cell_ids"])     # no donor-less cell in a puzzle
+    assert {r["batch"] for r in records} == {"L1", None}
+
+
+def test_no_cell_with_a_donor(tmp_path):
+    path, _ = cellxgene_like(tmp_path / "f.h5ad", obs={"donor_id": [np.nan] * 60})
+    message = expect_error(tmp_path, path, FLAGS)
+    assert message == ("puzzles.py: error: --donor-key 'donor_id': no usable cell of " + str(path) + " has a donor "
+                       "(every value is missing); pass --donor-key none to treat the file as one donor")
+
+
+@pytest.mark.parametrize("donors, fracs, expected", [
+    (5, ["--val-frac", "0.35", "--test-frac", "0.6"],
+     "--val-frac 0.35 and --test-frac 0.6 leave the train split empty: 5 donors go 0 to train, 2 to val, 3 to test"),
+    (3, ["--val-frac", "0.1", "--test-frac", "0.6"],
+     "--val-frac 0.1 and --test-frac 0.6 leave the val split empty: 3 donors go 1 to train, 0 to val, 2 to test"),
+    (2, ["--val-frac", "0.35", "--test-frac", "0.6"],
+     "--val-frac 0.35 and --test-frac 0.6 leave the train split empty: 30 cells (split per donor and type) go 0 to "
+     "train, 10 to val, 20 to test"),
+])
+def test_fractions_that_leave_a_split_empty(tmp_path, donors, fracs, expected):
+    path, _ = cellxgene_like(tmp_path / "f.h5ad", donors=donors)
+    message = expect_error(tmp_path, path, FLAGS + fracs)
+    assert message == f"puzzles.py: error: {expected}; choose fractions that leave each split at least one"
+
+
+def test_no_val_split_asked_for_is_no_error(tmp_path):
+    path, _ = cellxgene_like(tmp_path / "f.h5ad", donors=3)
+    splits = build(tmp_path / "out", *FLAGS, "--val-frac", "0", "--test-frac", "0.6", data=path)
+    assert splits["val"] == [] and splits["train"] and splits["test"]
 
 
 def test_group_with_too_few_types_is_skipped_and_counted(tmp_path):
@@ -308,6 +358,7 @@ def expect_error(tmp_path, data, flags, *fragments):
     for fragment in fragments:
         assert fragment in message
     assert not out.exists() or os.listdir(out) == []
+    return message
 
 
 FLAGS = ["--n-min", "3", "--n-max", "4", "--genes", "4"]
@@ -326,6 +377,9 @@ def test_exclude_puzzles_errors(tmp_path):
     expect_error(tmp_path, DATA, SMALL + ["--exclude-puzzles", str(bad)], "bad.jsonl line 2", '"cell_ids"')
     bad.write_text('{"cell_ids": ["NOT-A-BARCODE"]}\n')
     expect_error(tmp_path, DATA, SMALL + ["--exclude-puzzles", str(bad)], "line 1", "'NOT-A-BARCODE' is not in")
+    bad.write_bytes(b'{"cell_ids": ["\xff"]}\n')
+    message = expect_error(tmp_path, DATA, SMALL + ["--exclude-puzzles", str(bad)])
+    assert message == f"puzzles.py: error: --exclude-puzzles {bad}: not UTF-8 text"
 
 def test_not_an_h5ad(tmp_path):
     path = tmp_path / "text.h5ad"
@@ -374,6 +428,7 @@ def test_no_puzzle_at_all(tmp_path):
     (["--genes", "13"], "--genes 13 is more than the 12 genes"),
     (["--test-frac", "0"], "--val-frac and --test-frac"),
     (["--test-puzzles-per-group", "-1"], "must be >= 0"),
+    (["--seed", "-1"], "--seed must be >= 0 (got -1)"),
 ])
 def test_out_of_range(tmp_path, flags, fragment):
     path, _ = cellxgene_like(tmp_path / "f.h5ad")
@@ -475,6 +530,15 @@ def test_import_errors_name_the_line(tmp_path, change, fragment):
         run_import(tmp_path, rows)
     message = str(e.value.code)
     assert message.startswith(f"puzzles.py: error: {tmp_path / 'cellpuzzles_test.jsonl'}:3: ") and fragment in message
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_import_not_utf8(tmp_path):
+    src = tmp_path / "cellpuzzles_test.jsonl"
+    src.write_bytes(json.dumps(ROWS[0]).encode("utf-8") + b"\n" + json.dumps(ROWS[1]).encode("latin-1")[:-2] + b"\xe9\"}\n")
+    with pytest.raises(SystemExit) as e:
+        puzzles.main(["import", str(src), "--out", str(tmp_path / "out.jsonl")])
+    assert str(e.value.code) == f"puzzles.py: error: {src}: not UTF-8 text"
     assert not (tmp_path / "out.jsonl").exists()
 
 
