@@ -90,8 +90,10 @@ def read_jsonl(path):
 def read_puzzles(path, flag, script, need_response=False):
     """The puzzle records of a JSONL file, checked. Bad input exits with one line naming the script,
     the flag or file and line, and what was expected: a missing file, a line that is not JSON, a
-    record without a "response" string (when need_response: SFT files), without id / cells /
-    candidates / answer, or whose cells, candidates and answer differ in length."""
+    record without a "response" string (when need_response: SFT files), without id / context /
+    cells / candidates / answer, with a context that is not a string, cells that are not lists of
+    gene strings, candidates or answer that are not lists of strings, or whose cells, candidates and
+    answer differ in length."""
     def fail(where, what):
         sys.exit(f"{script}: error: {where}: {what}")
 
@@ -112,15 +114,25 @@ def read_puzzles(path, flag, script, need_response=False):
             if need_response and not isinstance(record.get("response"), str):
                 fail(where, 'record has no "response" string (expected puzzle records with an accepted '
                             'response, as distill.py writes)')
-            missing = [key for key in ("id", "cells", "candidates", "answer") if key not in record]
+            missing = [key for key in ("id", "context", "cells", "candidates", "answer") if key not in record]
             if missing:
                 fail(where, f"lacks field(s) {', '.join(missing)}")
+            if not isinstance(record["context"], str):
+                fail(where, '"context" must be a string')
+            if not is_str_list(record["candidates"]) or not is_str_list(record["answer"]):
+                fail(where, '"candidates" and "answer" must be lists of strings')
+            if not isinstance(record["cells"], list) or not all(is_str_list(c) for c in record["cells"]):
+                fail(where, '"cells" must be a list of gene lists (lists of strings)')
             if not len(record["cells"]) == len(record["candidates"]) == len(record["answer"]):
                 fail(where, "cells, candidates and answer must have the same length")
             records.append(record)
     if not records:
         fail(f"{flag} {path}", "no records")
     return records
+
+
+def is_str_list(value):
+    return isinstance(value, list) and all(isinstance(x, str) for x in value)
 
 
 def write_text_atomic(path, text):
@@ -297,7 +309,12 @@ def load_model(path, device="cpu", dtype=torch.float32):
 
 
 def load_tokenizer(path):
-    """The tokenizer of a local Hugging Face folder; it must have a chat template and an EOS token."""
+    """The tokenizer of a local Hugging Face folder; it must have a chat template and an EOS token.
+
+    Its EOS token ends every response: SFT trains it, the sampler stops at it (GRPO and eval alike).
+    A tokenizer without a pad token (Llama-3's) pads with EOS: padding is masked by position
+    everywhere, so its id never matters.
+    """
     from transformers import AutoTokenizer
 
     if not os.path.isfile(os.path.join(path, "tokenizer_config.json")):
@@ -305,6 +322,8 @@ def load_tokenizer(path):
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     if tokenizer.chat_template is None or tokenizer.eos_token_id is None:
         sys.exit(f"cello: error: the tokenizer in {path!r} needs a chat template and an EOS token")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
@@ -974,6 +993,26 @@ def save_checkpoint(out_dir, model, tokenizer, optimizer=None, scheduler=None, s
         dist.barrier()  # nobody reads the checkpoint before it is in place
 
 
+def run_checkpoint(run_dir, resume, script):
+    """The checkpoint a run in run_dir continues from: RUN_DIR/last for --resume, None for a fresh run.
+
+    --resume takes last/, or last.old when a crash between save_checkpoint's two renames left only
+    that. A fresh run refuses a run_dir that holds an earlier run's checkpoint: a later --resume would
+    otherwise continue the earlier run's weights under the new flags without a word. One-line errors.
+    """
+    last = os.path.join(run_dir, "last")
+    if resume:
+        for folder in (last, last + ".old"):
+            if os.path.isfile(os.path.join(folder, "resume.pt")) and is_checkpoint_complete(folder):
+                return folder
+        sys.exit(f"{script}: error: --resume: no checkpoint {last} to resume from")
+    for name in ("last", "last.old", "final"):
+        if os.path.exists(os.path.join(run_dir, name)):
+            sys.exit(f"{script}: error: --out-dir {run_dir} holds an earlier run's checkpoint ({name}/): pass "
+                     f"--resume to continue that run, or choose another --out-dir")
+    return None
+
+
 def load_resume(out_dir, model, optimizer=None, scheduler=None):
     """Restore a save_checkpoint folder into model (weights), optimizer, scheduler and this rank's RNG;
     returns the saved state dict (e.g. {"step": ..., ...}). Works for sharded and plain models; every
@@ -982,8 +1021,6 @@ def load_resume(out_dir, model, optimizer=None, scheduler=None):
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                          set_optimizer_state_dict)
 
-    if not os.path.exists(out_dir) and is_checkpoint_complete(out_dir + ".old"):
-        out_dir += ".old"  # a crash between save_checkpoint's two renames left the previous checkpoint here
     path = os.path.join(out_dir, "resume.pt")
     if not os.path.isfile(path) or not is_checkpoint_complete(out_dir):
         sys.exit(f"cello: error: {out_dir} is not a resumable checkpoint (needs config.json and resume.pt)")
@@ -1026,6 +1063,9 @@ DEMO_CONTEXT = ("The cell is from a human donor, originating from the peripheral
 
 def demo_stages(out, data, sft_steps, grpo_steps):
     """The demo's stages: (name, script and arguments, the file whose existence means 'done')."""
+    def resume_flag(run_dir):  # a training stage killed after a checkpoint continues from it
+        return ["--resume"] if any(os.path.exists(os.path.join(run_dir, n)) for n in ("last", "last.old")) else []
+
     puzzles = os.path.join(out, "puzzles")
     train, val, test = (os.path.join(puzzles, f"{s}.jsonl") for s in ("train", "val", "test"))
     return [
@@ -1045,13 +1085,14 @@ def demo_stages(out, data, sft_steps, grpo_steps):
         # so it stays constant after warmup (EXPERIMENTS.md: "What moved the SFT row"); val loss and checkpoints
         # every 100 steps (at 20 they cost a sixth of the stage).
         ("SFT the small model", ["sft.py", "--data", f"{out}/distill/sft.jsonl", "--model", "small",
-                                 "--out-dir", f"{out}/sft", "--max-steps", str(sft_steps)],
+                                 "--out-dir", f"{out}/sft", "--max-steps", str(sft_steps), *resume_flag(f"{out}/sft")],
          f"{out}/sft/final/config.json"),
         # GRPO: 4 puzzles x 8 samples, lr 1e-4; expert-style responses are 123, 158 and 193 tokens for
         # N = 4, 5, 6: a 240-token budget. 150 steps, not 15: batch-level accuracy only rises after ~100
         # steps (EXPERIMENTS.md: "What GRPO does in the demo")
         ("GRPO from the SFT model", ["grpo.py", "--model", f"{out}/sft/final", "--train", train, "--val", val,
-                                     "--out-dir", f"{out}/grpo", "--steps", str(grpo_steps)],
+                                     "--out-dir", f"{out}/grpo", "--steps", str(grpo_steps),
+                                     *resume_flag(f"{out}/grpo")],
          f"{out}/grpo/final/config.json"),
         ("evaluate the baselines", ["eval.py", "--puzzles", test, "--train", train, "--responder", "random",
                                     "independent", "expert", "--out-dir", f"{out}/eval/baselines"],
@@ -1112,6 +1153,8 @@ def demo(argv):
     parser.add_argument("--sft-steps", type=int, default=1500, help="SFT optimizer steps (batch 8)")
     parser.add_argument("--grpo-steps", type=int, default=150, help="GRPO steps (4 puzzles x 8 samples each)")
     args = parser.parse_args(argv)
+    if args.sft_steps < 1 or args.grpo_steps < 1:
+        parser.error("--sft-steps and --grpo-steps must be >= 1")
     here = os.path.dirname(os.path.abspath(__file__))
     os.makedirs(args.out_dir, exist_ok=True)
     timings_path = f"{args.out_dir}/timings.json"  # kept across restarts, so a resumed demo reports every stage

@@ -19,10 +19,11 @@ folder plus resume.pt and optimizer.pt), final/ (the trained policy), args.json,
 when --model names a preset.
 
 Metrics (all ranks together): reward_mean/std, cell/batch accuracy and format_validity of the
-samples; loss; grad_norm (before clipping); kl (mean k3 per token); clip_frac (tokens whose clipped
+samples; loss; grad_norm (before clipping); kl (mean k3 per token; null with --beta 0, where no
+reference exists to measure it against); clip_frac (tokens whose clipped
 branch was taken); rho_mean; entropy; response_length; truncated_frac; zero_adv_groups (groups whose
 G rewards are all equal: they give no policy gradient); time_rollout (sampling and scoring),
-time_reference, time_update, time_step (seconds); lr.
+time_reference, time_update, time_step (seconds); lr (the rate this step's update used).
 Why the loss is about 0 while the model learns: with mu = 1 the ratio is 1, so the policy loss is
 -sum_i A_i n_i / (all tokens) (n_i = length of response i), and the advantages of a group sum to 0:
 the value is near 0 (exactly 0 for equal lengths), plus beta * KL. Its gradient,
@@ -52,9 +53,10 @@ Choices this file makes (each is tested in tests/test_grpo.py):
   that was sampled). With mu = 1 and one minibatch the policy has not moved yet, so rho is 1 up to
   the float difference between the sampler's cached forward and the full forward; for mu > 1 or
   several minibatches it is the true ratio against the sampling policy.
-- Truncated responses (no EOS within --max-new-tokens) are kept in the loss with their reward; they
-  lack a closing </answer> so they score -1 as malformed, which teaches the model to finish in budget
-  (DAPO masks them instead; we keep the paper's plain recipe). EOS is a trained token: a finished
+- Truncated responses (no EOS within --max-new-tokens) are kept in the loss with their reward, as
+  the paper's plain recipe does (DAPO masks them instead). Most lack a closing </answer> and score -1
+  as malformed, which teaches the model to finish in budget; one cut off just after </answer>, before
+  its EOS, holds the whole answer and is scored like any other. EOS is a trained token: a finished
   response includes it and its log-prob is in the loss. Padding never enters the loss (torch.where
   on the mask, so even NaN in padded positions cannot leak).
 - "entropy" in the metrics is the Monte-Carlo estimate mean(-log p) of the sampled tokens under the
@@ -114,6 +116,15 @@ def group_advantages(rewards, group_size, scale_by_std=True, eps=ADV_EPS):
     if group_size == 1:
         centred = torch.zeros_like(centred)
     return centred.view(-1).to(rewards.dtype)
+
+
+def zero_advantage_share(rewards, group_size):
+    """Share of groups whose rewards are all equal, so all their advantages are 0 (no policy gradient).
+
+    Read from group_advantages (float64): the float32 std of eight rewards of 0.3 is ~1e-8, not 0.
+    rewards: [R] float tensor, R a multiple of group_size. Returns a float in [0, 1].
+    """
+    return (group_advantages(rewards, group_size).view(-1, group_size) == 0).all(dim=1).float().mean().item()
 
 
 def clipped_surrogate(logp, old_logp, advantages, clip_low=0.2, clip_high=0.2):
@@ -280,6 +291,11 @@ def parse_args(argv=None):
         parser.error(f"--temperature must be > 0 for GRPO rollouts, got {args.temperature}")
     if args.beta < 0 or args.clip_low < 0 or args.clip_high < 0 or args.eval_every < 0:
         parser.error("--beta, --clip-low, --clip-high and --eval-every must be >= 0")
+    # a negative or zero rate, clip norm or warm-up would silently stop learning or ascend the loss
+    if args.lr <= 0 or args.max_grad_norm <= 0:
+        parser.error(f"--lr and --max-grad-norm must be > 0, got {args.lr} and {args.max_grad_norm}")
+    if args.warmup_steps < 0 or args.eval_puzzles < 0:
+        parser.error(f"--warmup-steps and --eval-puzzles must be >= 0, got {args.warmup_steps} and {args.eval_puzzles}")
     return args
 
 
@@ -420,7 +436,8 @@ def policy_update(model, optimizer, batch, args, world_size=1):
             grad_norms.append(grad_norm)
     t = cello.all_reduce([totals["tokens"], totals["clipped"], totals["kl"], totals["rho"]])
     return {"loss": sum(losses) / len(losses), "grad_norm": sum(grad_norms) / len(grad_norms),
-            "clip_frac": t[1] / max(t[0], 1.0), "kl": t[2] / max(t[0], 1.0), "rho_mean": t[3] / max(t[0], 1.0)}
+            "clip_frac": t[1] / max(t[0], 1.0), "rho_mean": t[3] / max(t[0], 1.0),
+            "kl": t[2] / max(t[0], 1.0) if args.beta > 0 else None}  # no reference: not measured
 
 
 def evaluate(model, tokenizer, records, args, rank, world_size):
@@ -462,6 +479,7 @@ def main(argv=None):
         sys.exit(f"grpo.py: error: each rank's {local_puzzles} puzzles per step must split evenly into "
                  f"--minibatches {args.minibatches}")
     torch.manual_seed(args.seed)
+    resume_dir = cello.run_checkpoint(args.out_dir, args.resume, "grpo.py")  # None for a fresh run
     os.makedirs(args.out_dir, exist_ok=True)
     train = cello.read_puzzles(args.train, "--train", "grpo.py")
     val = cello.read_puzzles(args.val, "--val", "grpo.py")[:args.eval_puzzles or None] if args.val else []
@@ -469,8 +487,6 @@ def main(argv=None):
     # Policy (trained), reference (frozen copy of the starting policy, only when beta > 0). On resume
     # the policy's weights come from last/, but the reference stays the starting model.
     last_dir, final_dir = os.path.join(args.out_dir, "last"), os.path.join(args.out_dir, "final")
-    if args.resume and not os.path.isfile(os.path.join(last_dir, "resume.pt")):
-        sys.exit(f"grpo.py: error: --resume: no checkpoint {last_dir} to resume from")
     if args.resume and args.model in cello.PRESETS:  # a preset was built by the first run: reuse it
         model_path = os.path.join(args.out_dir, f"{args.model}-init")
     else:
@@ -508,7 +524,7 @@ def main(argv=None):
     step, consumed = 0, 0
     metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
     if args.resume:
-        state = cello.load_resume(last_dir, model, optimizer, scheduler)
+        state = cello.load_resume(resume_dir, model, optimizer, scheduler)
         step, consumed = state["step"], state["consumed"]
         if rank == 0 and os.path.exists(metrics_path):  # lines written after that checkpoint are redone
             cello.write_jsonl_atomic(metrics_path, [r for r in cello.read_jsonl(metrics_path) if r["step"] <= step])
@@ -553,6 +569,7 @@ def main(argv=None):
         # 5. update
         batch = {"prompts": batch_prompts, "responses": out["responses"], "old_logp": old_logp, "mask": mask,
                  "ref_logp": ref_logp, "advantages": advantages}
+        lr = optimizer.param_groups[0]["lr"]  # the rate this update uses (the scheduler moves it after)
         upd = policy_update(model, optimizer, batch, args, world_size)
         scheduler.step()
         t3 = time.time()
@@ -561,14 +578,14 @@ def main(argv=None):
         all_scores = all_gather_list(scores)
         m = reward.metrics(all_scores)
         all_rewards = torch.tensor([s["reward"] for s in all_scores])
-        zero_groups = (all_rewards.view(-1, G).std(dim=1) == 0).float().mean().item()
+        zero_groups = zero_advantage_share(all_rewards, G)
         sums = cello.all_reduce([mask.sum().item(), -(old_logp * mask).sum().item(),
                                  float(sum(not f for f in out["finished"]))])
         row = {"step": step + 1, "reward_mean": all_rewards.mean().item(), "reward_std": all_rewards.std().item(),
                "cell_accuracy": m["cell_accuracy"], "batch_accuracy": m["batch_accuracy"],
                "format_validity": m["format_validity"], **upd, "entropy": sums[1] / max(sums[0], 1.0),
                "response_length": sums[0] / len(all_scores), "truncated_frac": sums[2] / len(all_scores),
-               "zero_adv_groups": zero_groups, "lr": scheduler.get_last_lr()[0],
+               "zero_adv_groups": zero_groups, "lr": lr,
                "time_rollout": t1 - t0, "time_reference": t2 - t1, "time_update": t3 - t2,
                "time_step": t3 - t0, "tokens_per_s": sums[0] / (t3 - t0)}
         last = step + 1 == args.steps
@@ -577,7 +594,7 @@ def main(argv=None):
         if rank == 0:  # the line first: a resume drops lines newer than its checkpoint, never misses one
             cello.append_jsonl(metrics_path, row)
             bar.set_postfix(reward=f"{row['reward_mean']:.3f}", acc=f"{row['cell_accuracy']:.3f}",
-                            kl=f"{row['kl']:.4f}", gnorm=f"{row['grad_norm']:.3f}",
+                            kl="-" if row["kl"] is None else f"{row['kl']:.4f}", gnorm=f"{row['grad_norm']:.3f}",
                             zero_groups=f"{zero_groups:.2f}", s=f"{row['time_step']:.1f}")
         if (step + 1) % args.save_every == 0 or last:
             cello.save_checkpoint(last_dir, model, tokenizer, optimizer, scheduler,

@@ -19,8 +19,11 @@ make_responder(name, **options):
   model        a Hugging Face checkpoint folder through cello's KV-cache sampler (greedy at temperature 0).
   api          any OpenAI-compatible endpoint through api.api_responder (loaded only when asked for).
 
-Randomness is keyed by (seed, puzzle id, sample index), so a puzzle gets the same samples whether it
-is answered alone or in a batch, and a resumed run repeats nothing differently.
+The random and expert responders key their randomness by (seed, puzzle id, sample index), so a
+puzzle gets the same samples whether it is answered alone or in a batch, and a resumed run repeats
+nothing differently. The model responder draws from one seeded stream for the whole run: greedy (its
+default) is the same either way, but its samples at temperature > 0 depend on the batch size and the
+order of the puzzles.
 
 Quick look at the expert's responses:
     python responders.py --train train.jsonl --puzzles test.jsonl --temperature 0.1 --num-samples 2
@@ -201,10 +204,6 @@ def model_responder(path, batch_size=8, max_new_tokens=1024, temperature=0.0, to
     model = cello.load_model(path, device=device)
     model.eval()
     tokenizer = cello.load_tokenizer(path)
-    eos_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    if eos_id is None or eos_id == tokenizer.unk_token_id:
-        eos_id = tokenizer.eos_token_id
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
     generator = torch.Generator(device=device).manual_seed(seed)
 
     def respond(records, num_samples):
@@ -213,8 +212,8 @@ def model_responder(path, batch_size=8, max_new_tokens=1024, temperature=0.0, to
             chunk = records[start:start + batch_size]
             prompts = [cello.prompt_ids(tokenizer, r) for r in chunk]
             with torch.no_grad():
-                out = cello.sample(model, prompts, num_samples, max_new_tokens, eos_id, pad_id,
-                                   temperature=temperature, top_p=top_p, generator=generator)
+                out = cello.sample(model, prompts, num_samples, max_new_tokens, tokenizer.eos_token_id,
+                                   tokenizer.pad_token_id, temperature=temperature, top_p=top_p, generator=generator)
             for p in range(len(chunk)):  # rows are group-major: prompt p's samples are p*G .. p*G+G-1
                 rows = out["responses"][p * num_samples:(p + 1) * num_samples]
                 texts.append([tokenizer.decode(ids, skip_special_tokens=True) for ids in rows])

@@ -244,8 +244,8 @@ def parse_args(argv=None):
         parser.error("--lr and --grad-clip must be positive")
     if not 0 <= args.val_fraction < 1:
         parser.error("--val-fraction must be in [0, 1)")
-    if args.resume and not os.path.isfile(os.path.join(args.out_dir, "last", "resume.pt")):
-        parser.error(f"--resume: no checkpoint {os.path.join(args.out_dir, 'last')} to resume from")
+    if not 0 <= args.min_lr_ratio <= 1:  # below 0 the cosine would end in a negative rate: gradient ascent
+        parser.error(f"--min-lr-ratio must be in [0, 1], got {args.min_lr_ratio}")
     return args
 
 
@@ -253,6 +253,7 @@ def main(argv=None):
     args = parse_args(argv)
     rank, world_size, device = cello.setup_distributed()
     torch.manual_seed(args.seed)
+    resume_dir = cello.run_checkpoint(args.out_dir, args.resume, "sft.py")  # None for a fresh run
     os.makedirs(args.out_dir, exist_ok=True)
 
     # Data: the validation split is drawn with its own seeded generator, the same on every rank.
@@ -262,14 +263,14 @@ def main(argv=None):
     else:
         order = list(range(len(train_records)))
         random.Random(f"sft-val-{args.seed}").shuffle(order)
-        n_val = round(len(order) * args.val_fraction) if len(order) > 1 else 0
+        n_val = min(round(len(order) * args.val_fraction), len(order) - 1)  # at least one training record
         val_records = [train_records[i] for i in sorted(order[:n_val])]
         train_records = [train_records[i] for i in sorted(order[n_val:])]
 
     # Model: a preset is built once by rank 0 (tokenizer trained on the training text, weights
     # seeded) and loaded by every rank from the same folder, so all ranks start from the same weights.
     last_dir, final_dir = os.path.join(args.out_dir, "last"), os.path.join(args.out_dir, "final")
-    model_path = last_dir if args.resume else cello.prepare_model(args.model, args.out_dir, train_records, seed=args.seed)
+    model_path = resume_dir or cello.prepare_model(args.model, args.out_dir, train_records, seed=args.seed)
     tokenizer = cello.load_tokenizer(model_path)
     model = cello.load_model(model_path, device=device)
     pad_id = tokenizer.pad_token_id
@@ -298,8 +299,8 @@ def main(argv=None):
     step = 0
     metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
     if args.resume:
-        step = cello.load_resume(last_dir, model, optimizer, scheduler)["step"]
-        cello.print0(f"sft.py: resuming at step {step + 1} from {last_dir}")
+        step = cello.load_resume(resume_dir, model, optimizer, scheduler)["step"]
+        cello.print0(f"sft.py: resuming at step {step + 1} from {resume_dir}")
     if rank == 0:  # keep the metrics of steps done up to the checkpoint, drop those after it
         old = cello.read_jsonl(metrics_path) if args.resume and os.path.exists(metrics_path) else []
         cello.write_jsonl_atomic(metrics_path, [row for row in old if row["step"] <= step])

@@ -229,3 +229,23 @@ def worker(model_dir, work_dir):
 if __name__ == "__main__":
     worker(*sys.argv[1:3])
     cello.exit_after_torchrun()
+
+
+def test_run_checkpoint_resumes_last_or_last_old_and_a_fresh_run_refuses_an_old_checkpoint(model_dir, tmp_path):
+    run = str(tmp_path / "run")
+    os.makedirs(run)
+    with pytest.raises(SystemExit) as stop:
+        cello.run_checkpoint(run, True, "grpo.py")
+    assert stop.value.code == f"grpo.py: error: --resume: no checkpoint {run}/last to resume from"
+    assert cello.run_checkpoint(run, False, "grpo.py") is None  # nothing there: a fresh run may start
+    model = cello.load_model(model_dir)
+    optimizer = torch.optim.AdamW(model.parameters())
+    cello.save_checkpoint(f"{run}/last", model, cello.load_tokenizer(model_dir), optimizer, state={"step": 4})
+    assert cello.run_checkpoint(run, True, "sft.py") == f"{run}/last"
+    os.replace(f"{run}/last", f"{run}/last.old")  # a crash between save_checkpoint's two renames
+    assert cello.run_checkpoint(run, True, "sft.py") == f"{run}/last.old"
+    assert cello.load_resume(f"{run}/last.old", model, optimizer) == {"step": 4}
+    with pytest.raises(SystemExit) as stop:  # a fresh run here would leave the old run for a later --resume
+        cello.run_checkpoint(run, False, "sft.py")
+    assert stop.value.code == (f"sft.py: error: --out-dir {run} holds an earlier run's checkpoint (last.old/): pass "
+                               "--resume to continue that run, or choose another --out-dir")

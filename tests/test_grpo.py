@@ -50,6 +50,13 @@ def test_advantage_equal_rewards_and_group_of_one_are_zero():
     assert grpo.group_advantages(T([0.7, -1.0]), 1).tolist() == [0.0, 0.0]
 
 
+def test_zero_advantage_share_counts_groups_of_equal_rewards_exactly():
+    # one group of 8 x 0.1 (1 of 5 cells right): its float32 std is ~8e-9, not 0, yet A is exactly 0
+    assert T([0.1] * 8).view(-1, 8).std(dim=1).item() != 0
+    assert grpo.zero_advantage_share(T([0.1] * 8), 8) == 1.0
+    assert grpo.zero_advantage_share(T([0.3] * 4 + [0.3, 0.3, 1.0, -1.0] + [-1.0] * 4), 4) == pytest.approx(2 / 3)
+
+
 # ---------------------------------------------------------------------------------------------
 # Clipped surrogate, k3, aggregation
 # ---------------------------------------------------------------------------------------------
@@ -218,6 +225,10 @@ def test_bad_flags_exit_with_clear_messages(capsys):
     base = ["--model", "tiny", "--train", "t.jsonl", "--out-dir", "o"]
     for extra, text in [(["--group-size", "1"], "--group-size must be >= 2"),
                         (["--temperature", "0"], "--temperature must be > 0"),
+                        (["--max-grad-norm", "-1"], "--lr and --max-grad-norm must be > 0, got 0.0001 and -1.0"),
+                        (["--lr", "0"], "--lr and --max-grad-norm must be > 0, got 0.0 and 1.0"),
+                        (["--warmup-steps", "-3"], "--warmup-steps and --eval-puzzles must be >= 0, got -3 and 0"),
+                        (["--eval-puzzles", "-2"], "--warmup-steps and --eval-puzzles must be >= 0, got 0 and -2"),
                         (["--loss-agg", "mean"], "invalid choice")]:
         with pytest.raises(SystemExit):
             grpo.parse_args(base + extra)
@@ -519,6 +530,21 @@ def test_resume_after_a_kill_continues_at_the_next_step(toy_run, tmp_path):
         assert stable(a) == pytest.approx(stable(b), rel=1e-5, abs=1e-7)
 
 
+def test_logged_lr_is_the_update_s_and_a_fresh_run_refuses_an_old_checkpoint(toy_run, tmp_path):
+    runner, d, flags = toy_run
+    out = str(tmp_path / "run")
+    base = flags + ["--out-dir", out, "--eval-every", "0", "--save-every", "1", "--warmup-steps", "2"]
+    grpo.main(base + ["--steps", "2"])  # lr 1e-3 with 2 warm-up steps: 1/3 then 2/3 of it
+    assert [row["lr"] for row in read_metrics(out)] == pytest.approx([1e-3 / 3, 2e-3 / 3], rel=1e-12)
+    with pytest.raises(SystemExit) as stop:  # a later --resume would continue the old run's weights
+        grpo.main(base + ["--steps", "2", "--seed", "7"])
+    assert str(stop.value).startswith(f"grpo.py: error: --out-dir {out} holds an earlier run's checkpoint (last/)")
+    shutil.rmtree(os.path.join(out, "final"))
+    os.replace(os.path.join(out, "last"), os.path.join(out, "last.old"))  # a crash between the two renames
+    grpo.main(base + ["--steps", "3", "--resume"])
+    assert [row["step"] for row in read_metrics(out)] == [1, 2, 3] and read_metrics(out)[2]["lr"] == 1e-3
+
+
 def test_resume_without_a_checkpoint_is_a_clear_error(toy_run, tmp_path):
     runner, d, flags = toy_run
     with pytest.raises(SystemExit, match="--resume: no checkpoint"):
@@ -639,7 +665,7 @@ def test_beta_zero_builds_no_reference_model(toy_run, tmp_path, monkeypatch):
     grpo.main(flags + ["--out-dir", str(tmp_path / "b0"), "--steps", "1", "--eval-every", "0", "--beta", "0"])
     assert len(loaded) == 1  # the policy only
     (row,) = read_metrics(tmp_path / "b0")
-    assert row["kl"] == 0.0
+    assert row["kl"] is None  # no reference: not measured (0.0 would claim the policy had not moved)
     loaded.clear()
     grpo.main(flags + ["--out-dir", str(tmp_path / "b1"), "--steps", "1", "--eval-every", "0"])
     assert len(loaded) == 2  # policy and reference

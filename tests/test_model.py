@@ -1,6 +1,7 @@
 """Tests for cello.py section 2: the puzzle tokenizer, model presets, loading and loss masks."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 import warnings
@@ -211,8 +212,13 @@ def test_bad_preset_and_no_records(tmp_path):
 
 @pytest.mark.parametrize("line, message", [
     ('[1, 2]', "line 1: expected a JSON object (a puzzle record)"),
-    ('{"id": "a", "cells": [["X"]], "candidates": ["A", "B"], "answer": ["A"]}',
+    ('{"id": "a", "context": "c", "cells": [["X"]], "candidates": ["A", "B"], "answer": ["A"]}',
      "line 1: cells, candidates and answer must have the same length"),
+    ('{"id": "a", "cells": [["X"]], "candidates": ["A"], "answer": ["A"]}', "line 1: lacks field(s) context"),
+    ('{"id": "a", "context": "c", "cells": ["X"], "candidates": ["A"], "answer": ["A"]}',
+     'line 1: "cells" must be a list of gene lists (lists of strings)'),
+    ('{"id": "a", "context": "c", "cells": [["X"]], "candidates": "A", "answer": ["A"]}',
+     'line 1: "candidates" and "answer" must be lists of strings'),
 ])
 def test_read_puzzles_names_the_file_line_and_problem(tmp_path, line, message):
     path = tmp_path / "p.jsonl"
@@ -228,3 +234,18 @@ def test_an_older_transformers_is_a_clear_import_error():
     run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert run.returncode != 0
     assert "cello needs transformers >= 5.24 (requirements.txt), found 5.17.0" in run.stderr.strip().splitlines()[-1]
+
+
+def test_a_tokenizer_without_a_pad_token_pads_with_eos(tiny_dir, tmp_path):
+    folder = tmp_path / "no-pad"
+    shutil.copytree(tiny_dir, folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.pop("pad_token", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    special = folder / "special_tokens_map.json"
+    if special.exists():
+        special.write_text(json.dumps({k: v for k, v in json.loads(special.read_text()).items() if k != "pad_token"}))
+    from transformers import AutoTokenizer
+    assert AutoTokenizer.from_pretrained(str(folder)).pad_token_id is None  # as Llama-3's ship
+    tokenizer = cello.load_tokenizer(str(folder))
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id is not None

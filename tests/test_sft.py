@@ -313,6 +313,7 @@ def test_examples_longer_than_max_length_are_skipped_or_refused(tmp_path, capsys
     (["--warmup-steps", "-1"], "--warmup-steps must be at least 0"),
     (["--lr", "0"], "--lr and --grad-clip must be positive"),
     (["--val-fraction", "1"], "--val-fraction must be in [0, 1)"),
+    (["--min-lr-ratio", "-1"], "--min-lr-ratio must be in [0, 1], got -1.0"),
 ])
 def test_bad_flag_is_a_usage_error(tmp_path, capsys, flags, message):
     data = write(tmp_path / "sft.jsonl", make_records(2))
@@ -326,6 +327,13 @@ def test_resume_without_checkpoint_via_the_cli(tmp_path):
     data = write(tmp_path / "sft.jsonl", make_records(2))
     result = subprocess.run([sys.executable, os.path.join(ROOT, "sft.py"), "--data", data, "--out-dir",
                              str(tmp_path / "out"), "--resume"], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1].endswith(
-        f"--resume: no checkpoint {tmp_path / 'out' / 'last'} to resume from")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"sft.py: error: --resume: no checkpoint {tmp_path / 'out' / 'last'} to resume from")
+
+
+def test_the_validation_split_leaves_at_least_one_training_record(tmp_path, capsys):
+    data = write(tmp_path / "sft.jsonl", make_records(3))
+    sft.main(["--data", data, "--model", "tiny", "--out-dir", str(tmp_path / "out"), "--val-fraction", "0.9",
+              "--max-steps", "1"])
+    assert "sft.py: 1 training / 2 validation examples" in capsys.readouterr().out
