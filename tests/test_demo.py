@@ -27,3 +27,12 @@ def test_demo_runs_every_stage_and_resumes(tmp_path):
 def test_demo_rejects_an_unknown_command():
     result = subprocess.run([sys.executable, os.path.join(ROOT, "cello.py"), "train"], capture_output=True, text=True)
     assert result.returncode != 0 and "usage: python cello.py demo" in result.stderr
+
+
+def test_a_killed_training_stage_is_resumed_not_restarted(tmp_path):
+    import cello
+    out = str(tmp_path / "demo")
+    os.makedirs(os.path.join(out, "sft", "last"))  # SFT was killed after a checkpoint; GRPO never started
+    stages = {name: command for name, command, _ in cello.demo_stages(out, "data.h5ad", 1500, 150)}
+    assert stages["SFT the small model"][-1] == "--resume"
+    assert "--resume" not in stages["GRPO from the SFT model"]
