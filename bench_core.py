@@ -136,16 +136,16 @@ if "speed" in parts:
         rows = len(prompts) * samples
         expanded = [p for p in prompts for _ in range(samples)]  # what generate prefills
         fns = {
-            "cello.sample": lambda: cello.sample(model, prompts, samples, args.new_tokens, eos_id=-1, pad_id=0,
+            "cello.sample": lambda: cello.sample(model, prompts, samples, args.new_tokens, stop_ids=-1, pad_id=0,
                                                  temperature=temperature, generator=torch.Generator().manual_seed(0)),
             "model.generate": lambda: generate(prompts, samples, temperature > 0),
-            "cello.sample, 1 new token (its prefill)": lambda: cello.sample(model, prompts, samples, 1, eos_id=-1,
+            "cello.sample, 1 new token (its prefill)": lambda: cello.sample(model, prompts, samples, 1, stop_ids=-1,
                                                                             pad_id=0, temperature=temperature),
             "left-padded batch prefill (generate's)": lambda: prefill(expanded),
         }
         if samples > 1:
             fns["cello.sample, prompt repeated G times"] = lambda: cello.sample(
-                model, expanded, 1, args.new_tokens, eos_id=-1, pad_id=0, temperature=temperature,
+                model, expanded, 1, args.new_tokens, stop_ids=-1, pad_id=0, temperature=temperature,
                 generator=torch.Generator().manual_seed(0))
         times, results = interleaved(fns, args.repeats)
         new_tokens = sum(len(r) for r in results["cello.sample"]["responses"])

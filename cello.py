@@ -327,6 +327,19 @@ def load_tokenizer(path):
     return tokenizer
 
 
+def stop_token_ids(path, tokenizer):
+    """The token ids that end a response of the model in folder path: the tokenizer's EOS (what SFT
+    trains) and every EOS its generation_config.json lists, as generate() stops at each of them
+    (Qwen2.5-Instruct lists <|im_end|> and <|endoftext|>; a sampler that stopped at the first only
+    would run a response that emits the second on to the token budget)."""
+    ids = {tokenizer.eos_token_id}
+    config = os.path.join(path, "generation_config.json")
+    if os.path.isfile(config):
+        listed = read_json(config).get("eos_token_id")
+        ids.update([listed] if isinstance(listed, int) else listed or [])
+    return sorted(ids)
+
+
 def prompt_ids(tokenizer, record):
     """Token ids of the chat-formatted prompt, ending with the assistant turn's opening."""
     text = tokenizer.apply_chat_template(render_messages(record), tokenize=False, add_generation_prompt=True)
@@ -479,14 +492,15 @@ AttentionMaskInterface.register("cello_shared_prefix", lambda **kwargs: None)
 
 
 @torch.no_grad()
-def sample(model, prompts, num_samples, max_new_tokens, eos_id, pad_id, temperature=1.0, top_p=1.0,
+def sample(model, prompts, num_samples, max_new_tokens, stop_ids, pad_id, temperature=1.0, top_p=1.0,
            generator=None):
     """Sample num_samples responses per prompt with a KV cache; each prompt is prefilled once, and its
     keys and values are read once per decode step for all its samples (_shared_prefix_attention).
 
     prompts: P token lists (any lengths, left-padded inside). Returns dict(responses, logprobs,
-    finished), each a list of R = P * num_samples rows, group-major. A response stops at its EOS
-    (included, finished=True) or after max_new_tokens tokens (finished=False); it never holds padding.
+    finished), each a list of R = P * num_samples rows, group-major. A response stops at its EOS, any
+    token of stop_ids (one id or a list; stop_token_ids gives a model's), included, finished=True, or
+    after max_new_tokens tokens (finished=False); it never holds padding.
     logprobs[r][t] = log softmax(logits / temperature)[token] (under T = 1 for greedy, temperature=0).
     generator: a torch.Generator on the model's device for reproducible sampling.
     """
@@ -496,6 +510,7 @@ def sample(model, prompts, num_samples, max_new_tokens, eos_id, pad_id, temperat
         raise ValueError(f"sample: bad num_samples={num_samples}, max_new_tokens={max_new_tokens}, "
                          f"temperature={temperature} or top_p={top_p}")
     device = _device_of(model)
+    stop_ids = torch.tensor(stop_ids, device=device).view(-1)
     rows = len(prompts) * num_samples
     tokens = torch.full((rows, max_new_tokens), pad_id, dtype=torch.long, device=device)
     logprobs = torch.zeros((rows, max_new_tokens), dtype=torch.float32, device=device)
@@ -544,7 +559,7 @@ def sample(model, prompts, num_samples, max_new_tokens, eos_id, pad_id, temperat
                 tokens[live, step] = token
                 logprobs[live, step] = logprob
                 lengths[live] = step + 1
-                stop = token == eos_id
+                stop = torch.isin(token, stop_ids)
                 if step == max_new_tokens - 1:
                     finished[live[stop]] = True
                     break

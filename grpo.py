@@ -344,7 +344,7 @@ def all_gather_list(items):
     return [x for part in out for x in part]
 
 
-def rollout(model, prompts, step, first_position, args, eos_id, pad_id, device):
+def rollout(model, prompts, step, first_position, args, stop_ids, pad_id, device):
     """Sample G responses to each prompt with the current policy (no gradients).
 
     Prompts go to the sampler --sample-batch at a time; each call has its own generator seeded by
@@ -367,7 +367,7 @@ def rollout(model, prompts, step, first_position, args, eos_id, pad_id, device):
             else:
                 num_samples = G
             s = cello.sample(model, chunk, num_samples, args.max_new_tokens,
-                             eos_id, pad_id, temperature=args.temperature, generator=gen)
+                             stop_ids, pad_id, temperature=args.temperature, generator=gen)
             for key in out:
                 out[key] += s[key]
     return out
@@ -440,7 +440,7 @@ def policy_update(model, optimizer, batch, args, world_size=1):
             "kl": t[2] / max(t[0], 1.0) if args.beta > 0 else None}  # no reference: not measured
 
 
-def evaluate(model, tokenizer, records, args, rank, world_size):
+def evaluate(model, tokenizer, stop_ids, records, args, rank, world_size):
     """Greedy decoding on the val puzzles, sharded over ranks; reward.metrics of all responses.
 
     Every rank makes the same number of sampling calls (FSDP2 needs matching collectives): short
@@ -454,7 +454,7 @@ def evaluate(model, tokenizer, records, args, rank, world_size):
         for a in range(0, per_rank, args.eval_batch):
             chunk = padded[a:a + args.eval_batch]
             out = cello.sample(model, [cello.prompt_ids(tokenizer, r) for r in chunk], 1, args.max_new_tokens,
-                               tokenizer.eos_token_id, tokenizer.pad_token_id, temperature=0.0)
+                               stop_ids, tokenizer.pad_token_id, temperature=0.0)
             for j, (record, response) in enumerate(zip(chunk, out["responses"])):
                 if a + j < len(mine):
                     text = tokenizer.decode(response, skip_special_tokens=True)
@@ -492,6 +492,7 @@ def main(argv=None):
     else:
         model_path = cello.prepare_model(args.model, args.out_dir, train)
     tokenizer = cello.load_tokenizer(model_path)
+    stop_ids = cello.stop_token_ids(model_path, tokenizer)
     model = cello.load_model(model_path, device)
     # No dropout anywhere: the ratio must compare the same function, so eval mode (gradients still
     # flow). Activation checkpointing acts in train mode only (Hugging Face's rule), which is the same
@@ -537,7 +538,7 @@ def main(argv=None):
                  f"{world_size} process(es), P={args.puzzles_per_step} G={args.group_size}, from step {step}")
 
     if val and args.eval_every and step == 0:
-        row = {"step": 0, **evaluate(model, tokenizer, val, args, rank, world_size)}
+        row = {"step": 0, **evaluate(model, tokenizer, stop_ids, val, args, rank, world_size)}
         if rank == 0:
             cello.append_jsonl(metrics_path, row)
     G = args.group_size
@@ -549,7 +550,7 @@ def main(argv=None):
         first = rank * local_puzzles
         mine = indices[first:first + local_puzzles]
         batch_prompts = [prompts[i] for i in mine]
-        out = rollout(model, batch_prompts, step, first, args, tokenizer.eos_token_id, tokenizer.pad_token_id, device)
+        out = rollout(model, batch_prompts, step, first, args, stop_ids, tokenizer.pad_token_id, device)
         consumed += args.puzzles_per_step
         # 2. reward
         scores = []
@@ -590,7 +591,7 @@ def main(argv=None):
                "time_step": t3 - t0, "tokens_per_s": sums[0] / (t3 - t0)}
         last = step + 1 == args.steps
         if val and args.eval_every and ((step + 1) % args.eval_every == 0 or last):
-            row.update(evaluate(model, tokenizer, val, args, rank, world_size))
+            row.update(evaluate(model, tokenizer, stop_ids, val, args, rank, world_size))
         if rank == 0:  # the line first: a resume drops lines newer than its checkpoint, never misses one
             cello.append_jsonl(metrics_path, row)
             bar.set_postfix(reward=f"{row['reward_mean']:.3f}", acc=f"{row['cell_accuracy']:.3f}",

@@ -204,6 +204,7 @@ def model_responder(path, batch_size=8, max_new_tokens=1024, temperature=0.0, to
     model = cello.load_model(path, device=device)
     model.eval()
     tokenizer = cello.load_tokenizer(path)
+    stop_ids = cello.stop_token_ids(path, tokenizer)
     generator = torch.Generator(device=device).manual_seed(seed)
 
     def respond(records, num_samples):
@@ -212,8 +213,8 @@ def model_responder(path, batch_size=8, max_new_tokens=1024, temperature=0.0, to
             chunk = records[start:start + batch_size]
             prompts = [cello.prompt_ids(tokenizer, r) for r in chunk]
             with torch.no_grad():
-                out = cello.sample(model, prompts, num_samples, max_new_tokens, tokenizer.eos_token_id,
-                                   tokenizer.pad_token_id, temperature=temperature, top_p=top_p, generator=generator)
+                out = cello.sample(model, prompts, num_samples, max_new_tokens, stop_ids, tokenizer.pad_token_id,
+                                   temperature=temperature, top_p=top_p, generator=generator)
             for p in range(len(chunk)):  # rows are group-major: prompt p's samples are p*G .. p*G+G-1
                 rows = out["responses"][p * num_samples:(p + 1) * num_samples]
                 texts.append([tokenizer.decode(ids, skip_special_tokens=True) for ids in rows])

@@ -56,7 +56,7 @@ def test_greedy_equals_generate_token_for_token(model):
     generated_eos = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
                                    eos_token_id=eos, pad_token_id=PAD)[:, ids.shape[1]:].tolist()
     for eos_id, expected in ((EOS, generated), (eos, generated_eos)):
-        out = cello.sample(model, PROMPTS, 2, new, eos_id=eos_id, pad_id=PAD, temperature=0)
+        out = cello.sample(model, PROMPTS, 2, new, stop_ids=eos_id, pad_id=PAD, temperature=0)
         for r, response in enumerate(out["responses"]):
             want = expected[r // 2]
             if eos_id in want:
@@ -66,25 +66,47 @@ def test_greedy_equals_generate_token_for_token(model):
     assert len({len(r) for r in out["responses"]}) > 1  # rows really stopped at different steps
 
 
+def test_a_row_stops_at_any_of_several_stop_ids_as_generate_does(model, tmp_path):
+    ids, mask, _ = cello._left_pad(PROMPTS, PAD, "cpu")
+    free = cello.sample(model, PROMPTS, 1, 15, stop_ids=-1, pad_id=PAD, temperature=0)["responses"]
+    first, second = free[0][3], free[2][5]  # tokens rows 0 and 2 really produce
+    assert first != second
+    generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=15, do_sample=False,
+                               eos_token_id=[first, second], pad_token_id=PAD)[:, ids.shape[1]:].tolist()
+    out = cello.sample(model, PROMPTS, 1, 15, stop_ids=[first, second], pad_id=PAD, temperature=0)
+    for want, response in zip(generated, out["responses"]):
+        ends = [i for i, t in enumerate(want) if t in (first, second)]
+        assert response == (want[:ends[0] + 1] if ends else want)
+    assert out["responses"][0][-1] == first and out["responses"][2][-1] == second
+    # a model folder's stop ids: the tokenizer's EOS and every EOS its generation config lists (Qwen2.5-Instruct)
+    model.generation_config.eos_token_id = [7, 3]
+    model.save_pretrained(tmp_path)
+
+    class Tokenizer:
+        eos_token_id = 5
+    assert cello.stop_token_ids(str(tmp_path), Tokenizer()) == [3, 5, 7]
+    model.generation_config.eos_token_id = EOS
+
+
 def test_eos_stops_a_row_and_is_included_and_max_new_tokens_is_respected(model):
-    free = cello.sample(model, PROMPTS, 1, 15, eos_id=-1, pad_id=PAD, temperature=0)["responses"]
+    free = cello.sample(model, PROMPTS, 1, 15, stop_ids=-1, pad_id=PAD, temperature=0)["responses"]
     assert all(len(r) == 15 for r in free)
     eos = free[1][4]  # row 1 produces this token at step 4 (maybe earlier too)
-    out = cello.sample(model, PROMPTS, 1, 15, eos_id=eos, pad_id=PAD, temperature=0)
+    out = cello.sample(model, PROMPTS, 1, 15, stop_ids=eos, pad_id=PAD, temperature=0)
     for full, response, finished in zip(free, out["responses"], out["finished"]):
         if eos in full:
             assert response == full[:full.index(eos) + 1] and finished
         else:
             assert response == full and not finished
     assert len(out["responses"][1]) <= 5 and out["responses"][1][-1] == eos
-    short = cello.sample(model, PROMPTS, 3, 3, eos_id=-1, pad_id=PAD, temperature=1.0)
+    short = cello.sample(model, PROMPTS, 3, 3, stop_ids=-1, pad_id=PAD, temperature=1.0)
     assert [len(r) for r in short["responses"]] == [3] * 12 and short["finished"] == [False] * 12
-    assert cello.sample(model, PROMPTS, 2, 0, eos_id=EOS, pad_id=PAD)["responses"] == [[]] * 8
+    assert cello.sample(model, PROMPTS, 2, 0, stop_ids=EOS, pad_id=PAD)["responses"] == [[]] * 8
 
 
 def test_seeded_sampling_is_reproducible_and_seed_dependent(model):
     def run(seed):
-        return cello.sample(model, PROMPTS, 3, 12, eos_id=EOS, pad_id=PAD, temperature=1.0, top_p=0.95,
+        return cello.sample(model, PROMPTS, 3, 12, stop_ids=EOS, pad_id=PAD, temperature=1.0, top_p=0.95,
                             generator=torch.Generator().manual_seed(seed))
     a, b, c = run(5), run(5), run(6)
     assert a == b
@@ -93,8 +115,8 @@ def test_seeded_sampling_is_reproducible_and_seed_dependent(model):
 
 
 def test_tiny_top_p_is_greedy(model):
-    greedy = cello.sample(model, PROMPTS, 1, 10, eos_id=EOS, pad_id=PAD, temperature=0)
-    nucleus = cello.sample(model, PROMPTS, 1, 10, eos_id=EOS, pad_id=PAD, temperature=0.7, top_p=1e-6,
+    greedy = cello.sample(model, PROMPTS, 1, 10, stop_ids=EOS, pad_id=PAD, temperature=0)
+    nucleus = cello.sample(model, PROMPTS, 1, 10, stop_ids=EOS, pad_id=PAD, temperature=0.7, top_p=1e-6,
                            generator=torch.Generator().manual_seed(0))
     assert nucleus["responses"] == greedy["responses"]
 
@@ -115,7 +137,7 @@ def test_draws_follow_the_probabilities_and_never_pick_a_zero_one(top_p, expecte
 
 @pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 1.0), (0.7, 0.8), (0, 1.0)])
 def test_sampled_logprobs_equal_recomputed_logprobs(model, temperature, top_p):
-    out = cello.sample(model, PROMPTS, 3, 12, eos_id=5, pad_id=PAD, temperature=temperature, top_p=top_p,
+    out = cello.sample(model, PROMPTS, 3, 12, stop_ids=5, pad_id=PAD, temperature=temperature, top_p=top_p,
                        generator=torch.Generator().manual_seed(11))
     sampled = padded(out["logprobs"])
     with torch.no_grad():
@@ -266,9 +288,9 @@ def test_shared_prompt_backward_accumulates_the_responses_weight_gradients_first
 
 def test_bad_input_is_rejected_with_a_clear_message(model):
     with pytest.raises(ValueError, match="at least one token"):
-        cello.sample(model, [[3], []], 1, 4, eos_id=EOS, pad_id=PAD)
+        cello.sample(model, [[3], []], 1, 4, stop_ids=EOS, pad_id=PAD)
     with pytest.raises(ValueError, match="top_p"):
-        cello.sample(model, [[3]], 1, 4, eos_id=EOS, pad_id=PAD, top_p=0)
+        cello.sample(model, [[3]], 1, 4, stop_ids=EOS, pad_id=PAD, top_p=0)
     with pytest.raises(ValueError, match="multiple of P"):
         cello.response_logprobs(model, [[3], [4]], [[5], [6], [7]])
 
@@ -297,7 +319,7 @@ gathers = []
 if sharded and hasattr(param_group, "foreach_all_gather"):
     all_gather = param_group.foreach_all_gather
     param_group.foreach_all_gather = lambda *a, **k: gathers.append(1) or all_gather(*a, **k)
-out = cello.sample(model, PROMPTS, 2, 8, eos_id=EOS, pad_id=PAD, temperature=0.8,
+out = cello.sample(model, PROMPTS, 2, 8, stop_ids=EOS, pad_id=PAD, temperature=0.8,
                    generator=torch.Generator().manual_seed(0))
 responses = out["responses"]
 result = {"responses": responses, "sample_logprobs": out["logprobs"], "gathers": len(gathers)}
