@@ -18,10 +18,12 @@ model) stop the run: every other request would fail the same way. Other 4xx (say
 fail that sample at once: retrying cannot help.
 
 The cache is an append-only JSONL file, one line per finished sample (ok or failed), flushed and
-fsync'd, keyed by (puzzle id, sample index, model) plus a hash of the prompt (so an edited puzzle is
-asked again). A restarted run loads it and sends no request for a sample it already has. Cached
-failures are final by default, so a rerun costs nothing and gives the same result; retry_failed=True
-asks those samples again (the new line wins).
+fsync'd, keyed by (puzzle id, sample index, model) plus a hash of the prompt and of the sampling
+settings sent (temperature, token limit, reasoning effort), so an edited puzzle or changed settings
+are asked again. Not keyed by base_url: the same model name on another server reuses the answers (give
+that run its own cache). A restarted run loads it and sends no request for a sample it already has.
+Cached failures are final by default, so a rerun costs nothing and gives the same result;
+retry_failed=True asks those samples again (the new line wins). Its folder is created up front.
 
 The API key is read from the environment variable named by api_key_env (none for local servers when
 api_key_env is empty). It is sent in the Authorization header only and redacted from everything this
@@ -123,9 +125,20 @@ def redact(text, secret):
     return text.replace(secret, "[REDACTED]") if secret else text
 
 
-def prompt_hash(messages):
-    """A short hash of the chat messages: a cached answer is reused only for the same prompt."""
-    return hashlib.sha256(json.dumps(messages, sort_keys=True).encode()).hexdigest()[:16]
+def prompt_hash(messages, settings=None):
+    """A short hash of the chat messages and of the sampling settings sent with them (see
+    sampling_settings): a cached answer is reused only for the same request. With no settings (the
+    server's defaults) it hashes the messages alone, as caches written before settings counted did,
+    so those caches stay valid."""
+    key = [messages, settings] if settings else messages
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def sampling_settings(model, temperature=None, max_tokens=None, reasoning=None, reasoning_effort=None):
+    """What request_body sends besides the model and the messages: {} for the server's defaults.
+    A setting the model never gets (temperature for a reasoning model) is not in it."""
+    body = request_body(model, [], temperature, max_tokens, reasoning, reasoning_effort)
+    return {key: value for key, value in body.items() if key not in ("model", "messages")}
 
 
 def load_cache(path):
@@ -152,14 +165,15 @@ def load_cache(path):
     return cache
 
 
-def pending(records, num_samples, model, cache, retry_failed=False):
+def pending(records, num_samples, model, cache, retry_failed=False, settings=None):
     """The (record index, sample index) pairs that need a request: no cache entry for the same prompt
-    (or, with retry_failed, a cached failure). cache: load_cache's dict (or a cache path)."""
+    and settings (or, with retry_failed, a cached failure). cache: load_cache's dict (or a cache path);
+    settings: sampling_settings' dict."""
     if isinstance(cache, str):
         cache = load_cache(cache)
     todo = set()
     for i, record in enumerate(records):
-        sha = prompt_hash(cello.render_messages(record))
+        sha = prompt_hash(cello.render_messages(record), settings)
         for k in range(num_samples):
             entry = cache.get((record["id"], k, model))
             if not entry or entry.get("prompt_sha") != sha or (retry_failed and not entry["ok"]):
@@ -175,8 +189,10 @@ class ApiError(Exception):
         self.retryable, self.retry_after, self.fatal = retryable, retry_after, fatal
 
 
-def post_once(client, url, headers, body):
-    """Send one request; return (content, usage, finish_reason) or raise ApiError."""
+def post_once(client, url, headers, body, secret=None):
+    """Send one request; return (content, usage, finish_reason) or raise ApiError.
+    The server's text in an error is redacted (secret) before it is cut short: a key straddling the cut
+    would otherwise survive in part."""
     try:
         response = client.post(url, headers=headers, json=body)
     except httpx.TimeoutException as exc:
@@ -185,7 +201,7 @@ def post_once(client, url, headers, body):
         raise ApiError(f"connection error ({type(exc).__name__}: {exc})", retryable=True) from None
     status = response.status_code
     if status != 200:
-        message = f"HTTP {status}: {response.text[:300]}"
+        message = f"HTTP {status}: {redact(response.text, secret)[:300]}"
         retry_after = parse_retry_after(response.headers.get("retry-after"))
         if status in RETRY_STATUS or status >= 500:
             raise ApiError(message, retryable=True, retry_after=retry_after)
@@ -197,7 +213,8 @@ def post_once(client, url, headers, body):
         if not isinstance(content, str):
             raise TypeError(f"content is {type(content).__name__}")
     except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
-        raise ApiError(f"malformed body ({type(exc).__name__}: {exc}): {response.text[:200]}", retryable=True) from None
+        raise ApiError(f"malformed body ({type(exc).__name__}: {exc}): {redact(response.text, secret)[:200]}",
+                       retryable=True) from None
     usage = data.get("usage") or {}
     usage = {"prompt_tokens": int(usage.get("prompt_tokens") or 0),
              "completion_tokens": int(usage.get("completion_tokens") or 0)}
@@ -223,7 +240,9 @@ def api_responder(base_url, model, api_key_env, cache_path, max_concurrency=8, t
     respond.errors maps (puzzle id, sample index) to the error of each failed sample returned.
     respond.num_tokens holds the last call's completion token counts [puzzle][sample] (as the model
     responder's; reasoning tokens included; None for a failed sample or a server without usage).
-    Raises ValueError when the key variable is unset, ApiError on a fatal answer (401/403/404).
+    respond.pending(records, num_samples) is the set of (record index, sample index) a call would ask.
+    Raises ValueError when the key variable is unset or the cache cannot be written (both before any
+    request), ApiError on a fatal answer (401/403/404).
     """
     secret = None
     if api_key_env:
@@ -233,7 +252,13 @@ def api_responder(base_url, model, api_key_env, cache_path, max_concurrency=8, t
         if not all(33 <= ord(c) < 127 for c in secret):  # else httpx's error would quote the header, key and all
             raise ValueError(f"environment variable {api_key_env} holds characters an HTTP header cannot carry")
     url = base_url.rstrip("/") + "/chat/completions"
+    try:  # before any request: an answer that cannot be saved is paid for and lost
+        os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
+        open(cache_path, "a").close()
+    except OSError as exc:
+        raise ValueError(f"cannot write the cache {cache_path} ({exc.strerror}: {exc.filename})") from None
     cache = load_cache(cache_path)
+    settings = sampling_settings(model, temperature, max_tokens, reasoning, reasoning_effort)
     lock = threading.Lock()  # guards the cache file, the cache dict and the counters
     stop = threading.Event()  # set on a fatal error: the other workers give up
     client = httpx.Client(timeout=timeout_s, limits=httpx.Limits(max_connections=max_concurrency))
@@ -253,14 +278,14 @@ def api_responder(base_url, model, api_key_env, cache_path, max_concurrency=8, t
         headers = {"X-Cello-Puzzle": urllib.parse.quote(record["id"]), "X-Cello-Sample": str(k)}
         if secret:
             headers["Authorization"] = f"Bearer {secret}"
-        entry = {"id": record["id"], "sample": k, "model": model, "prompt_sha": prompt_hash(messages)}
+        entry = {"id": record["id"], "sample": k, "model": model, "prompt_sha": prompt_hash(messages, settings)}
         for attempt in range(1, max_attempts + 1):
             if stop.is_set():
                 return None
             with lock:
                 respond.usage["requests"] += 1
             try:
-                content, usage, finish_reason = post_once(client, url, headers, body)
+                content, usage, finish_reason = post_once(client, url, headers, body, secret)
             except ApiError as exc:
                 error = redact(str(exc), secret)
                 if exc.fatal:
@@ -283,7 +308,7 @@ def api_responder(base_url, model, api_key_env, cache_path, max_concurrency=8, t
         if len({r["id"] for r in records}) != len(records):
             raise ValueError("api: puzzle ids must be unique (they key the cache)")
         results = [[None] * num_samples for _ in records]
-        todo = pending(records, num_samples, model, cache, retry_failed)
+        todo = respond.pending(records, num_samples)
         for i, record in enumerate(records):
             for k in range(num_samples):
                 if (i, k) not in todo:
@@ -322,4 +347,5 @@ def api_responder(base_url, model, api_key_env, cache_path, max_concurrency=8, t
     respond.usage = {"prompt_tokens": 0, "completion_tokens": 0, "requests": 0, "cached": 0, "failed": 0}
     respond.errors, respond.num_tokens = {}, []
     respond.model = model
+    respond.pending = lambda records, num_samples: pending(records, num_samples, model, cache, retry_failed, settings)
     return respond

@@ -39,18 +39,10 @@ import api
 import cello
 import responders
 import reward
+from eval import check_ranges, check_unique_ids
 
 CHARS_PER_TOKEN = 2.5  # gene symbols split into several tokens each: a deliberately high token estimate
 CHUNK = 16             # puzzles per call for the offline teachers (one progress step each)
-
-
-def check_unique_ids(records, path):
-    """Exit with one clear line on a repeated puzzle id: ids key the API cache."""
-    seen = set()
-    for r in records:
-        if r["id"] in seen:
-            sys.exit(f"distill.py: error: {path}: duplicate id {r['id']!r} (ids key the cache)")
-        seen.add(r["id"])
 
 
 def estimate_cost(records, todo, est_output_tokens, price_input, price_output):
@@ -65,9 +57,9 @@ def estimate_cost(records, todo, est_output_tokens, price_input, price_output):
     return prompt_tokens, output_tokens, (prompt_tokens * price_input + output_tokens * price_output) / 1e6
 
 
-def confirm_cost(args, records):
-    """Print what an api run will send and cost; ask (or require --yes) before spending money."""
-    todo = api.pending(records, args.samples, args.api_model, args.cache, args.retry_failed)
+def confirm_cost(args, records, respond):
+    """Print what the api teacher respond will send and cost; ask (or require --yes) before spending money."""
+    todo = respond.pending(records, args.samples)
     prompt_tokens, output_tokens, usd = estimate_cost(records, todo, args.est_output_tokens, args.price_input,
                                                       args.price_output)
     cached = len(records) * args.samples - len(todo)
@@ -91,7 +83,8 @@ def make_teacher(args):
     if args.teacher == "expert":
         if not args.train:
             sys.exit("distill.py: error: --teacher expert needs --train (puzzles to learn marker scores from)")
-        return responders.make_responder("expert", train_records=cello.read_jsonl(args.train),
+        train = cello.read_puzzles(args.train, "--train", "distill.py")
+        return responders.make_responder("expert", train_records=train,
                                          temperature=args.temperature, seed=args.seed)
     if args.teacher == "model":
         if not args.model_path:
@@ -109,7 +102,7 @@ def make_teacher(args):
             timeout_s=args.timeout, max_attempts=args.max_attempts, max_tokens=args.max_tokens,
             reasoning={"auto": None, "yes": True, "no": False}[args.reasoning],
             reasoning_effort=args.reasoning_effort, retry_failed=args.retry_failed, backoff_s=args.backoff)
-    except ValueError as exc:  # the key variable is unset: the message names the variable, never a value
+    except ValueError as exc:  # key variable unset or cache unwritable: the message never holds the key
         sys.exit(f"distill.py: error: {exc}")
 
 
@@ -199,7 +192,7 @@ def main():
                        help="folder for sft.jsonl, samples.jsonl, report.json (and the api cache)")
     group.add_argument("--samples", type=int, default=4, help="responses asked per puzzle (k; the paper used 8)")
     group.add_argument("--limit", type=int, default=None,
-                       help="distill only the first LIMIT puzzles (to try a teacher cheaply)")
+                       help="distill only the first LIMIT puzzles (>= 1; to try a teacher cheaply)")
     group.add_argument("--keep-all", action="store_true",
                        help="keep every accepted response of a puzzle (default: the first one, as in Cell-o1's "
                             "reasoning split; keeping all over-weights the easy puzzles, where all k are accepted)")
@@ -208,7 +201,7 @@ def main():
     group.add_argument("--temperature", type=float, default=None,
                        help=f"sampling temperature (default: expert {responders.DEFAULT_TEMPERATURE} (Gumbel noise "
                             "on its marker scores), model 1.0, api the server's; never sent to reasoning models)")
-    group.add_argument("--seed", type=int, default=0, help="sampling seed (expert, model)")
+    group.add_argument("--seed", type=int, default=0, help="sampling seed (expert, model; >= 0)")
     group.add_argument("--train", default=None, help="expert: train puzzles JSONL it learns marker scores from")
     group.add_argument("--model-path", default=None, help="model: checkpoint folder (Hugging Face format)")
     group.add_argument("--max-new-tokens", type=int, default=1024, help="model: response length limit in tokens")
@@ -223,7 +216,9 @@ def main():
     group.add_argument("--api-key-env", default="OPENAI_API_KEY",
                        help="name of the environment variable holding the key ('' for none); "
                             "the key itself never goes on the command line")
-    group.add_argument("--cache", default=None, help="the api answer cache JSONL (default: OUT_DIR/api_cache.jsonl)")
+    group.add_argument("--cache", default=None,
+                       help="the api answer cache JSONL (default: OUT_DIR/api_cache.jsonl); keyed by model name, "
+                            "prompt and sampling settings, not by --base-url")
     group.add_argument("--max-concurrency", type=int, default=8, help="requests in flight at once")
     group.add_argument("--timeout", type=float, default=600.0,
                        help="seconds per request before it is retried (o1 can think for minutes)")
@@ -249,18 +244,22 @@ def main():
                        help="expected output tokens per sample (reasoning included), for the estimate")
     group.add_argument("--yes", action="store_true", help="send without asking (needed when stdin is not a terminal)")
     args = parser.parse_args()
-    if args.samples < 1:
-        parser.error("--samples must be >= 1")
+    check_ranges("distill.py", args, {
+        "--samples": "an integer >= 1", "--limit": "an integer >= 1", "--seed": "an integer >= 0",
+        "--temperature": "a number >= 0", "--max-new-tokens": "an integer >= 1", "--batch-size": "an integer >= 1",
+        "--max-concurrency": "an integer >= 1", "--timeout": "a number > 0", "--max-attempts": "an integer >= 1",
+        "--backoff": "a number >= 0", "--max-tokens": "an integer >= 1", "--price-input": "a number >= 0",
+        "--price-output": "a number >= 0", "--est-output-tokens": "an integer >= 0"})
     if not os.path.exists(args.puzzles):
         parser.error(f"--puzzles {args.puzzles}: no such file")
     os.makedirs(args.out_dir, exist_ok=True)
     args.cache = args.cache or os.path.join(args.out_dir, "api_cache.jsonl")
 
     records = cello.read_puzzles(args.puzzles, "--puzzles", "distill.py")[:args.limit]
-    check_unique_ids(records, args.puzzles)
-    if args.teacher == "api":
-        confirm_cost(args, records)
+    check_unique_ids(records, "--puzzles", args.puzzles, "distill.py")
     respond = make_teacher(args)
+    if args.teacher == "api":
+        confirm_cost(args, records, respond)
     texts, counts = ask_teacher(respond, records, args.samples, args.teacher)
     rows = judge(records, texts, counts, getattr(respond, "errors", {}))
 

@@ -7,6 +7,10 @@ and writes, in --out-dir:
                      fields (valid, correct, reward, exact, uniqueness, num_tokens, error)
   summary.json       {responder: reward.metrics(...)} (with "pass_at_k" when --num-samples > 1)
 
+A sample the api responder got no answer for (the server failed every attempt) is not scored: eval
+stops with one line saying how many failed and writes nothing. The answers received stay in the
+API cache, so a rerun asks only what is missing; --retry-failed also asks the failed ones again.
+
 Run (one process; the model responder uses cello's sampler on --device):
     python eval.py --puzzles test.jsonl --responder random independent expert --train train.jsonl --out-dir out/eval
     python eval.py --puzzles test.jsonl --responder model --model-path out/sft --out-dir out/eval_sft
@@ -15,6 +19,7 @@ Run (one process; the model responder uses cello's sampler on --device):
 """
 import argparse
 import importlib
+import math
 import os
 import sys
 
@@ -25,9 +30,39 @@ import responders
 import reward
 
 
+# What a numeric flag expects -> its test (NaN and infinity fail every number range).
+RANGES = {
+    "an integer >= 1": lambda v: v >= 1,
+    "an integer >= 0": lambda v: v >= 0,
+    "a number >= 0": lambda v: 0 <= v < math.inf,
+    "a number > 0": lambda v: 0 < v < math.inf,
+    "a number in (0, 1]": lambda v: 0 < v <= 1,
+}
+
+
 def fail(message):
     """Bad input: one clear line on stderr, exit status 1, nothing written."""
     sys.exit(f"eval.py: error: {message}")
+
+
+def check_ranges(script, args, expected):
+    """Exit with one line naming the first flag out of its range, e.g. "eval.py: error: --top-p:
+    expected a number in (0, 1], got 1.5". expected: {flag: a RANGES key}; a flag left at None (unset)
+    is not checked. Shared with distill.py."""
+    for flag, what in expected.items():
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None and not RANGES[what](value):
+            sys.exit(f"{script}: error: {flag}: expected {what}, got {value}")
+
+
+def check_unique_ids(records, flag, path, script):
+    """Exit with one line on a repeated puzzle id: ids key the results (pass@k) and the API cache.
+    Shared with distill.py."""
+    seen = set()
+    for r in records:
+        if r["id"] in seen:
+            sys.exit(f"{script}: error: {flag} {path}: duplicate id {r['id']!r} (each puzzle needs its own id)")
+        seen.add(r["id"])
 
 
 def parse_args(argv=None):
@@ -35,7 +70,7 @@ def parse_args(argv=None):
     io = parser.add_argument_group("input and output")
     io.add_argument("--puzzles", required=True, help="puzzles JSONL to answer (e.g. the test split)")
     io.add_argument("--out-dir", required=True, help="folder for predictions.jsonl and summary.json")
-    io.add_argument("--limit", type=int, default=None, help="answer only the first this many puzzles")
+    io.add_argument("--limit", type=int, default=None, help="answer only the first this many puzzles (>= 1)")
     who = parser.add_argument_group("responders")
     who.add_argument("--responder", nargs="+", default=["expert"], help=f"one or more of {', '.join(responders.NAMES)}")
     who.add_argument("--train", help="train puzzles JSONL (independent and expert learn marker scores from it)")
@@ -43,21 +78,29 @@ def parse_args(argv=None):
     who.add_argument("--temperature", type=float, default=0.0,
                      help="expert: Gumbel noise scale (0 = deterministic); model: sampling temperature (0 = greedy); "
                           "api: sampling temperature (0 = the server's default)")
-    who.add_argument("--seed", type=int, default=0, help="seed of random, expert and model sampling")
+    who.add_argument("--seed", type=int, default=0, help="seed of random, expert and model sampling (>= 0)")
     model = parser.add_argument_group("model responder (a Hugging Face checkpoint folder)")
     model.add_argument("--model-path", help="checkpoint folder (config.json, weights, tokenizer)")
     model.add_argument("--batch-size", type=int, default=8, help="puzzles per responder call (and per sampler batch)")
     model.add_argument("--max-new-tokens", type=int, default=1024, help="response length limit in tokens")
-    model.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    model.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (1 = off)")
     model.add_argument("--device", default="cpu", help="torch device for the model responder")
     api = parser.add_argument_group("api responder (an OpenAI-compatible endpoint)")
     api.add_argument("--base-url", help="endpoint base URL, e.g. https://api.openai.com/v1")
     api.add_argument("--api-model", help="model name the endpoint serves")
     api.add_argument("--api-key-env", default="OPENAI_API_KEY",
                      help="name of the environment variable holding the key ('' for none)")
-    api.add_argument("--api-cache", help="append-only response cache JSONL (default: OUT_DIR/api_cache.jsonl)")
+    api.add_argument("--api-cache", help="append-only response cache JSONL (default: OUT_DIR/api_cache.jsonl); "
+                                         "keyed by model name, prompt and sampling settings, not by --base-url")
     api.add_argument("--max-concurrency", type=int, default=8, help="concurrent API requests")
+    api.add_argument("--retry-failed", action="store_true",
+                     help="ask again the samples cached as failed (default: cached failures are final)")
     args = parser.parse_args(argv)
+
+    check_ranges("eval.py", args, {
+        "--limit": "an integer >= 1", "--num-samples": "an integer >= 1", "--batch-size": "an integer >= 1",
+        "--max-new-tokens": "an integer >= 1", "--max-concurrency": "an integer >= 1",
+        "--seed": "an integer >= 0", "--temperature": "a number >= 0", "--top-p": "a number in (0, 1]"})
 
     for name in args.responder:
         if name not in responders.NAMES:
@@ -78,8 +121,6 @@ def parse_args(argv=None):
             fail(f"--model-path: not a Hugging Face model folder (no config.json): {args.model_path}")
     if "api" in args.responder and not (args.base_url and args.api_model):
         fail("--responder api needs --base-url and --api-model")
-    if args.num_samples < 1 or args.batch_size < 1:
-        fail("--num-samples and --batch-size must be at least 1")
     return args
 
 
@@ -92,25 +133,47 @@ def build(name, args, train_records):
         return responders.make_responder("model", path=args.model_path, batch_size=args.batch_size,
                                          max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                          top_p=args.top_p, device=args.device, seed=args.seed)
-    cache = args.api_cache or os.path.join(args.out_dir, "api_cache.jsonl")
     try:
         return responders.make_responder("api", base_url=args.base_url, model=args.api_model,
-                                         api_key_env=args.api_key_env, cache_path=cache,
-                                         max_concurrency=args.max_concurrency, temperature=args.temperature or None)
+                                         api_key_env=args.api_key_env, cache_path=api_cache(args),
+                                         max_concurrency=args.max_concurrency, temperature=args.temperature or None,
+                                         retry_failed=args.retry_failed)
     except ValueError as e:  # e.g. the key variable is unset (the message names the variable, never the key)
         fail(f"--responder api: {e}")
 
 
+def api_cache(args):
+    """The api responder's cache: --api-cache, else OUT_DIR/api_cache.jsonl."""
+    return args.api_cache or os.path.join(args.out_dir, "api_cache.jsonl")
+
+
+def check_answered(respond, total, args):
+    """Exit with one line when the api responder got no answer for some samples: an outage is not the
+    model's error, so eval reports it instead of scoring it (the answers received are in the cache)."""
+    errors = getattr(respond, "errors", None)
+    if not errors:
+        return
+    (pid, k), error = min(errors.items())
+    first = " ".join(error.split())[:200]  # the server's text may span lines
+    fail(f"--responder api: {len(errors)} of {total} samples failed (no answer from the server; first: {pid!r} "
+         f"sample {k}: {first}); the answers received are cached in {api_cache(args)}: rerun with "
+         "--retry-failed to ask the failed ones again")
+
+
 def evaluate(respond, records, num_samples, batch_size, desc):
-    """Answer and score every puzzle; returns prediction rows (one per response) in puzzle order."""
+    """Answer and score every puzzle; returns prediction rows (one per response) in puzzle order.
+    A sample in respond.errors (the api responder got no answer) gets no row: it is not the model's."""
     rows = []
     bar = tqdm(total=len(records), desc=desc, unit="puzzle", file=sys.stderr)
     for start in range(0, len(records), batch_size):
         chunk = records[start:start + batch_size]
         texts = respond(chunk, num_samples)
         lengths = getattr(respond, "num_tokens", None) or [[None] * num_samples for _ in chunk]
+        failed = getattr(respond, "errors", {})
         for record, samples, counts in zip(chunk, texts, lengths):
             for k, (text, count) in enumerate(zip(samples, counts)):
+                if (record["id"], k) in failed:
+                    continue
                 s = reward.score(text, record["answer"], num_tokens=count)
                 rows.append({"id": record["id"], "sample": k, "response": text, "answer": record["answer"], **s})
         bar.update(len(chunk))
@@ -133,6 +196,7 @@ def summarize(rows, num_samples):
 def main(argv=None):
     args = parse_args(argv)
     records = cello.read_puzzles(args.puzzles, "--puzzles", "eval.py")[:args.limit]
+    check_unique_ids(records, "--puzzles", args.puzzles, "eval.py")
     train_records = cello.read_puzzles(args.train, "--train", "eval.py") if args.train else None
     os.makedirs(args.out_dir, exist_ok=True)
     print(f"eval.py: {len(records)} puzzles from {args.puzzles}, {args.num_samples} sample(s) each")
@@ -147,6 +211,7 @@ def main(argv=None):
             rows = evaluate(respond, records, args.num_samples, per_call, name)
         except fatal as e:  # wrong key, URL or model: every request would fail the same way
             fail(f"--responder api: {e}")
+        check_answered(respond, len(records) * args.num_samples, args)
         predictions += [{"responder": name, **r} for r in rows]
         summary[name] = summarize(rows, args.num_samples)
         if getattr(respond, "usage", None):

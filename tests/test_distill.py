@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import httpx
 import pytest
 
 import api
@@ -138,6 +139,61 @@ def test_cache_skips_a_torn_last_line_and_later_lines_win(tmp_path):
     assert cache == {("p1", 0, "m"): b}
     with open(path) as f:
         assert f.read().endswith('"mo\n')  # the next append starts on a line of its own
+
+
+def test_cache_is_keyed_by_the_sampling_settings_sent(tmp_path):
+    """Changed sampling settings ask again; a setting the model never gets (temperature for o1) does not;
+    an entry written before settings counted (the messages' hash alone) still serves the defaults."""
+    records = toy_puzzles(1)
+    cache = str(tmp_path / "cache.jsonl")
+    for model in ("m", "o1"):
+        old = {"id": records[0]["id"], "sample": 0, "model": model, "ok": True, "content": "x",
+               "prompt_sha": api.prompt_hash(cello.render_messages(records[0]))}
+        with open(cache, "a") as f:
+            f.write(json.dumps(old) + "\n")
+
+    def todo(model, **settings):
+        return api.api_responder("http://127.0.0.1:9/v1", model, "", cache, **settings).pending(records, 1)
+
+    assert todo("m") == set() and todo("o1") == set()
+    assert todo("m", temperature=0.7) == todo("m", max_tokens=100) == {(0, 0)}
+    assert todo("o1", temperature=0.7) == set()  # never sent to a reasoning model
+    assert todo("o1", max_tokens=100) == todo("o1", reasoning_effort="high") == {(0, 0)}
+
+
+def test_cache_folder_is_made_before_any_request(tmp_path):
+    """A --cache in a folder that does not exist yet is created; one that cannot be written is refused
+    before any request is sent (an answer it could not save would be paid for and lost)."""
+    cache = tmp_path / "new" / "folder" / "cache.jsonl"
+    api.api_responder("http://127.0.0.1:9/v1", "m", "", str(cache))
+    assert cache.exists()
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(ValueError, match=r"^cannot write the cache .*a-file/cache.jsonl \(File exists: .*a-file\)$"):
+        api.api_responder("http://127.0.0.1:9/v1", "m", "", str(tmp_path / "a-file" / "cache.jsonl"))
+
+
+@pytest.mark.parametrize("status, cut", [(500, 300), (200, 200), (401, 300)])
+def test_key_at_the_cut_of_an_error_text_is_redacted(tmp_path, monkeypatch, status, cut):
+    """The server's text in an error is cut to 300 (HTTP errors) or 200 (malformed bodies) characters:
+    a key echoed across the cut must be redacted whole first, not leave its first 20 characters."""
+    key = "sk-" + secrets.token_hex(20)
+    body = "x" * (cut - 20) + key + " and more"  # 200: not JSON, so a malformed body
+    server = httpx.MockTransport(lambda request: httpx.Response(status, text=body))
+    real_client = httpx.Client
+    monkeypatch.setattr(httpx, "Client", lambda **options: real_client(transport=server, **options))
+    monkeypatch.setenv("CELLO_TEST_KEY", key)
+    cache = tmp_path / "cache.jsonl"
+    respond = api.api_responder("http://server.test/v1", "m", "CELLO_TEST_KEY", str(cache), max_attempts=1,
+                                progress=False)
+    if status == 401:  # fatal: the run stops with the error
+        with pytest.raises(api.ApiError) as info:
+            respond(toy_puzzles(1), 1)
+        errors = [str(info.value)]
+    else:
+        respond(toy_puzzles(1), 1)
+        errors = list(respond.errors.values())
+    assert len(errors) == 1 and "[REDACTED]" in errors[0]
+    assert key[:8] not in errors[0] and key[:8] not in cache.read_text()
 
 
 def test_pending_reasks_changed_prompts_and_optionally_failures():
@@ -345,14 +401,59 @@ def test_api_run_needs_yes_without_a_terminal(setup, monkeypatch, capsys):
 # The expert teacher
 # ---------------------------------------------------------------------------------------------
 
-def test_expert_teacher_rejection_sampling(tmp_path, monkeypatch, capsys):
+def expert_cmd(tmp_path, *extra):
+    """An expert-teacher distill command on small toy files (written here)."""
     train, puzzles = str(tmp_path / "train.jsonl"), str(tmp_path / "puzzles.jsonl")
     cello.write_jsonl_atomic(train, toy_puzzles(40, seed=1))
     cello.write_jsonl_atomic(puzzles, toy_puzzles(12, seed=2))
+    return [sys.executable, "distill.py", "--teacher", "expert", "--train", train, "--puzzles", puzzles,
+            "--out-dir", str(tmp_path / "out"), *extra]
+
+
+@pytest.mark.parametrize("flag, value, expected", [
+    ("--samples", "0", "an integer >= 1, got 0"),
+    ("--limit", "0", "an integer >= 1, got 0"),
+    ("--limit", "-2", "an integer >= 1, got -2"),
+    ("--seed", "-1", "an integer >= 0, got -1"),
+    ("--temperature", "-1", "a number >= 0, got -1.0"),
+    ("--max-new-tokens", "0", "an integer >= 1, got 0"),
+    ("--batch-size", "0", "an integer >= 1, got 0"),
+    ("--max-concurrency", "0", "an integer >= 1, got 0"),
+    ("--timeout", "0", "a number > 0, got 0.0"),
+    ("--timeout", "inf", "a number > 0, got inf"),
+    ("--max-attempts", "0", "an integer >= 1, got 0"),
+    ("--backoff", "-1", "a number >= 0, got -1.0"),
+    ("--max-tokens", "0", "an integer >= 1, got 0"),
+    ("--price-input", "-1", "a number >= 0, got -1.0"),
+    ("--est-output-tokens", "-1", "an integer >= 0, got -1"),
+])
+def test_numeric_flag_out_of_range(tmp_path, monkeypatch, capsys, flag, value, expected):
+    code, output = run(expert_cmd(tmp_path, flag, value), "unused", monkeypatch, capsys)
+    assert code == f"distill.py: error: {flag}: expected {expected}"
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_bad_train_file_and_duplicate_ids(tmp_path, monkeypatch, capsys):
+    cmd = expert_cmd(tmp_path)
+    train = cmd[cmd.index("--train") + 1]
+    os.remove(train)
+    code, _ = run(cmd, "unused", monkeypatch, capsys)
+    assert code == f"distill.py: error: --train {train}: no such file"
+    with open(train, "w") as f:
+        f.write('{"id": "x"}\n')
+    code, _ = run(cmd, "unused", monkeypatch, capsys)
+    assert code.startswith(f"distill.py: error: {train} line 1: lacks field(s) ")
+    cmd = expert_cmd(tmp_path)
+    puzzles = cmd[cmd.index("--puzzles") + 1]
+    cello.write_jsonl_atomic(puzzles, toy_puzzles(2) * 2)
+    code, _ = run(cmd, "unused", monkeypatch, capsys)
+    assert code == (f"distill.py: error: --puzzles {puzzles}: duplicate id 'toy/n2/0-0000' "
+                    "(each puzzle needs its own id)")
+
+
+def test_expert_teacher_rejection_sampling(tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
-    cmd = [sys.executable, "distill.py", "--teacher", "expert", "--train", train,
-           "--puzzles", puzzles, "--samples", "3", "--temperature", "2.0", "--out-dir", str(out)]
-    code, output = run(cmd, "unused", monkeypatch, capsys)
+    code, output = run(expert_cmd(tmp_path, "--samples", "3", "--temperature", "2.0"), "unused", monkeypatch, capsys)
     assert code == 0, output
     report = json.loads((out / "report.json").read_text())
     rows = cello.read_jsonl(out / "samples.jsonl")

@@ -6,8 +6,10 @@ import sys
 
 import pytest
 
+import api
 import cello
 import eval as evaluate
+import fault_server
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -80,7 +82,7 @@ def test_cli_samples_and_pass_at_k(files, capsys):
     ("no-train", "eval.py: error: --responder expert needs --train (train puzzles to learn marker scores from)"),
     ("unknown", "eval.py: error: --responder: unknown responder 'oracle' (expected one of random, independent, expert, model, api)"),
     ("not-a-model", "eval.py: error: --model-path: not a Hugging Face model folder (no config.json): "),
-    ("not-puzzles", "lacks field(s) cells, candidates, answer"),
+    ("not-puzzles", "cells, candidates, answer"),  # "lacks field(s) [context, ]cells, ..."
 ])
 def test_cli_bad_input(files, case, message):
     out = files / "out"
@@ -176,3 +178,72 @@ def test_cli_model_responder(files):
     assert summary["mean_length"] == pytest.approx(sum(r["num_tokens"] for r in rows) / 2)
     # an untrained model writes nothing well formed: every response is malformed and scores 0 cells
     assert summary["format_validity"] == 0.0 and summary["cell_accuracy"] == 0.0
+
+
+@pytest.mark.parametrize("flag, value, expected", [
+    ("--limit", "0", "an integer >= 1, got 0"),
+    ("--limit", "-1", "an integer >= 1, got -1"),  # once it silently dropped the last puzzle
+    ("--num-samples", "0", "an integer >= 1, got 0"),
+    ("--batch-size", "0", "an integer >= 1, got 0"),
+    ("--max-new-tokens", "0", "an integer >= 1, got 0"),
+    ("--max-concurrency", "0", "an integer >= 1, got 0"),
+    ("--seed", "-1", "an integer >= 0, got -1"),
+    ("--temperature", "-0.5", "a number >= 0, got -0.5"),
+    ("--temperature", "nan", "a number >= 0, got nan"),
+    ("--top-p", "0", "a number in (0, 1], got 0.0"),
+    ("--top-p", "1.5", "a number in (0, 1], got 1.5"),
+])
+def test_cli_numeric_flag_out_of_range(files, flag, value, expected):
+    out = files / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(["--puzzles", str(files / "test.jsonl"), "--responder", "random", "--num-samples", "2",
+                       "--out-dir", str(out), flag, value])
+    assert exit_info.value.code == f"eval.py: error: {flag}: expected {expected}"
+    assert not os.path.exists(out)
+
+
+@pytest.mark.parametrize("responder", [["random"], ["api", "--base-url", "http://127.0.0.1:9/v1", "--api-model", "m",
+                                                    "--api-key-env", ""]])
+def test_cli_duplicate_ids(files, responder):
+    """A repeated id would merge two puzzles in pass@k (and key the same API cache line): refused."""
+    records = cello.read_jsonl(files / "test.jsonl")
+    cello.write_jsonl_atomic(files / "dup.jsonl", records + records[:1])
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(["--puzzles", str(files / "dup.jsonl"), "--out-dir", str(files / "out"), "--responder",
+                       *responder])
+    assert exit_info.value.code == (f"eval.py: error: --puzzles {files / 'dup.jsonl'}: duplicate id 'p1' "
+                                    "(each puzzle needs its own id)")
+    assert not os.path.exists(files / "out")
+
+
+def test_cli_api_failures_are_reported_not_scored(files, monkeypatch):
+    """A sample the server fails on every attempt (fault_server's doomed p1 sample 7 of 8) is no model error:
+    eval stops with one line and writes no result; the answers are cached (in a folder eval creates), so a
+    rerun sends nothing, and --retry-failed asks exactly the failed sample again."""
+    key = "sk-test-eval-0123456789abcdef"
+    log = str(files / "server.log")
+    server, url = fault_server.start(str(files / "test.jsonl"), key, log, slow_s=0.05)
+    monkeypatch.setenv("CELLO_TEST_KEY", key)
+    monkeypatch.setattr(api, "backoff_delay", lambda *args, **kwargs: 0.0)  # six attempts without the waits
+    out, cache = files / "out", files / "new" / "folder" / "cache.jsonl"
+    argv = ["--puzzles", str(files / "test.jsonl"), "--responder", "api", "--num-samples", "8", "--out-dir", str(out),
+            "--base-url", url, "--api-model", "toy", "--api-key-env", "CELLO_TEST_KEY", "--api-cache", str(cache)]
+    message = (f"eval.py: error: --responder api: 1 of 16 samples failed (no answer from the server; first: 'p1' "
+               f"sample 7: HTTP 500: {{\"error\": {{\"message\": \"internal error while serving key [REDACTED]\"}}}}); "
+               f"the answers received are cached in {cache}: rerun with --retry-failed to ask the failed ones again")
+    try:
+        for extra, asked in [([], {("p1", 7)} | {(p, k) for p in ("p1", "p2") for k in range(8)}),
+                             ([], set()),  # a rerun: everything is cached, the failure too
+                             (["--retry-failed"], {("p1", 7)})]:
+            before = len(cello.read_jsonl(log)) if os.path.exists(log) else 0
+            with pytest.raises(SystemExit) as exit_info:
+                evaluate.main(argv + extra)
+            assert exit_info.value.code == message
+            assert {(r["id"], r["sample"]) for r in cello.read_jsonl(log)[before:]} == asked
+            assert not os.path.exists(out / "predictions.jsonl") and not os.path.exists(out / "summary.json")
+            entries = api.load_cache(str(cache))
+            assert len(entries) == 16 and [k for k, e in entries.items() if not e["ok"]] == [("p1", 7, "toy")]
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert key not in cache.read_text()
