@@ -1,10 +1,12 @@
 """cello: what every stage shares, and the one-command demo.
 
 Sections, top to bottom:
-  1. Prompt rendering: a puzzle record -> the exact SPEC.md system and user messages.
+  1. Prompt rendering and files: a puzzle record -> the exact SPEC.md system and user messages;
+     reading checked puzzle files, atomic writes.
   2. Tokenizer and model: presets built on the puzzle text, loading, token ids with a loss mask.
   3. Sampling and log-probabilities: batched KV-cache sampling, chunked per-token log-probs.
-  4. Distributed setup and checkpoints: torchrun, FSDP2, Hugging Face folders, resume state.
+  4. Distributed setup, training helpers and checkpoints: torchrun, FSDP2, the learning-rate
+     schedule, Hugging Face folders, resume state.
   5. The demo: the whole pipeline on the bundled data.
 
 Run the whole pipeline on the bundled data (2-core CPU, under 15 minutes):
@@ -12,6 +14,7 @@ Run the whole pipeline on the bundled data (2-core CPU, under 15 minutes):
 """
 import contextlib
 import json
+import math
 import os
 import random
 import shutil
@@ -79,6 +82,7 @@ def render_messages(record, response=None):
     if response is not None:
         messages.append({"role": "assistant", "content": response})
     return messages
+
 
 
 def read_jsonl(path):
@@ -297,13 +301,14 @@ def prepare_model(name_or_path, work_dir, records, seed=0):
     return name_or_path
 
 
-def load_model(path, device="cpu", dtype=torch.float32):
-    """A causal LM from a local Hugging Face folder (never the hub), with PyTorch's sdpa attention."""
+def load_model(path, device="cpu"):
+    """A causal LM from a local Hugging Face folder (never the hub), in float32 (the master weights:
+    bf16 compute comes from autocast or FSDP2's mixed precision), with PyTorch's sdpa attention."""
     from transformers import AutoModelForCausalLM
 
     if not is_model_folder(path):
         sys.exit(f"cello: error: {path!r} is not a Hugging Face model folder (no config.json)")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa",
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa",
                                                  local_files_only=True)
     return model.to(device)
 
@@ -498,9 +503,9 @@ def sample(model, prompts, num_samples, max_new_tokens, stop_ids, pad_id, temper
     keys and values are read once per decode step for all its samples (_shared_prefix_attention).
 
     prompts: P token lists (any lengths, left-padded inside). Returns dict(responses, logprobs,
-    finished), each a list of R = P * num_samples rows, group-major. A response stops at its EOS, any
-    token of stop_ids (one id or a list; stop_token_ids gives a model's), included, finished=True, or
-    after max_new_tokens tokens (finished=False); it never holds padding.
+    finished), each a list of R = P * num_samples rows, group-major. A response stops after the first
+    token of stop_ids (one id or a list, e.g. stop_token_ids(path, tokenizer); the token is kept and
+    finished=True), or after max_new_tokens tokens (finished=False); it never holds padding.
     logprobs[r][t] = log softmax(logits / temperature)[token] (under T = 1 for greedy, temperature=0).
     generator: a torch.Generator on the model's device for reproducible sampling.
     """
@@ -794,7 +799,7 @@ def response_logprobs(model, prompts, responses, temperature=1.0, shared_prompt=
 
 
 # ---------------------------------------------------------------------------------------------
-# 4. Distributed setup and checkpoints
+# 4. Distributed setup, training helpers and checkpoints
 # ---------------------------------------------------------------------------------------------
 # One code path for 1 process and for torchrun: without torchrun every helper here is a no-op or
 # its single-process case. Checkpoints are Hugging Face folders (from_pretrained and vLLM load them)
@@ -845,6 +850,46 @@ def all_reduce(values, op="sum"):
     if op == "mean":
         t /= dist.get_world_size()
     return t.item() if single else t.tolist()
+
+
+def all_gather_list(items):
+    """A Python list concatenated over ranks, rank 0's items first; the list itself when single
+    process. Every rank must call it."""
+    if not dist.is_initialized():
+        return list(items)
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, list(items))
+    return [x for part in out for x in part]
+
+
+def clip_grad_norm(parameters, max_norm):
+    """Clip the global gradient norm to max_norm (over all ranks' shards under FSDP2); returns the
+    norm before clipping as a float."""
+    norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP2
+
+
+def lr_factor(step, warmup_steps, total_steps, min_lr_ratio=1.0):
+    """Multiplier of the peak learning rate at optimizer step `step` (0-based).
+
+    Linear warmup: (step + 1) / warmup_steps for step < warmup_steps; then cosine decay
+    min_lr_ratio + (1 - min_lr_ratio) * (1 + cos(pi * p)) / 2 with p = (step - warmup_steps) /
+    max(1, total_steps - warmup_steps - 1), from 1 at the first step after warmup to min_lr_ratio at
+    the last step. min_lr_ratio 1: constant after warmup (GRPO's schedule).
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps - 1))
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def keep_metrics_until(path, step):
+    """Rank 0 at the start of a run: metrics.jsonl keeps the rows of steps <= step (those of the
+    checkpoint a resumed run starts from; none for a fresh run, step 0 aside). Rows written after that
+    checkpoint are dropped, because the resumed run writes them again."""
+    if get_rank() == 0:
+        old = read_jsonl(path) if step > 0 and os.path.exists(path) else []
+        write_jsonl_atomic(path, [row for row in old if row["step"] <= step])
 
 
 def cleanup_distributed():
@@ -970,11 +1015,7 @@ def save_checkpoint(out_dir, model, tokenizer, optimizer=None, scheduler=None, s
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     weights = get_model_state_dict(model, options=options)
     optimizer_state = get_optimizer_state_dict(model, optimizer, options=options) if optimizer is not None else None
-    rngs = [None] * get_world_size()  # every rank's generators, so each one resumes its own stream
-    if dist.is_initialized():
-        dist.all_gather_object(rngs, rng_states())
-    else:
-        rngs[0] = rng_states()
+    rngs = all_gather_list([rng_states()])  # every rank's generators, so each one resumes its own stream
     if get_rank() == 0:
         tmp, old = out_dir + ".tmp", out_dir + ".old"
         shutil.rmtree(tmp, ignore_errors=True)  # a leftover of an earlier crash
@@ -1070,7 +1111,8 @@ def load_resume(out_dir, model, optimizer=None, scheduler=None):
 # a demo killed half-way continues where it stopped when started again.
 
 # The demo's puzzles are smaller than the paper's (N 8-15, M 50) so that SFT from scratch and GRPO
-# fit 15 minutes on 2 CPU cores: prompts of ~360 tokens instead of ~560 (N 4-8, M 50).
+# fit 15 minutes on 2 CPU cores: N 4-6 cells of M 25 genes give ~330-400-token prompts (N 4-8 of 50
+# genes: ~560).
 DEMO_N, DEMO_GENES = (4, 6), 25
 DEMO_CONTEXT = ("The cell is from a human donor, originating from the peripheral blood. "
                 "The patient is healthy with no diagnosed disease.")

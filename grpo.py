@@ -36,8 +36,7 @@ demo's puzzles (N 4-6 cells, ~330-400-token prompts, expert-style responses of ~
 puzzles x G = 8 responses per step, a 240-token budget, lr 1e-4, 150 steps. On the 2-core machine,
 idle: ~1.4-1.6 s per step (rollout 0.6-0.7, reference 0.2, update 0.6; BENCHMARKS.md), about 4 minutes
 in all, and the test puzzles go from 50.0% to 81.7% well formed, batch-level 11.7% -> 18.3% (README). On a
-2-core machine busy with other jobs use OMP_NUM_THREADS=1: two threads spin-waiting for a busy core
-once made a rollout 9x slower.
+machine busy with other jobs, set OMP_NUM_THREADS=1 (threads spin-waiting for a busy core slow a rollout).
 The paper's 7B run (Qwen2.5-7B-Instruct after SFT; 8 GPUs; one pass over the 6,912 released train
 puzzles is 108 steps):
     torchrun --nproc_per_node 8 grpo.py --model runs/sft-7b --train train.jsonl --val val.jsonl \\
@@ -66,10 +65,8 @@ Choices this file makes (each is tested in tests/test_grpo.py):
   one process, torch.autocast to bf16 around every forward (weights and optimizer stay float32).
 - --activation-checkpointing runs the policy in train mode (Hugging Face checkpoints only there; the
   model must have no dropout, so it is the same function as in eval mode) and recomputes each decoder
-  layer in backward, the shared prompt's replay-safe cache included. One 7B group of the paper's
-  lengths in bf16 then needed 15.2 GiB beyond its weights and gradients on an H100, and ran out of
-  memory without it (bench_core.py --parts scale; BENCHMARKS.md), before the shared prompt's
-  two-pass backward removed a 12.2 GiB copy of the weight gradients from that (not re-measured).
+  layer in backward, the shared prompt's replay-safe cache included. A 7B model at the paper's
+  lengths needs it (BENCHMARKS.md: bench_core.py --parts scale on an H100).
 - Sampling randomness comes from generators seeded by (seed, step, puzzle position in the step), one
   per sampling call of --sample-batch puzzles: a resumed run repeats exactly what the uninterrupted
   run would have done, and with --sample-batch 1 (or any divisor of each rank's share) K processes
@@ -82,7 +79,6 @@ import sys
 import time
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 import cello
@@ -139,19 +135,21 @@ def clipped_surrogate(logp, old_logp, advantages, clip_low=0.2, clip_high=0.2):
     """
     rho = torch.exp(torch.clamp(logp - old_logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))  # [R, L]
     adv = advantages.unsqueeze(1)  # [R, 1]
-    unclipped = rho * adv
-    clipped = torch.clamp(rho, 1.0 - clip_low, 1.0 + clip_high) * adv
-    return -torch.minimum(unclipped, clipped), rho, clipped < unclipped
+    unclipped_obj = rho * adv  # [R, L]
+    clipped_obj = torch.clamp(rho, 1.0 - clip_low, 1.0 + clip_high) * adv  # [R, L]
+    return -torch.minimum(unclipped_obj, clipped_obj), rho, clipped_obj < unclipped_obj
 
 
 def kl_k3(logp, ref_logp):
     """The "k3" estimator of KL(policy || reference) per sampled token (Schulman 2020):
 
-        d = clamp(ref_logp - logp, -20, 20);   k3 = exp(d) - d - 1   (>= 0, unbiased, low variance)
+        d = clamp(ref_logp - logp, -20, 20);   k3 = exp(d) - d - 1   (>= 0, low variance)
 
-    logp, ref_logp: [R, L]. Returns [R, L]. Equal log-probs give exactly 0.
+    Its mean is an unbiased estimate of the KL when the tokens were sampled from the policy itself
+    (true at mu = 1: the rollout's policy is the one being updated). logp, ref_logp: [R, L].
+    Returns [R, L]. Equal log-probs give exactly 0.
     """
-    d = torch.clamp(ref_logp - logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    d = torch.clamp(ref_logp - logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)  # [R, L]
     return torch.exp(d) - d - 1.0
 
 
@@ -194,8 +192,9 @@ def aggregate_loss(per_token, mask, mode, divisor):
 def grpo_loss(logp, old_logp, ref_logp, advantages, mask, mode, divisor, clip_low=0.2, clip_high=0.2, beta=0.0):
     """The GRPO loss of a micro-batch: aggregate(clipped_surrogate + beta * k3(logp, ref_logp)).
 
-    ref_logp may be None when beta is 0. Returns (loss scalar, stats) where stats holds sums over the
-    valid tokens, detached, for the metrics: tokens, clipped, kl, rho.
+    logp (with gradients), old_logp, ref_logp, mask: [R, L]; advantages: [R]; ref_logp may be None
+    when beta is 0. Returns (loss scalar, stats) where stats holds sums over the valid tokens,
+    detached, for the metrics: tokens, clipped (tokens whose clipped branch was taken), kl, rho.
     """
     valid = mask > 0
     # Whatever sits in padded positions (0, junk, NaN) is replaced before any arithmetic, so neither
@@ -204,13 +203,13 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, mode, divisor, clip_lo
     logp = torch.where(valid, logp, zero)
     old_logp = torch.where(valid, old_logp, zero)
     ref_logp = torch.where(valid, ref_logp, zero) if ref_logp is not None else None
-    per_token, rho, clipped = clipped_surrogate(logp, old_logp, advantages, clip_low, clip_high)
+    per_token, rho, was_clipped = clipped_surrogate(logp, old_logp, advantages, clip_low, clip_high)
     kl = kl_k3(logp, ref_logp) if ref_logp is not None else torch.zeros_like(logp)
     if beta:
         per_token = per_token + beta * kl
     loss = aggregate_loss(per_token, mask, mode, divisor)
     stats = {"tokens": valid.sum().item(),
-             "clipped": (clipped & valid).sum().item(),
+             "clipped": (was_clipped & valid).sum().item(),
              "kl": torch.where(valid, kl, zero).sum().item(),
              "rho": torch.where(valid, rho, zero).sum().item()}
     return loss, stats
@@ -291,7 +290,7 @@ def parse_args(argv=None):
         parser.error(f"--temperature must be > 0 for GRPO rollouts, got {args.temperature}")
     if args.beta < 0 or args.clip_low < 0 or args.clip_high < 0 or args.eval_every < 0:
         parser.error("--beta, --clip-low, --clip-high and --eval-every must be >= 0")
-    # a negative or zero rate, clip norm or warm-up would silently stop learning or ascend the loss
+    # a zero or negative rate or clip norm, or a negative warm-up, would stop learning or ascend the loss
     if args.lr <= 0 or args.max_grad_norm <= 0:
         parser.error(f"--lr and --max-grad-norm must be > 0, got {args.lr} and {args.max_grad_norm}")
     if args.warmup_steps < 0 or args.eval_puzzles < 0:
@@ -324,24 +323,15 @@ def sample_seed(seed, step, position):
     return (seed * 1_000_003 + step) * 100_003 + position
 
 
-def pad_rows(rows, length=None):
+def pad_rows(rows):
     """Lists of floats -> (values [R, L] float32, mask [R, L] float32), zero-padded on the right."""
-    length = max([len(r) for r in rows] + [1]) if length is None else length
+    length = max([len(r) for r in rows] + [1])
     values = torch.zeros(len(rows), length)
     mask = torch.zeros(len(rows), length)
     for i, r in enumerate(rows):
         values[i, :len(r)] = torch.tensor(r, dtype=torch.float32)
         mask[i, :len(r)] = 1.0
     return values, mask
-
-
-def all_gather_list(items):
-    """Concatenate a Python list over ranks, rank 0's items first."""
-    if not dist.is_initialized():
-        return list(items)
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, list(items))
-    return [x for part in out for x in part]
 
 
 def rollout(model, prompts, step, first_position, args, stop_ids, pad_id, device):
@@ -424,8 +414,7 @@ def policy_update(model, optimizer, batch, args, world_size=1):
                 mb_loss += loss.item()
                 for k in totals:
                     totals[k] += stats[k]
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-            grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+            grad_norm = cello.clip_grad_norm(params, args.max_grad_norm)
             bad_ranks = cello.all_reduce(0.0 if finite else 1.0)
             if bad_ranks or not math.isfinite(grad_norm):
                 sys.exit(f"grpo.py: error: non-finite loss or gradient (loss finite on all ranks: {not bad_ranks}, "
@@ -434,10 +423,11 @@ def policy_update(model, optimizer, batch, args, world_size=1):
             optimizer.step()
             losses.append(cello.all_reduce(mb_loss))
             grad_norms.append(grad_norm)
-    t = cello.all_reduce([totals["tokens"], totals["clipped"], totals["kl"], totals["rho"]])
+    tokens, clipped, kl, rho = cello.all_reduce([totals["tokens"], totals["clipped"], totals["kl"], totals["rho"]])
+    tokens = max(tokens, 1.0)
     return {"loss": sum(losses) / len(losses), "grad_norm": sum(grad_norms) / len(grad_norms),
-            "clip_frac": t[1] / max(t[0], 1.0), "rho_mean": t[3] / max(t[0], 1.0),
-            "kl": t[2] / max(t[0], 1.0) if args.beta > 0 else None}  # no reference: not measured
+            "clip_frac": clipped / tokens, "rho_mean": rho / tokens,
+            "kl": kl / tokens if args.beta > 0 else None}  # no reference: not measured
 
 
 def evaluate(model, tokenizer, stop_ids, records, args, rank, world_size):
@@ -459,7 +449,7 @@ def evaluate(model, tokenizer, stop_ids, records, args, rank, world_size):
                 if a + j < len(mine):
                     text = tokenizer.decode(response, skip_special_tokens=True)
                     scores.append(reward.score(text, record["answer"], num_tokens=len(response)))
-    m = reward.metrics(all_gather_list(scores))
+    m = reward.metrics(cello.all_gather_list(scores))
     return {f"val_{k}": m[k] for k in ("cell_accuracy", "batch_accuracy", "format_validity", "uniqueness",
                                        "mean_reward", "mean_length", "count")}
 
@@ -512,7 +502,8 @@ def main(argv=None):
         ref_model.eval().requires_grad_(False)
         cello.shard_model(ref_model, device, bf16=args.bf16)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (args.warmup_steps + 1)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(  # linear warm-up, then constant
+        optimizer, lambda s: cello.lr_factor(s, args.warmup_steps, args.steps))
 
     # Training puzzles with their prompts, long ones dropped (their responses could not be trained whole).
     prompts = [cello.prompt_ids(tokenizer, r) for r in train]
@@ -527,10 +518,7 @@ def main(argv=None):
     if args.resume:
         state = cello.load_resume(resume_dir, model, optimizer, scheduler)
         step, consumed = state["step"], state["consumed"]
-        if rank == 0 and os.path.exists(metrics_path):  # lines written after that checkpoint are redone
-            cello.write_jsonl_atomic(metrics_path, [r for r in cello.read_jsonl(metrics_path) if r["step"] <= step])
-    elif rank == 0 and os.path.exists(metrics_path):
-        os.remove(metrics_path)
+    cello.keep_metrics_until(metrics_path, step)
     if rank == 0:
         cello.write_json_atomic(os.path.join(args.out_dir, "args.json"),
                                 {**vars(args), "world_size": world_size, "train_puzzles": len(train)})
@@ -571,24 +559,25 @@ def main(argv=None):
         batch = {"prompts": batch_prompts, "responses": out["responses"], "old_logp": old_logp, "mask": mask,
                  "ref_logp": ref_logp, "advantages": advantages}
         lr = optimizer.param_groups[0]["lr"]  # the rate this update uses (the scheduler moves it after)
-        upd = policy_update(model, optimizer, batch, args, world_size)
+        update_metrics = policy_update(model, optimizer, batch, args, world_size)
         scheduler.step()
         t3 = time.time()
 
         # metrics over all ranks
-        all_scores = all_gather_list(scores)
+        all_scores = cello.all_gather_list(scores)
         m = reward.metrics(all_scores)
         all_rewards = torch.tensor([s["reward"] for s in all_scores])
         zero_groups = zero_advantage_share(all_rewards, G)
-        sums = cello.all_reduce([mask.sum().item(), -(old_logp * mask).sum().item(),
-                                 float(sum(not f for f in out["finished"]))])
+        tokens, neg_logp_sum, truncated = cello.all_reduce([mask.sum().item(), -(old_logp * mask).sum().item(),
+                                                            float(sum(not f for f in out["finished"]))])
         row = {"step": step + 1, "reward_mean": all_rewards.mean().item(), "reward_std": all_rewards.std().item(),
                "cell_accuracy": m["cell_accuracy"], "batch_accuracy": m["batch_accuracy"],
-               "format_validity": m["format_validity"], **upd, "entropy": sums[1] / max(sums[0], 1.0),
-               "response_length": sums[0] / len(all_scores), "truncated_frac": sums[2] / len(all_scores),
+               "format_validity": m["format_validity"], **update_metrics,
+               "entropy": neg_logp_sum / max(tokens, 1.0),  # Monte-Carlo: mean -log p of the sampled tokens
+               "response_length": tokens / len(all_scores), "truncated_frac": truncated / len(all_scores),
                "zero_adv_groups": zero_groups, "lr": lr,
                "time_rollout": t1 - t0, "time_reference": t2 - t1, "time_update": t3 - t2,
-               "time_step": t3 - t0, "tokens_per_s": sums[0] / (t3 - t0)}
+               "time_step": t3 - t0, "tokens_per_s": tokens / (t3 - t0)}
         last = step + 1 == args.steps
         if val and args.eval_every and ((step + 1) % args.eval_every == 0 or last):
             row.update(evaluate(model, tokenizer, stop_ids, val, args, rank, world_size))

@@ -130,20 +130,6 @@ def summed_response_nll(model, input_ids, loss_mask, device):
     return -(logprobs * loss_mask[:, 1:]).sum()  # logprobs: [B, T-1]
 
 
-def lr_factor(step, warmup_steps, total_steps, min_lr_ratio):
-    """Multiplier of the peak learning rate at optimizer step `step` (0-based).
-
-    Linear warmup: (step + 1) / warmup_steps for step < warmup_steps; then cosine decay
-    min_lr_ratio + (1 - min_lr_ratio) * (1 + cos(pi * p)) / 2 with p = (step - warmup_steps) /
-    max(1, total_steps - warmup_steps - 1), from 1 at the first step after warmup to min_lr_ratio at
-    the last step.
-    """
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps - 1))
-    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
 def train_step(model, optimizer, scheduler, examples, micro_batches, num_tokens, pad_id, device,
                world_size, grad_clip):
     """One optimizer step over this rank's micro-batches; returns (loss, grad_norm) of the global batch.
@@ -162,13 +148,11 @@ def train_step(model, optimizer, scheduler, examples, micro_batches, num_tokens,
         loss_sum += nll.detach()
     if world_size > 1:
         dist.all_reduce(loss_sum)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
-        grad_norm = grad_norm.full_tensor()
+    grad_norm = cello.clip_grad_norm(model.parameters(), grad_clip)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss_sum.item() / num_tokens, grad_norm.item()
+    return loss_sum.item() / num_tokens, grad_norm
 
 
 @torch.no_grad()
@@ -294,16 +278,14 @@ def main(argv=None):
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, args.warmup_steps, total_steps, args.min_lr_ratio))
+        optimizer, lambda step: cello.lr_factor(step, args.warmup_steps, total_steps, args.min_lr_ratio))
 
     step = 0
     metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
     if args.resume:
         step = cello.load_resume(resume_dir, model, optimizer, scheduler)["step"]
         cello.print0(f"sft.py: resuming at step {step + 1} from {resume_dir}")
-    if rank == 0:  # keep the metrics of steps done up to the checkpoint, drop those after it
-        old = cello.read_jsonl(metrics_path) if args.resume and os.path.exists(metrics_path) else []
-        cello.write_jsonl_atomic(metrics_path, [row for row in old if row["step"] <= step])
+    cello.keep_metrics_until(metrics_path, step)
 
     progress = tqdm(total=total_steps, initial=step, desc="sft", disable=rank != 0)
     batches, batches_epoch = None, None

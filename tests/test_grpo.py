@@ -534,8 +534,8 @@ def test_logged_lr_is_the_update_s_and_a_fresh_run_refuses_an_old_checkpoint(toy
     runner, d, flags = toy_run
     out = str(tmp_path / "run")
     base = flags + ["--out-dir", out, "--eval-every", "0", "--save-every", "1", "--warmup-steps", "2"]
-    grpo.main(base + ["--steps", "2"])  # lr 1e-3 with 2 warm-up steps: 1/3 then 2/3 of it
-    assert [row["lr"] for row in read_metrics(out)] == pytest.approx([1e-3 / 3, 2e-3 / 3], rel=1e-12)
+    grpo.main(base + ["--steps", "2"])  # lr 1e-3 with 2 warm-up steps: half of it, then all of it
+    assert [row["lr"] for row in read_metrics(out)] == pytest.approx([5e-4, 1e-3], rel=1e-12)
     with pytest.raises(SystemExit) as stop:  # a later --resume would continue the old run's weights
         grpo.main(base + ["--steps", "2", "--seed", "7"])
     assert str(stop.value).startswith(f"grpo.py: error: --out-dir {out} holds an earlier run's checkpoint (last/)")

@@ -200,10 +200,11 @@ def test_rank_micro_batches_split_a_global_batch_evenly():
 
 
 def test_lr_factor_warmup_then_cosine():
-    assert [sft.lr_factor(s, 2, 11, 0.1) for s in (0, 1, 2)] == [0.5, 1.0, 1.0]
-    assert sft.lr_factor(6, 2, 11, 0.1) == pytest.approx(0.55)  # halfway through the cosine
-    assert sft.lr_factor(10, 2, 11, 0.1) == pytest.approx(0.1)  # the last step
-    assert sft.lr_factor(0, 0, 5, 0.0) == 1.0
+    assert [cello.lr_factor(s, 2, 11, 0.1) for s in (0, 1, 2)] == [0.5, 1.0, 1.0]
+    assert cello.lr_factor(6, 2, 11, 0.1) == pytest.approx(0.55)  # halfway through the cosine
+    assert cello.lr_factor(10, 2, 11, 0.1) == pytest.approx(0.1)  # the last step
+    assert cello.lr_factor(0, 0, 5, 0.0) == 1.0
+    assert [cello.lr_factor(s, 2, 11) for s in (0, 1, 5, 10)] == [0.5, 1.0, 1.0, 1.0]  # GRPO's: constant after warm-up
 
 
 # ---- resume ----
