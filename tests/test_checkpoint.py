@@ -180,14 +180,19 @@ def test_two_process_fsdp2_matches_one_process(model_dir, tmp_path):
 
 
 def test_activation_checkpointing_gives_the_same_gradients(model_dir):
-    grads = []
+    grads, calls = [], []
     for checkpointing in [False, True]:
         model = cello.shard_model(cello.load_model(model_dir), torch.device("cpu"),
                                   activation_checkpointing=checkpointing)
         model.train()
+        calls.append(0)
+        mlp = model.model.layers[0].mlp  # counted by wrapping forward: module hooks do not fire in a replay
+        forward = mlp.forward
+        mlp.forward = lambda *a, forward=forward: calls.__setitem__(-1, calls[-1] + 1) or forward(*a)
         model(BATCH, labels=BATCH).loss.backward()
         grads.append([p.grad for p in model.parameters()])
     assert model.is_gradient_checkpointing
+    assert calls == [1, 2]  # checkpointed: the layer runs again in backward
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
 
 

@@ -175,11 +175,16 @@ def test_grpo_loss_hand_case_with_kl():
 
 
 def test_equal_rewards_give_zero_policy_gradient():
-    adv = grpo.group_advantages(T([0.5, 0.5, 0.5, 0.5]), 4)
-    logp = (-torch.rand(4, 6, generator=torch.Generator().manual_seed(2))).requires_grad_()
-    old = logp.detach() + 0.05
-    loss, _ = grpo.grpo_loss(logp, old, None, adv, torch.ones(4, 6), "token-mean", 24.0)
+    # 8 x 0.3: computed in float32, mean and std are off by float noise and every advantage would be
+    # ~0.029, which the loss and its gradient would carry; the whole chain must give exactly 0
+    rewards = T([0.3] * 8)
+    adv = grpo.group_advantages(rewards, 8)
+    assert adv.tolist() == [0.0] * 8
+    logp = (-torch.rand(8, 6, generator=torch.Generator().manual_seed(2))).requires_grad_()
+    old = logp.detach() + 0.05  # rho = exp(-0.05) != 1, inside the clip range: the gradient is -rho * A
+    loss, stats = grpo.grpo_loss(logp, old, None, adv, torch.ones(8, 6), "token-mean", 48.0)
     loss.backward()
+    assert stats["clipped"] == 0
     assert loss.item() == 0.0 and (logp.grad == 0).all()
 
 
@@ -215,6 +220,14 @@ def test_padding_never_changes_the_loss(mode):
 def test_step_puzzles_are_epoch_permutations():
     seen = grpo.step_puzzles(5, 0, 5, seed=0)
     assert sorted(seen) == [0, 1, 2, 3, 4]
+    # shuffled, per epoch and per seed (torch.randperm with the generator seeded by seed + epoch)
+    assert seen == [4, 0, 1, 3, 2]
+    assert grpo.step_puzzles(5, 5, 5, seed=0) == [0, 4, 2, 3, 1]  # epoch 1: another order
+    assert grpo.step_puzzles(5, 0, 5, seed=2) == [3, 4, 1, 0, 2]  # another seed: another order
+    epochs = [grpo.step_puzzles(20, 20 * e, 20, seed=0) for e in range(3)]
+    assert all(sorted(e) == list(range(20)) for e in epochs)
+    assert len({tuple(e) for e in epochs}) == 3 and list(range(20)) not in epochs
+    assert grpo.step_puzzles(20, 0, 20, seed=5) != epochs[0]
     # reading 2 + 3 + 5 in pieces gives the same order as reading 10 at once (resume = consumed count)
     pieces = grpo.step_puzzles(5, 0, 2, 0) + grpo.step_puzzles(5, 2, 3, 0) + grpo.step_puzzles(5, 5, 5, 0)
     assert pieces == grpo.step_puzzles(5, 0, 10, 0)
@@ -375,6 +388,26 @@ def test_non_finite_loss_stops_before_the_weights_change(tiny):
     with pytest.raises(SystemExit, match="non-finite loss or gradient.*weights were not updated"):
         grpo.policy_update(model, torch.optim.AdamW(model.parameters(), lr=1e-2), batch, args)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+def test_max_grad_norm_clips_the_update(tiny):
+    # SGD at lr 1 without momentum: the weights move by exactly the clipped gradient, whose global
+    # norm is --max-grad-norm when the raw gradient is larger (the returned grad_norm is the raw one)
+    records, path = tiny
+    tok = cello.load_tokenizer(path)
+    model, start = cello.load_model(path), cello.load_model(path)
+    prompts = [cello.prompt_ids(tok, r) for r in records[:2]]
+    g = torch.Generator().manual_seed(6)
+    responses = [torch.randint(10, len(tok), (n,), generator=g).tolist() for n in (3, 5, 2, 4)]
+    with torch.no_grad():
+        old, mask = cello.response_logprobs(model, prompts, responses)
+    batch = {"prompts": prompts, "responses": responses, "old_logp": old, "mask": mask, "ref_logp": None,
+             "advantages": grpo.group_advantages(T([1.0, 0.0, 0.2, 0.9]), 2)}
+    args = update_args(path, "--group-size", "2", "--beta", "0", "--max-grad-norm", "1e-3")
+    metrics = grpo.policy_update(model, torch.optim.SGD(model.parameters(), lr=1.0), batch, args)
+    assert metrics["grad_norm"] > 1e-2  # the raw gradient is well above the clip norm
+    moved = torch.cat([(p - p0).detach().view(-1) for p, p0 in zip(model.parameters(), start.parameters())])
+    assert moved.norm().item() == pytest.approx(1e-3, rel=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -583,11 +616,29 @@ def test_bf16_one_process_step_runs_under_autocast(toy_run, tmp_path, monkeypatc
     real_score = grpo.reward.score
     monkeypatch.setattr(grpo.reward, "score", lambda text, answer, num_tokens=None: {
         **real_score(text, answer, num_tokens), "reward": text.count(" ") / (1 + len(text))})
+    # record, in each phase, whether a decoder layer's MLP ran under CPU autocast and in which dtype
+    seen = {}
+
+    def watched(phase, real):
+        def run(model, *args, **kwargs):
+            def hook(module, inputs, output):
+                seen.setdefault(phase, set()).add((torch.is_autocast_enabled("cpu"), output.dtype))
+            handle = model.model.layers[0].mlp.register_forward_hook(hook)
+            try:
+                return real(model, *args, **kwargs)
+            finally:
+                handle.remove()
+        return run
+
+    for phase in ("rollout", "reference_logprobs", "policy_update"):
+        monkeypatch.setattr(grpo, phase, watched(phase, getattr(grpo, phase)))
     grpo.main(flags + ["--out-dir", str(tmp_path / "bf16"), "--steps", "1", "--eval-every", "0", "--bf16"])
+    assert seen == {phase: {(True, torch.bfloat16)} for phase in ("rollout", "reference_logprobs", "policy_update")}
     (row,) = read_metrics(tmp_path / "bf16")
     assert row["grad_norm"] > 0 and math.isfinite(row["loss"])
     # in bf16 the sampler's cached forward and the full forward round differently: rho near 1, not at 1
-    assert row["rho_mean"] == pytest.approx(1.0, abs=0.05)
+    # (in float32 the two agree to ~1e-7)
+    assert row["rho_mean"] == pytest.approx(1.0, abs=0.05) and abs(row["rho_mean"] - 1.0) > 1e-5
     with open(tmp_path / "bf16" / "final" / "config.json") as f:
         assert json.load(f)["dtype"] == "float32"  # weights stay float32
 

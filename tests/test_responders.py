@@ -188,19 +188,42 @@ def test_make_responder_bad_input():
 
 
 def test_model_responder_tiny_checkpoint(tmp_path):
-    if not all(hasattr(cello, f) for f in ("prepare_model", "sample", "load_model", "prompt_ids")):
-        pytest.skip("cello.prepare_model / cello.sample not written yet (sampler helper)")
     import torch
 
     torch.set_num_threads(1)
     train = synthetic_records(8, seed=11)
     expert = responders.make_responder("expert", train_records=train, temperature=0.0)
     sft = [dict(r, response=t[0]) for r, t in zip(train, expert(train, 1))]
-    path = cello.prepare_model("tiny", str(tmp_path), sft)
+    fresh = cello.prepare_model("tiny", str(tmp_path), sft)
+    # a fresh tiny model repeats one token after every prompt; random weights (std 0.3) make the three
+    # greedy responses differ, and giving EOS the embedding row of token 422 (one the model emits)
+    # makes one of them stop early, so the stop tokens and skip_special_tokens matter too
+    model, tokenizer = cello.load_model(fresh), cello.load_tokenizer(fresh)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        embedding = model.model.embed_tokens.weight
+        embedding[[tokenizer.eos_token_id, 422]] = embedding[[422, tokenizer.eos_token_id]]
+    path = str(tmp_path / "random")
+    cello.save_checkpoint(path, model, tokenizer)
     respond = responders.make_responder("model", path=path, batch_size=2, max_new_tokens=12, temperature=0.0)
     texts = respond(train[:3], 2)
-    assert [len(t) for t in texts] == [2, 2, 2]
-    assert all(isinstance(t, str) for ts in texts for t in ts)
-    assert all(t[0] == t[1] for t in texts)  # greedy: both samples equal
-    assert [[n <= 12 for n in ns] for ns in respond.num_tokens] == [[True, True]] * 3
+    # the reference: cello.sample's greedy response to each prompt alone, decoded without special tokens
+    model, tokenizer = cello.load_model(path), cello.load_tokenizer(path)
+    stop_ids = cello.stop_token_ids(path, tokenizer)
+    greedy = []
+    for record in train[:3]:
+        with torch.no_grad():
+            out = cello.sample(model, [cello.prompt_ids(tokenizer, record)], 1, 12, stop_ids, tokenizer.pad_token_id,
+                               temperature=0.0)
+        greedy.append(out["responses"][0])
+    expected = [tokenizer.decode(ids, skip_special_tokens=True) for ids in greedy]
+    assert len(set(expected)) == 3  # the puzzles' responses differ, so a mix-up of rows would show
+    assert [len(ids) for ids in greedy] == [12, 12, 8] and greedy[2][-1] in stop_ids  # the third stopped
+    assert texts == [[e, e] for e in expected]  # greedy: both samples equal, in the puzzles' order
+    assert respond.num_tokens == [[12, 12], [12, 12], [8, 8]]  # EOS counted
     assert respond(train[:3], 2) == texts  # greedy is deterministic across calls
+    one_by_one = responders.make_responder("model", path=path, batch_size=1, max_new_tokens=12, temperature=0.0)
+    assert one_by_one(train[:3], 2) == texts  # batching changes nothing

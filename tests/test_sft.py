@@ -70,6 +70,11 @@ def test_training_loss_drops_and_final_model_loads(tmp_path):
     rows = metrics(out)
     assert [r["step"] for r in rows] == list(range(1, 41))
     assert set(rows[0]) >= {"step", "epoch", "loss", "lr", "grad_norm", "tokens", "tokens_per_s"}
+    # each row logs the rate its step used: step s (1-based) is optimizer step s - 1 of the schedule
+    assert [r["lr"] for r in rows] == pytest.approx([1e-2 * cello.lr_factor(s - 1, 3, 40) for s in range(1, 41)],
+                                                    rel=1e-12)
+    assert [r["lr"] for r in rows[:4]] == pytest.approx([1e-2 / 3, 2e-2 / 3, 1e-2, 1e-2], rel=1e-12)
+    assert "val_loss" not in rows[-1]  # --val-fraction 0: nothing to validate on
     first, last = rows[0]["loss"], sum(r["loss"] for r in rows[-3:]) / 3
     assert first > 5.0  # about log(vocab) at the start
     assert last < 0.35 * first, (first, last)
@@ -207,6 +212,34 @@ def test_lr_factor_warmup_then_cosine():
     assert [cello.lr_factor(s, 2, 11) for s in (0, 1, 5, 10)] == [0.5, 1.0, 1.0, 1.0]  # GRPO's: constant after warm-up
 
 
+def test_logged_lr_follows_warmup_then_cosine(tmp_path):
+    data = write(tmp_path / "sft.jsonl", make_records(4))
+    out = tmp_path / "run"
+    sft.main(["--data", data, "--model", "tiny", "--out-dir", str(out), "--batch-size", "2", "--max-steps", "6",
+              "--lr", "2e-3", "--warmup-steps", "2", "--min-lr-ratio", "0.1", "--val-fraction", "0"])
+    lrs = [r["lr"] for r in metrics(out)]
+    # steps 1-2 warm up (1/2, 1); steps 3-6 are cosine progress 0, 1/3, 2/3, 1 from 1 to 0.1:
+    # 0.1 + 0.45 * (1 + cos(pi * p)) = 1, 0.775, 0.325, 0.1
+    assert lrs == pytest.approx([1e-3, 2e-3, 2e-3, 1.55e-3, 0.65e-3, 0.2e-3], rel=1e-9)
+    assert lrs == pytest.approx([2e-3 * cello.lr_factor(s, 2, 6, 0.1) for s in range(6)], rel=1e-12)
+
+
+def test_train_step_clips_the_gradient_norm(tiny):
+    # SGD at lr 1 without momentum: the weights move by exactly the clipped gradient, whose global norm
+    # is grad_clip when the raw gradient is larger; train_step returns the raw norm
+    tokenizer = cello.load_tokenizer(tiny)
+    model, start = cello.load_model(tiny), cello.load_model(tiny)
+    examples, _ = sft.tokenize(tokenizer, make_records(2, seed=4), 10_000)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    num_tokens = sum(sum(mask) for _, mask in examples)
+    loss, grad_norm = sft.train_step(model, optimizer, scheduler, examples, [[0, 1]], num_tokens,
+                                     tokenizer.pad_token_id, "cpu", 1, grad_clip=1e-3)
+    assert grad_norm > 1e-2 and loss > 5.0  # about log(vocab): a fresh model, a large gradient
+    moved = torch.cat([(p - p0).detach().view(-1) for p, p0 in zip(model.parameters(), start.parameters())])
+    assert moved.norm().item() == pytest.approx(1e-3, rel=1e-4)
+
+
 # ---- resume ----
 
 def test_resume_continues_at_the_next_step_and_matches_an_uninterrupted_run(tmp_path, monkeypatch):
@@ -241,10 +274,13 @@ def test_resume_continues_at_the_next_step_and_matches_an_uninterrupted_run(tmp_
 
     rows_a, rows_b = metrics(tmp_path / "a"), metrics(tmp_path / "b")
     assert [r["step"] for r in rows_b] == list(range(1, 9))
+    # --eval-every 2 over 8 steps (the last, 8, is one of them): val_loss on steps 2, 4, 6, 8 of both runs
+    assert [r["step"] for r in rows_a if "val_loss" in r] == [2, 4, 6, 8]
+    assert [r["step"] for r in rows_b if "val_loss" in r] == [2, 4, 6, 8]
     for a, b in zip(rows_a, rows_b):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-6)
         assert b["lr"] == pytest.approx(a["lr"], rel=1e-9)
-        assert b.get("val_loss", -1) == pytest.approx(a.get("val_loss", -1), rel=1e-6)
+        assert b.get("val_loss") == pytest.approx(a.get("val_loss"), rel=1e-6)
     final_a = load_file(os.path.join(tmp_path, "a", "final", "model.safetensors"))
     final_b = load_file(os.path.join(tmp_path, "b", "final", "model.safetensors"))
     assert final_a.keys() == final_b.keys()
@@ -270,11 +306,13 @@ def test_two_process_fsdp2_matches_one_process(tmp_path):
     assert result.returncode == 0, "\n".join(line for line in result.stderr.splitlines() if "rank0" in line)[-3000:]
     one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
     assert [r["step"] for r in two] == [1, 2, 3, 4, 5]
+    # --eval-every 2 and the last step (5): val_loss on steps 2, 4 and 5 of both runs
+    assert [r["step"] for r in one if "val_loss" in r] == [2, 4, 5]
+    assert [r["step"] for r in two if "val_loss" in r] == [2, 4, 5]
     for a, b in zip(one, two):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
-        assert ("val_loss" in a) == ("val_loss" in b)
-        assert b.get("val_loss", 0) == pytest.approx(a.get("val_loss", 0), rel=1e-5)
+        assert b.get("val_loss") == pytest.approx(a.get("val_loss"), rel=1e-5)
     final_one = load_file(os.path.join(tmp_path, "one", "final", "model.safetensors"))
     final_two = load_file(os.path.join(tmp_path, "two", "final", "model.safetensors"))
     for name in final_one:
