@@ -84,6 +84,10 @@ def render_messages(record, response=None):
     return messages
 
 
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
 
 def read_jsonl(path):
     """All JSON objects of a JSONL file, one per non-empty line."""
@@ -1242,10 +1246,6 @@ def demo(argv):
     print("\n".join(lines))
     print(f"\nwrote {args.out_dir}/results.md and {args.out_dir}/grpo.png")
 
-
-def read_json(path):
-    with open(path) as f:
-        return json.load(f)
 
 
 if __name__ == "__main__":

@@ -19,11 +19,11 @@ folder plus resume.pt and optimizer.pt), final/ (the trained policy), args.json,
 when --model names a preset.
 
 Metrics (all ranks together): reward_mean/std, cell/batch accuracy and format_validity of the
-samples; loss; grad_norm (before clipping); kl (mean k3 per token; null with --beta 0, where no
-reference exists to measure it against); clip_frac (tokens whose clipped
-branch was taken); rho_mean; entropy; response_length; truncated_frac; zero_adv_groups (groups whose
-G rewards are all equal: they give no policy gradient); time_rollout (sampling and scoring),
-time_reference, time_update, time_step (seconds); lr (the rate this step's update used).
+samples; loss; grad_norm (before clipping); kl (mean k3 per token; null with --beta 0, where there
+is no reference to measure it against); clip_frac (tokens whose clipped branch was taken);
+rho_mean; entropy; response_length; truncated_frac; zero_adv_groups (groups whose G rewards are all
+equal: they give no policy gradient); time_rollout (sampling and scoring), time_reference,
+time_update, time_step (seconds); lr (the rate this step's update used).
 Why the loss is about 0 while the model learns: with mu = 1 the ratio is 1, so the policy loss is
 -sum_i A_i n_i / (all tokens) (n_i = length of response i), and the advantages of a group sum to 0:
 the value is near 0 (exactly 0 for equal lengths), plus beta * KL. Its gradient,
