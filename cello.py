@@ -139,6 +139,35 @@ def read_puzzles(path, flag, script, need_response=False):
     return records
 
 
+# What a numeric flag expects -> its test (NaN and infinity fail every number range).
+RANGES = {
+    "an integer >= 1": lambda v: v >= 1,
+    "an integer >= 0": lambda v: v >= 0,
+    "a number >= 0": lambda v: 0 <= v < math.inf,
+    "a number > 0": lambda v: 0 < v < math.inf,
+    "a number in (0, 1]": lambda v: 0 < v <= 1,
+}
+
+
+def check_ranges(script, args, expected):
+    """Exit with one line naming the first flag out of its range, e.g. "eval.py: error: --top-p:
+    expected a number in (0, 1], got 1.5". expected: {flag: a RANGES key}; a flag left at None (unset)
+    is not checked."""
+    for flag, what in expected.items():
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None and not RANGES[what](value):
+            sys.exit(f"{script}: error: {flag}: expected {what}, got {value}")
+
+
+def check_unique_ids(records, flag, path, script):
+    """Exit with one line on a repeated puzzle id: ids key the results (pass@k) and the API cache."""
+    seen = set()
+    for r in records:
+        if r["id"] in seen:
+            sys.exit(f"{script}: error: {flag} {path}: duplicate id {r['id']!r} (each puzzle needs its own id)")
+        seen.add(r["id"])
+
+
 def is_str_list(value):
     return isinstance(value, list) and all(isinstance(x, str) for x in value)
 

@@ -39,7 +39,6 @@ import api
 import cello
 import responders
 import reward
-from eval import check_ranges, check_unique_ids
 
 CHARS_PER_TOKEN = 2.5  # gene symbols split into several tokens each: a deliberately high token estimate
 CHUNK = 16             # puzzles per call for the offline teachers (one progress step each)
@@ -244,7 +243,7 @@ def main():
                        help="expected output tokens per sample (reasoning included), for the estimate")
     group.add_argument("--yes", action="store_true", help="send without asking (needed when stdin is not a terminal)")
     args = parser.parse_args()
-    check_ranges("distill.py", args, {
+    cello.check_ranges("distill.py", args, {
         "--samples": "an integer >= 1", "--limit": "an integer >= 1", "--seed": "an integer >= 0",
         "--temperature": "a number >= 0", "--max-new-tokens": "an integer >= 1", "--batch-size": "an integer >= 1",
         "--max-concurrency": "an integer >= 1", "--timeout": "a number > 0", "--max-attempts": "an integer >= 1",
@@ -256,7 +255,7 @@ def main():
     args.cache = args.cache or os.path.join(args.out_dir, "api_cache.jsonl")
 
     records = cello.read_puzzles(args.puzzles, "--puzzles", "distill.py")[:args.limit]
-    check_unique_ids(records, "--puzzles", args.puzzles, "distill.py")
+    cello.check_unique_ids(records, "--puzzles", args.puzzles, "distill.py")
     respond = make_teacher(args)
     if args.teacher == "api":
         confirm_cost(args, records, respond)

@@ -19,7 +19,6 @@ Run (one process; the model responder uses cello's sampler on --device):
 """
 import argparse
 import importlib
-import math
 import os
 import sys
 
@@ -30,39 +29,9 @@ import responders
 import reward
 
 
-# What a numeric flag expects -> its test (NaN and infinity fail every number range).
-RANGES = {
-    "an integer >= 1": lambda v: v >= 1,
-    "an integer >= 0": lambda v: v >= 0,
-    "a number >= 0": lambda v: 0 <= v < math.inf,
-    "a number > 0": lambda v: 0 < v < math.inf,
-    "a number in (0, 1]": lambda v: 0 < v <= 1,
-}
-
-
 def fail(message):
     """Bad input: one clear line on stderr, exit status 1, nothing written."""
     sys.exit(f"eval.py: error: {message}")
-
-
-def check_ranges(script, args, expected):
-    """Exit with one line naming the first flag out of its range, e.g. "eval.py: error: --top-p:
-    expected a number in (0, 1], got 1.5". expected: {flag: a RANGES key}; a flag left at None (unset)
-    is not checked. Shared with distill.py."""
-    for flag, what in expected.items():
-        value = getattr(args, flag[2:].replace("-", "_"))
-        if value is not None and not RANGES[what](value):
-            sys.exit(f"{script}: error: {flag}: expected {what}, got {value}")
-
-
-def check_unique_ids(records, flag, path, script):
-    """Exit with one line on a repeated puzzle id: ids key the results (pass@k) and the API cache.
-    Shared with distill.py."""
-    seen = set()
-    for r in records:
-        if r["id"] in seen:
-            sys.exit(f"{script}: error: {flag} {path}: duplicate id {r['id']!r} (each puzzle needs its own id)")
-        seen.add(r["id"])
 
 
 def parse_args(argv=None):
@@ -97,7 +66,7 @@ def parse_args(argv=None):
                      help="ask again the samples cached as failed (default: cached failures are final)")
     args = parser.parse_args(argv)
 
-    check_ranges("eval.py", args, {
+    cello.check_ranges("eval.py", args, {
         "--limit": "an integer >= 1", "--num-samples": "an integer >= 1", "--batch-size": "an integer >= 1",
         "--max-new-tokens": "an integer >= 1", "--max-concurrency": "an integer >= 1",
         "--seed": "an integer >= 0", "--temperature": "a number >= 0", "--top-p": "a number in (0, 1]"})
@@ -196,7 +165,7 @@ def summarize(rows, num_samples):
 def main(argv=None):
     args = parse_args(argv)
     records = cello.read_puzzles(args.puzzles, "--puzzles", "eval.py")[:args.limit]
-    check_unique_ids(records, "--puzzles", args.puzzles, "eval.py")
+    cello.check_unique_ids(records, "--puzzles", args.puzzles, "eval.py")
     train_records = cello.read_puzzles(args.train, "--train", "eval.py") if args.train else None
     os.makedirs(args.out_dir, exist_ok=True)
     print(f"eval.py: {len(records)} puzzles from {args.puzzles}, {args.num_samples} sample(s) each")
