@@ -119,12 +119,12 @@ if "speed" in parts:
         return [torch.randint(2, 4096, (int(k),), generator=g).tolist() for k in lengths]
 
     def prefill(prompts):
-        ids, mask, positions = cello._left_pad(prompts, 0, "cpu")
+        ids, mask, positions = cello.left_pad(prompts, 0, "cpu")
         with torch.no_grad():
             model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1)
 
     def generate(prompts, samples, do_sample):
-        ids, mask, _ = cello._left_pad(prompts, 0, "cpu")
+        ids, mask, _ = cello.left_pad(prompts, 0, "cpu")
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=args.new_tokens,
                              do_sample=do_sample, num_return_sequences=samples, top_k=None, top_p=None,
                              temperature=1.0 if do_sample else None)

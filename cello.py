@@ -141,11 +141,14 @@ def read_puzzles(path, flag, script, need_response=False):
 
 # What a numeric flag expects -> its test (NaN and infinity fail every number range).
 RANGES = {
+    "an integer >= 2": lambda v: v >= 2,
     "an integer >= 1": lambda v: v >= 1,
     "an integer >= 0": lambda v: v >= 0,
     "a number >= 0": lambda v: 0 <= v < math.inf,
     "a number > 0": lambda v: 0 < v < math.inf,
     "a number in (0, 1]": lambda v: 0 < v <= 1,
+    "a number in [0, 1]": lambda v: 0 <= v <= 1,
+    "a number in [0, 1)": lambda v: 0 <= v < 1,
 }
 
 
@@ -407,7 +410,7 @@ def _device_of(model):
     return next(model.parameters()).device
 
 
-def _left_pad(seqs, pad_id, device):
+def left_pad(seqs, pad_id, device):
     """Left-pad token lists -> ids [B, T], attention mask [B, T] (1 on real tokens), positions [B, T]."""
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
@@ -418,6 +421,18 @@ def _left_pad(seqs, pad_id, device):
             mask[i, width - len(s):] = 1
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # every real token at its unpadded position
     return ids.to(device), mask.to(device), positions.to(device)
+
+
+def right_pad(rows, fill=0, dtype=torch.long):
+    """Lists of numbers -> (values [B, W] of dtype, `fill` after each row's end; real [B, W] bool, True
+    on the rows' own entries). W is the longest row's length, at least 1."""
+    width = max([len(r) for r in rows] + [1])
+    values = torch.full((len(rows), width), fill, dtype=dtype)
+    real = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, r in enumerate(rows):
+        values[i, :len(r)] = torch.tensor(r, dtype=dtype)
+        real[i, :len(r)] = True
+    return values, real
 
 
 @contextlib.contextmanager
@@ -761,7 +776,6 @@ def _shared_prompt_hidden(model, prompt, responses, device):
     end-of-backward work on it, so the nested prompt passes never trigger it (BENCHMARKS.md).
     """
     group, n = len(responses), len(prompt)
-    width = max(1, max(len(r) for r in responses))
     prompt_cache = _prefix_cache(model)
     prompt_hidden = _final_hidden(model, use_cache=True, cache=prompt_cache,
                                   input_ids=torch.tensor([prompt], device=device))  # [1, n, H]
@@ -772,12 +786,8 @@ def _shared_prompt_hidden(model, prompt, responses, device):
     # expand: G views of the prompt's keys and values [1 -> G, kv_heads, n, d]; their gradients sum back
     cache = _prefix_cache(model, [(kv[2 * i].expand(group, -1, -1, -1), kv[2 * i + 1].expand(group, -1, -1, -1))
                                   for i in range(len(prompt_cache.layers))])
-    ids = torch.zeros((group, width), dtype=torch.long)
-    real = torch.zeros((group, width), dtype=torch.bool)
-    for g, response in enumerate(responses):
-        ids[g, :len(response)] = torch.tensor(response, dtype=torch.long)
-        real[g, :len(response)] = True
-    ids, real = ids.to(device), real.to(device)
+    ids, real = right_pad(responses)  # [G, L]
+    ids, real, width = ids.to(device), real.to(device), ids.shape[1]
     attention = torch.cat([torch.ones((group, n), dtype=torch.long, device=device), real.long()], 1)  # [G, n + L]
     positions = torch.arange(n, n + width, device=device)[None].expand(group, -1)
     hidden = _final_hidden(model, use_cache=True, cache=cache, input_ids=ids, attention_mask=attention,
@@ -813,13 +823,8 @@ def response_logprobs(model, prompts, responses, temperature=1.0, shared_prompt=
                                 for i, p in enumerate(prompts)])
     else:
         seqs = [prompts[r // group] + responses[r] for r in range(len(responses))]
-        seq_width = max(len(s) for s in seqs)
-        ids = torch.zeros((len(seqs), seq_width), dtype=torch.long)
-        attention = torch.zeros((len(seqs), seq_width), dtype=torch.long)
-        for r, s in enumerate(seqs):
-            ids[r, :len(s)] = torch.tensor(s)
-            attention[r, :len(s)] = 1
-        hidden = _final_hidden(model, input_ids=ids.to(device), attention_mask=attention.to(device))
+        ids, real = right_pad(seqs)
+        hidden = _final_hidden(model, input_ids=ids.to(device), attention_mask=real.long().to(device))
         # response token t of row r sits at len(prompt) + t; the hidden state one before predicts it
         rows = torch.arange(len(seqs), device=device).repeat_interleave(lengths)  # [N] row of each token
         t = torch.arange(len(targets), device=device) - (lengths.cumsum(0) - lengths)[rows]  # [N] index in response
@@ -1243,8 +1248,7 @@ def demo(argv):
     parser.add_argument("--sft-steps", type=int, default=1500, help="SFT optimizer steps (batch 8)")
     parser.add_argument("--grpo-steps", type=int, default=150, help="GRPO steps (4 puzzles x 8 samples each)")
     args = parser.parse_args(argv)
-    if args.sft_steps < 1 or args.grpo_steps < 1:
-        parser.error("--sft-steps and --grpo-steps must be >= 1")
+    check_ranges("cello.py demo", args, {"--sft-steps": "an integer >= 1", "--grpo-steps": "an integer >= 1"})
     here = os.path.dirname(os.path.abspath(__file__))
     os.makedirs(args.out_dir, exist_ok=True)
     timings_path = f"{args.out_dir}/timings.json"  # kept across restarts, so a resumed demo reports every stage

@@ -53,7 +53,7 @@ def check(name, ok, detail):
 
 
 def generate_greedy(m, prompts_):
-    ids, mask, _ = cello._left_pad(prompts_, tokenizer.pad_token_id, device)
+    ids, mask, _ = cello.left_pad(prompts_, tokenizer.pad_token_id, device)
     out = m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=T, do_sample=False, top_k=None,
                      top_p=None, temperature=None, eos_token_id=tokenizer.eos_token_id,
                      pad_token_id=tokenizer.pad_token_id)

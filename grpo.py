@@ -280,21 +280,16 @@ def parse_args(argv=None):
     g.add_argument("--seed", type=int, default=0, help="seed of the data order and of sampling")
     g.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out-dir")
     args = parser.parse_args(argv)
-    for name in ("puzzles_per_step", "group_size", "max_new_tokens", "sample_batch", "mu", "minibatches", "micro_batch",
-                 "steps", "eval_batch", "save_every", "max_prompt_tokens"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.group_size < 2:
-        parser.error("--group-size must be >= 2: a group of one has advantage 0 and nothing would be learnt")
-    if args.temperature <= 0:
-        parser.error(f"--temperature must be > 0 for GRPO rollouts, got {args.temperature}")
-    if args.beta < 0 or args.clip_low < 0 or args.clip_high < 0 or args.eval_every < 0:
-        parser.error("--beta, --clip-low, --clip-high and --eval-every must be >= 0")
-    # a zero or negative rate or clip norm, or a negative warm-up, would stop learning or ascend the loss
-    if args.lr <= 0 or args.max_grad_norm <= 0:
-        parser.error(f"--lr and --max-grad-norm must be > 0, got {args.lr} and {args.max_grad_norm}")
-    if args.warmup_steps < 0 or args.eval_puzzles < 0:
-        parser.error(f"--warmup-steps and --eval-puzzles must be >= 0, got {args.warmup_steps} and {args.eval_puzzles}")
+    at_least_1 = ("--max-prompt-tokens", "--puzzles-per-step", "--max-new-tokens", "--sample-batch", "--mu",
+                  "--minibatches", "--micro-batch", "--steps", "--eval-batch", "--save-every")
+    cello.check_ranges("grpo.py", args, {
+        **{flag: "an integer >= 1" for flag in at_least_1},
+        "--group-size": "an integer >= 2",  # a group of one has advantage 0: nothing would be learnt
+        "--temperature": "a number > 0", "--clip-low": "a number >= 0", "--clip-high": "a number >= 0",
+        "--beta": "a number >= 0", "--eval-every": "an integer >= 0", "--eval-puzzles": "an integer >= 0",
+        # a zero or negative rate or clip norm would stop learning or ascend the loss
+        "--lr": "a number > 0", "--max-grad-norm": "a number > 0", "--warmup-steps": "an integer >= 0",
+        "--weight-decay": "a number >= 0"})
     return args
 
 
@@ -325,13 +320,8 @@ def sample_seed(seed, step, position):
 
 def pad_rows(rows):
     """Lists of floats -> (values [R, L] float32, mask [R, L] float32), zero-padded on the right."""
-    length = max([len(r) for r in rows] + [1])
-    values = torch.zeros(len(rows), length)
-    mask = torch.zeros(len(rows), length)
-    for i, r in enumerate(rows):
-        values[i, :len(r)] = torch.tensor(r, dtype=torch.float32)
-        mask[i, :len(r)] = 1.0
-    return values, mask
+    values, real = cello.right_pad(rows, dtype=torch.float32)
+    return values, real.float()
 
 
 def rollout(model, prompts, step, first_position, args, stop_ids, pad_id, device):

@@ -101,12 +101,8 @@ def collate(examples, indices, pad_id):
     no loss, so that the rank still joins FSDP2's collectives while adding nothing to the gradient.
     """
     rows = [examples[i] for i in indices] or [([pad_id, pad_id], [0, 0])]
-    width = max(len(ids) for ids, _ in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    loss_mask = torch.zeros((len(rows), width), dtype=torch.float32)
-    for b, (ids, mask) in enumerate(rows):
-        input_ids[b, :len(ids)] = torch.tensor(ids)
-        loss_mask[b, :len(ids)] = torch.tensor(mask, dtype=torch.float32)
+    input_ids, _ = cello.right_pad([ids for ids, _ in rows], fill=pad_id)
+    loss_mask, _ = cello.right_pad([mask for _, mask in rows], dtype=torch.float32)
     return input_ids, loss_mask
 
 
@@ -131,7 +127,7 @@ def summed_response_nll(model, input_ids, loss_mask, device):
 
 
 def train_step(model, optimizer, scheduler, examples, micro_batches, num_tokens, pad_id, device,
-               world_size, grad_clip):
+               world_size, max_grad_norm):
     """One optimizer step over this rank's micro-batches; returns (loss, grad_norm) of the global batch.
 
     loss = sum of response-token NLLs over the global batch / num_tokens (its response tokens over
@@ -148,7 +144,7 @@ def train_step(model, optimizer, scheduler, examples, micro_batches, num_tokens,
         loss_sum += nll.detach()
     if world_size > 1:
         dist.all_reduce(loss_sum)
-    grad_norm = cello.clip_grad_norm(model.parameters(), grad_clip)
+    grad_norm = cello.clip_grad_norm(model.parameters(), max_grad_norm)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
@@ -205,7 +201,7 @@ def parse_args(argv=None):
     optim.add_argument("--epochs", type=int, default=3, help="passes over the training examples")
     optim.add_argument("--max-steps", type=int, default=0, help="optimizer steps (0: --epochs decides)")
     optim.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay of matrices")
-    optim.add_argument("--grad-clip", type=float, default=1.0, help="max global gradient norm")
+    optim.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the global gradient norm to this")
     optim.add_argument("--seed", type=int, default=0, help="seed of the model init, data split and order")
     loop = parser.add_argument_group("evaluation and checkpoints")
     loop.add_argument("--eval-every", type=int, default=100, help="optimizer steps between validation losses")
@@ -217,19 +213,13 @@ def parse_args(argv=None):
     system.add_argument("--activation-checkpointing", action="store_true",
                         help="recompute each decoder layer's activations in backward instead of storing them")
     args = parser.parse_args(argv)
-    for flag in ("max_length", "batch_size", "micro_batch_size", "bucket_batches", "epochs",
-                 "eval_every", "save_every"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be at least 1")
-    for flag in ("warmup_steps", "max_steps"):
-        if getattr(args, flag) < 0:
-            parser.error(f"--{flag.replace('_', '-')} must be at least 0")
-    if args.lr <= 0 or args.grad_clip <= 0:
-        parser.error("--lr and --grad-clip must be positive")
-    if not 0 <= args.val_fraction < 1:
-        parser.error("--val-fraction must be in [0, 1)")
-    if not 0 <= args.min_lr_ratio <= 1:  # below 0 the cosine would end in a negative rate: gradient ascent
-        parser.error(f"--min-lr-ratio must be in [0, 1], got {args.min_lr_ratio}")
+    cello.check_ranges("sft.py", args, {
+        "--val-fraction": "a number in [0, 1)", "--max-length": "an integer >= 1", "--batch-size": "an integer >= 1",
+        "--micro-batch-size": "an integer >= 1", "--bucket-batches": "an integer >= 1", "--lr": "a number > 0",
+        "--min-lr-ratio": "a number in [0, 1]",  # below 0 the cosine would end in a negative rate: ascent
+        "--warmup-steps": "an integer >= 0", "--epochs": "an integer >= 1", "--max-steps": "an integer >= 0",
+        "--weight-decay": "a number >= 0", "--max-grad-norm": "a number > 0", "--eval-every": "an integer >= 1",
+        "--save-every": "an integer >= 1"})
     return args
 
 
@@ -300,7 +290,7 @@ def main(argv=None):
         with cello.bf16_autocast(model, args.bf16):
             loss, grad_norm = train_step(model, optimizer, scheduler, train,
                                          rank_micro_batches(batch, rank, world_size, args.micro_batch_size),
-                                         num_tokens, pad_id, device, world_size, args.grad_clip)
+                                         num_tokens, pad_id, device, world_size, args.max_grad_norm)
         step += 1
         tokens = sum(lengths[i] for i in batch)
         row = {"step": step, "epoch": epoch, "loss": loss, "lr": lr,

@@ -29,6 +29,14 @@ def test_demo_rejects_an_unknown_command():
     assert result.returncode != 0 and "usage: python cello.py demo" in result.stderr
 
 
+def test_demo_rejects_zero_steps_before_writing_anything(tmp_path):
+    import cello
+    with pytest.raises(SystemExit) as exit_info:
+        cello.demo(["--out-dir", str(tmp_path / "demo"), "--grpo-steps", "0"])
+    assert exit_info.value.code == "cello.py demo: error: --grpo-steps: expected an integer >= 1, got 0"
+    assert not os.path.exists(tmp_path / "demo")
+
+
 def test_a_killed_training_stage_is_resumed_not_restarted(tmp_path):
     import cello
     out = str(tmp_path / "demo")

@@ -236,16 +236,17 @@ def test_step_puzzles_are_epoch_permutations():
 
 def test_bad_flags_exit_with_clear_messages(capsys):
     base = ["--model", "tiny", "--train", "t.jsonl", "--out-dir", "o"]
-    for extra, text in [(["--group-size", "1"], "--group-size must be >= 2"),
-                        (["--temperature", "0"], "--temperature must be > 0"),
-                        (["--max-grad-norm", "-1"], "--lr and --max-grad-norm must be > 0, got 0.0001 and -1.0"),
-                        (["--lr", "0"], "--lr and --max-grad-norm must be > 0, got 0.0 and 1.0"),
-                        (["--warmup-steps", "-3"], "--warmup-steps and --eval-puzzles must be >= 0, got -3 and 0"),
-                        (["--eval-puzzles", "-2"], "--warmup-steps and --eval-puzzles must be >= 0, got 0 and -2"),
+    for extra, text in [(["--group-size", "1"], "grpo.py: error: --group-size: expected an integer >= 2, got 1"),
+                        (["--temperature", "0"], "grpo.py: error: --temperature: expected a number > 0, got 0.0"),
+                        (["--max-grad-norm", "-1"], "grpo.py: error: --max-grad-norm: expected a number > 0, got -1.0"),
+                        (["--lr", "0"], "grpo.py: error: --lr: expected a number > 0, got 0.0"),
+                        (["--warmup-steps", "-3"], "grpo.py: error: --warmup-steps: expected an integer >= 0, got -3"),
+                        (["--eval-puzzles", "-2"], "grpo.py: error: --eval-puzzles: expected an integer >= 0, got -2"),
+                        (["--beta", "nan"], "grpo.py: error: --beta: expected a number >= 0, got nan"),
                         (["--loss-agg", "mean"], "invalid choice")]:
-        with pytest.raises(SystemExit):
+        with pytest.raises(SystemExit) as exit_info:
             grpo.parse_args(base + extra)
-        assert text in capsys.readouterr().err
+        assert text in str(exit_info.value.code) + capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------

@@ -46,8 +46,20 @@ def padded(rows):
     return out
 
 
+def test_left_and_right_padding_exact():
+    ids, mask, positions = cello.left_pad([[5, 6, 7], [8]], 0, "cpu")
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert positions.tolist() == [[0, 1, 2], [0, 0, 0]]  # each real token at its unpadded position
+    values, real = cello.right_pad([[5, 6, 7], [8], []], fill=9)
+    assert values.tolist() == [[5, 6, 7], [8, 9, 9], [9, 9, 9]] and values.dtype == torch.long
+    assert real.tolist() == [[True] * 3, [True, False, False], [False] * 3]
+    values, real = cello.right_pad([[], []], dtype=torch.float32)  # still one column: shapes stay [B, 1]
+    assert values.tolist() == [[0.0], [0.0]] and values.dtype == torch.float32 and not real.any()
+
+
 def test_greedy_equals_generate_token_for_token(model):
-    ids, mask, _ = cello._left_pad(PROMPTS, PAD, "cpu")
+    ids, mask, _ = cello.left_pad(PROMPTS, PAD, "cpu")
     new = 20
     generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
                                eos_token_id=EOS, pad_token_id=PAD)[:, ids.shape[1]:].tolist()
@@ -67,7 +79,7 @@ def test_greedy_equals_generate_token_for_token(model):
 
 
 def test_a_row_stops_at_any_of_several_stop_ids_as_generate_does(model, tmp_path):
-    ids, mask, _ = cello._left_pad(PROMPTS, PAD, "cpu")
+    ids, mask, _ = cello.left_pad(PROMPTS, PAD, "cpu")
     free = cello.sample(model, PROMPTS, 1, 15, stop_ids=-1, pad_id=PAD, temperature=0)["responses"]
     first, second = free[0][3], free[2][5]  # tokens rows 0 and 2 really produce
     assert first != second
@@ -178,7 +190,7 @@ def assert_grads_close(a, b):
 def test_chunked_logprobs_equal_naive_values_and_gradients(model, chunk_size):
     seqs = random_tokens([9, 4, 12], seed=3)
     weights = torch.randn(3, 11, generator=torch.Generator().manual_seed(0))
-    for ids, mask, _ in (cello._left_pad(seqs, PAD, "cpu"),
+    for ids, mask, _ in (cello.left_pad(seqs, PAD, "cpu"),
                          (padded(seqs).long(), (padded([[1] * len(s) for s in seqs])).long(), None)):
         chunked = cello.token_logprobs(model, ids, mask, temperature=0.7, chunk_size=chunk_size)
         naive = naive_token_logprobs(model, ids, mask, 0.7)
@@ -227,7 +239,7 @@ def test_target_mask_keeps_only_the_masked_positions(model):
 def test_padding_never_changes_logprobs(model):
     seqs = random_tokens([6, 15, 3], seed=4)
     with torch.no_grad():
-        ids, mask, _ = cello._left_pad(seqs, PAD, "cpu")
+        ids, mask, _ = cello.left_pad(seqs, PAD, "cpu")
         batch = cello.token_logprobs(model, ids, mask)
         for i, s in enumerate(seqs):
             alone = cello.token_logprobs(model, torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long))
