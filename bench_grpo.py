@@ -24,7 +24,7 @@ Run (CPU, 1 thread; demo + issue about 4 minutes on the shared 2-core machine), 
 (runs/demo/puzzles/train.jsonl after `python cello.py demo`, or built alone with the demo's flags):
     python puzzles.py build data/pbmc68k_reduced.h5ad --out-dir runs/puzzles --cell-type-key bulk_labels \\
         --donor-key none --context "The cell is from a human donor, originating from the peripheral blood. \\
-The patient is healthy with no diagnosed disease." --n-min 4 --n-max 6 --genes 25
+The patient is healthy with no diagnosed disease." --n-min 4 --n-max 6 --genes 25 --puzzles-per-group 1500 --train-gene-dropout 0.3
     python bench_grpo.py --data runs/puzzles/train.jsonl --work-dir runs/bench-grpo
     python bench_grpo.py --data runs/puzzles/train.jsonl --work-dir runs/bench-grpo --configs sweep --repeats 1
 On a GPU (BENCHMARKS.md, "On a GPU"):

@@ -13,7 +13,7 @@ API cache, so a rerun asks only what is missing; --retry-failed also asks the fa
 
 Run (one process; the model responder uses cello's sampler on --device):
     python eval.py --puzzles test.jsonl --responder random independent expert --train train.jsonl --out-dir out/eval
-    python eval.py --puzzles test.jsonl --responder model --model-path out/sft --out-dir out/eval_sft
+    python eval.py --puzzles test.jsonl --responder model --model-path out/sft/final --out-dir out/eval_sft
     python eval.py --puzzles test.jsonl --responder api --base-url https://api.openai.com/v1 \\
         --api-model o1 --api-key-env OPENAI_API_KEY --out-dir out/eval_o1
 """
