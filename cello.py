@@ -381,6 +381,16 @@ def stop_token_ids(path, tokenizer):
     return sorted(ids)
 
 
+def response_text(tokenizer, response, stop_ids):
+    """The text reward.py scores: the sampled tokens as they are, without the stop token that ended
+    them. Special tokens inside stay in the text (skip_special_tokens=True would delete them, so a
+    policy that emitted e.g. a pad token mid-answer would be scored on a cleaned-up answer it never
+    wrote); reward.py then finds the format broken."""
+    if response and response[-1] in stop_ids:
+        response = response[:-1]
+    return tokenizer.decode(response, skip_special_tokens=False)
+
+
 def prompt_ids(tokenizer, record):
     """Token ids of the chat-formatted prompt, ending with the assistant turn's opening."""
     text = tokenizer.apply_chat_template(render_messages(record), tokenize=False, add_generation_prompt=True)
@@ -477,9 +487,13 @@ def _next_token(logits, temperature, top_p, generator):
         # inverse CDF: the first token whose cumulative probability reaches u, u uniform in (0, total].
         # One random number per row (torch.multinomial draws one per vocabulary entry: 1.6 ms of a
         # 20 ms decode step on CPU); a zero-probability token never comes first, as its cdf equals its
-        # predecessor's.
-        cdf = probs.cumsum(-1)  # [b, V]
-        u = (1 - torch.rand((len(probs), 1), generator=generator, device=probs.device)) * cdf[:, -1:]
+        # predecessor's. In float64: float32 resolves the cdf and u only to ~6e-8, so behind the
+        # first tokens' mass every token less likely than that would be drawn with probability 0 (at
+        # Qwen's 152k vocabulary 4k-100k tokens, a total-variation error of ~1e-3 per token against the
+        # log-probs returned here, which GRPO's ratio takes as the sampling distribution).
+        cdf = probs.double().cumsum(-1)  # [b, V]
+        u = (1 - torch.rand((len(probs), 1), generator=generator, device=probs.device, dtype=torch.float64))
+        u = u * cdf[:, -1:]
         tokens = torch.searchsorted(cdf, u)[:, 0]
     return tokens, logp.gather(-1, tokens[:, None])[:, 0]
 
@@ -974,7 +988,8 @@ def shard_model(model, device, bf16=False, activation_checkpointing=False):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    # the mesh names the device type explicitly: a gloo (CPU) job on a machine with GPUs stays on CPU
+    # the mesh names the model's device type (cuda under nccl, cpu under gloo) rather than leaving
+    # FSDP2 to guess it: a CPU mesh on a machine with GPUs would otherwise move the model to CUDA
     mesh = init_device_mesh(device.type, (get_world_size(),))
     mp_policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16
                  else MixedPrecisionPolicy())

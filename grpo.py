@@ -7,11 +7,12 @@ GRPO trains a language model with a rule-based reward and no critic. One step:
                 is its own baseline: a response is pushed up exactly when it beats its siblings.
   4. reference  log-probs of the responses under the frozen starting model, for the KL penalty.
   5. update     mu passes over the rollout in minibatches, each one AdamW step on
-                loss = clipped surrogate + beta * k3 KL, averaged over all response tokens.
+                loss = clipped surrogate + beta * k3 KL, averaged over all response tokens
+                (the default --loss-agg token-mean).
 
 Run (1 process, or K processes with FSDP2; each rank samples P / K of the puzzles of a step):
-    python grpo.py --model runs/sft --train train.jsonl --val val.jsonl --out-dir runs/grpo
-    torchrun --nproc_per_node 2 grpo.py --model runs/sft --train train.jsonl --val val.jsonl --out-dir runs/grpo
+    python grpo.py --model runs/sft/final --train train.jsonl --val val.jsonl --out-dir runs/grpo
+    torchrun --nproc_per_node 2 grpo.py --model runs/sft/final --train train.jsonl --val val.jsonl --out-dir runs/grpo
     python grpo.py ... --resume        # continue from --out-dir/last at the next step (same flags)
 Outputs in --out-dir: metrics.jsonl (one line per step, val_* keys on evaluation steps, a step-0 line
 with the starting policy's val metrics), last/ (checkpoint every --save-every steps: Hugging Face
@@ -39,7 +40,7 @@ in all, and the test puzzles go from 50.0% to 81.7% well formed, batch-level 11.
 machine busy with other jobs, set OMP_NUM_THREADS=1 (threads spin-waiting for a busy core slow a rollout).
 The paper's 7B run (Qwen2.5-7B-Instruct after SFT; 8 GPUs; one pass over the 6,912 released train
 puzzles is 108 steps):
-    torchrun --nproc_per_node 8 grpo.py --model runs/sft-7b --train train.jsonl --val val.jsonl \\
+    torchrun --nproc_per_node 8 grpo.py --model runs/sft-7b/final --train train.jsonl --val val.jsonl \\
         --out-dir runs/grpo-7b --puzzles-per-step 64 --group-size 5 --max-prompt-tokens 3072 \\
         --max-new-tokens 3000 --lr 1e-6 --beta 0.001 --bf16 --activation-checkpointing \\
         --micro-batch 1 --sample-batch 8 --eval-batch 8 --steps 108 --eval-every 20 --save-every 10
@@ -146,7 +147,8 @@ def kl_k3(logp, ref_logp):
         d = clamp(ref_logp - logp, -20, 20);   k3 = exp(d) - d - 1   (>= 0, low variance)
 
     Its mean is an unbiased estimate of the KL when the tokens were sampled from the policy itself
-    (true at mu = 1: the rollout's policy is the one being updated). logp, ref_logp: [R, L].
+    (true for a step's first update: with mu = 1 and one minibatch, the rollout's policy is the one
+    being updated; later minibatches update a policy that has moved). logp, ref_logp: [R, L].
     Returns [R, L]. Equal log-probs give exactly 0.
     """
     d = torch.clamp(ref_logp - logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)  # [R, L]
@@ -437,7 +439,7 @@ def evaluate(model, tokenizer, stop_ids, records, args, rank, world_size):
                                stop_ids, tokenizer.pad_token_id, temperature=0.0)
             for j, (record, response) in enumerate(zip(chunk, out["responses"])):
                 if a + j < len(mine):
-                    text = tokenizer.decode(response, skip_special_tokens=True)
+                    text = cello.response_text(tokenizer, response, stop_ids)
                     scores.append(reward.score(text, record["answer"], num_tokens=len(response)))
     m = reward.metrics(cello.all_gather_list(scores))
     return {f"val_{k}": m[k] for k in ("cell_accuracy", "batch_accuracy", "format_validity", "uniqueness",
@@ -533,7 +535,7 @@ def main(argv=None):
         # 2. reward
         scores = []
         for k, response in enumerate(out["responses"]):
-            text = tokenizer.decode(response, skip_special_tokens=True)
+            text = cello.response_text(tokenizer, response, stop_ids)
             scores.append(reward.score(text, train[mine[k // G]]["answer"], num_tokens=len(response)))
         rewards = torch.tensor([s["reward"] for s in scores], dtype=torch.float32)
         # 3. advantages, per group of G

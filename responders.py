@@ -217,7 +217,7 @@ def model_responder(path, batch_size=8, max_new_tokens=1024, temperature=0.0, to
                                    temperature=temperature, top_p=top_p, generator=generator)
             for p in range(len(chunk)):  # rows are group-major: prompt p's samples are p*G .. p*G+G-1
                 rows = out["responses"][p * num_samples:(p + 1) * num_samples]
-                texts.append([tokenizer.decode(ids, skip_special_tokens=True) for ids in rows])
+                texts.append([cello.response_text(tokenizer, ids, stop_ids) for ids in rows])
                 counts.append([len(ids) for ids in rows])
         respond.num_tokens = counts
         return texts

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import cello
+import reward
 from conftest import DATA, ROOT
 
 CONTEXT = "The cell is from a human, originating from the blood. The patient is healthy with no diagnosed disease."
@@ -60,6 +61,20 @@ def small_dir(records, tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_dir(records, tmp_path_factory):
     return cello.build_model("tiny", str(tmp_path_factory.mktemp("models") / "tiny"), records, seed=0)
+
+
+def test_scored_text_keeps_special_tokens_inside_and_drops_the_stop_token(tiny_dir):
+    tokenizer = cello.load_tokenizer(tiny_dir)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    think = tokenizer.encode("<think>x</think>\n", add_special_tokens=False)
+    answer = tokenizer.encode("<answer>A | B</answer>", add_special_tokens=False)
+    finished = cello.response_text(tokenizer, think + answer + [eos], [eos])
+    assert finished == "<think>x</think>\n<answer>A | B</answer>" and reward.parse_answer(finished, 2)["valid"]
+    assert cello.response_text(tokenizer, think + answer, [eos]) == finished  # cut off at the budget: as sampled
+    # a pad token the policy wrote mid-response stays in the text, so the format check sees it
+    hidden = cello.response_text(tokenizer, think + [pad] + answer + [eos], [eos])
+    assert hidden == "<think>x</think>\n" + tokenizer.pad_token + "<answer>A | B</answer>"
+    assert reward.parse_answer(hidden, 2)["error"] == "expected exactly one newline between </think> and <answer>"
 
 
 @pytest.mark.parametrize("folder", ["tiny_dir", "small_dir"])

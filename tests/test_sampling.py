@@ -2,6 +2,7 @@
 
 Run: python -m pytest -q tests/test_sampling.py
 """
+import math
 import os
 import subprocess
 import sys
@@ -145,6 +146,23 @@ def test_draws_follow_the_probabilities_and_never_pick_a_zero_one(top_p, expecte
     assert freq[1] == 0 and freq[4] == 0 and (top_p == 1.0 or freq[3] == 0)
     assert torch.allclose(freq, torch.tensor(expected), atol=0.015), freq
     assert torch.allclose(logprobs, probs.log()[tokens])  # log-probs stay those of the full distribution
+
+
+def test_tokens_below_float32_resolution_behind_a_likely_one_are_drawn():
+    """Token 0 has probability 0.9, then 2^22 tokens 2.4e-8 each (0.1 in all): less than half the
+    float32 spacing near 0.9, so a float32 cdf rounds most of their intervals to width 0 and they
+    could never be drawn. The float64 draw reaches them; their share of the draws stays ~0.1."""
+    tail = 2 ** 22
+    logits = torch.full((1, tail + 1), math.log(0.1 / tail))
+    logits[0, 0] = math.log(0.9)
+    cdf32 = logits.log_softmax(-1).exp().cumsum(-1)[0]  # what a float32 draw would search
+    width_in_float32 = torch.cat([cdf32[:1], cdf32[1:] - cdf32[:-1]])
+    draws = [cello._next_token(logits.expand(10, -1), 1.0, 1.0, torch.Generator().manual_seed(seed))[0]
+             for seed in range(10)]
+    tokens = torch.cat(draws)
+    drawn_tail = tokens[tokens > 0]
+    assert 3 <= len(drawn_tail) <= 25  # 100 draws, 10 expected
+    assert (width_in_float32[drawn_tail] == 0).sum() >= 2  # tokens a float32 draw could never pick
 
 
 @pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 1.0), (0.7, 0.8), (0, 1.0)])
