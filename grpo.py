@@ -21,7 +21,8 @@ when --model names a preset.
 
 Metrics (all ranks together): reward_mean/std, cell/batch accuracy and format_validity of the
 samples; loss; grad_norm (before clipping); kl (mean k3 per token; null with --beta 0, where there
-is no reference to measure it against); clip_frac (tokens whose clipped branch was taken);
+is no reference to measure it against); clip_frac_low and clip_frac_high (shares of tokens whose
+clipped branch was taken below 1 - clip_low, with A < 0, and above 1 + clip_high, with A > 0);
 rho_mean; entropy; response_length; truncated_frac; zero_adv_groups (groups whose G rewards are all
 equal: they give no policy gradient); time_rollout (sampling and scoring), time_reference,
 time_update, time_step (seconds); lr (the rate this step's update used).
@@ -197,7 +198,8 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, mode, divisor, clip_lo
 
     logp (with gradients), old_logp, ref_logp, mask: [R, L]; advantages: [R]; ref_logp may be None
     when beta is 0. Returns (loss scalar, stats) where stats holds sums over the valid tokens,
-    detached, for the metrics: tokens, clipped (tokens whose clipped branch was taken), kl, rho.
+    detached, for the metrics: tokens, clipped_low / clipped_high (tokens whose clipped branch was
+    taken with rho below 1 - clip_low / above 1 + clip_high), kl, rho.
     """
     valid = mask > 0
     # Whatever sits in padded positions (0, junk, NaN) is replaced before any arithmetic, so neither
@@ -212,7 +214,8 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, mode, divisor, clip_lo
         per_token = per_token + beta * kl
     loss = aggregate_loss(per_token, mask, mode, divisor)
     stats = {"tokens": valid.sum().item(),
-             "clipped": (was_clipped & valid).sum().item(),
+             "clipped_low": (was_clipped & valid & (rho < 1)).sum().item(),
+             "clipped_high": (was_clipped & valid & (rho > 1)).sum().item(),
              "kl": torch.where(valid, kl, zero).sum().item(),
              "rho": torch.where(valid, rho, zero).sum().item()}
     return loss, stats
@@ -373,12 +376,13 @@ def policy_update(model, optimizer, batch, args, world_size=1):
     minibatch on all ranks before any forward, so every micro-batch on every rank divides by the same
     number and the summed gradient is exactly the gradient of the minibatch's loss.
     A non-finite loss or gradient norm stops the run before optimizer.step touches the weights.
-    Returns metrics summed/averaged over all ranks: loss, grad_norm, clip_frac, kl, rho_mean.
+    Returns metrics summed/averaged over all ranks: loss, grad_norm, clip_frac_low, clip_frac_high, kl,
+    rho_mean.
     """
     G = args.group_size
     num_local = len(batch["prompts"])
     per_mb = num_local // args.minibatches
-    totals = {"tokens": 0.0, "clipped": 0.0, "kl": 0.0, "rho": 0.0}
+    totals = {"tokens": 0.0, "clipped_low": 0.0, "clipped_high": 0.0, "kl": 0.0, "rho": 0.0}
     losses, grad_norms = [], []
     params = [p for p in model.parameters() if p.requires_grad]
     for _ in range(args.mu):
@@ -416,10 +420,10 @@ def policy_update(model, optimizer, batch, args, world_size=1):
             optimizer.step()
             losses.append(cello.all_reduce(mb_loss))
             grad_norms.append(grad_norm)
-    tokens, clipped, kl, rho = cello.all_reduce([totals["tokens"], totals["clipped"], totals["kl"], totals["rho"]])
+    tokens, clipped_low, clipped_high, kl, rho = cello.all_reduce(list(totals.values()))
     tokens = max(tokens, 1.0)
     return {"loss": sum(losses) / len(losses), "grad_norm": sum(grad_norms) / len(grad_norms),
-            "clip_frac": clipped / tokens, "rho_mean": rho / tokens,
+            "clip_frac_low": clipped_low / tokens, "clip_frac_high": clipped_high / tokens, "rho_mean": rho / tokens,
             "kl": kl / tokens if args.beta > 0 else None}  # no reference: not measured
 
 

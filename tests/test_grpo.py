@@ -76,6 +76,16 @@ def test_clipped_surrogate_values_and_gradients():
     assert logp.grad.view(-1).tolist() == pytest.approx([0.0, 1.5, -0.5, 0.0, -2.0], abs=1e-6)
 
 
+def test_clipped_tokens_are_counted_by_side():
+    # the five tokens above (rho 1.5, 1.5, 0.5, 0.5, 1.0; A +1, -1, +1, -1, +2) plus a sixth that is
+    # padding and would be clipped high (rho 1.5, A +1): one clipped above 1.2, one below 0.8
+    logp = T([[math.log(1.5), math.log(1.5)], [math.log(1.5), 0.0], [math.log(0.5), 0.0], [math.log(0.5), 0.0],
+              [0.0, 0.0]])
+    mask = T([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [1.0, 0.0]])
+    _, stats = grpo.grpo_loss(logp, torch.zeros(5, 2), None, T([1.0, -1.0, 1.0, -1.0, 2.0]), mask, "token-mean", 5.0)
+    assert (stats["tokens"], stats["clipped_low"], stats["clipped_high"]) == (5, 1, 1)
+
+
 def test_clip_higher_is_asymmetric():
     logp = T([[math.log(1.25)]])
     loss, _, clipped = grpo.clipped_surrogate(logp, T([[0.0]]), T([1.0]), clip_low=0.2, clip_high=0.28)
@@ -124,7 +134,8 @@ def test_policy_equal_to_reference_gives_kl_zero_and_rho_one():
     same = logp.detach().clone()
     mask = torch.ones(3, 5)
     loss, stats = grpo.grpo_loss(logp, same, same, T([0.0, 0.0, 0.0]), mask, "token-mean", 15.0, beta=1.0)
-    assert stats["kl"] == 0.0 and stats["rho"] == pytest.approx(15.0) and stats["clipped"] == 0
+    assert stats["kl"] == 0.0 and stats["rho"] == pytest.approx(15.0)
+    assert stats["clipped_low"] == stats["clipped_high"] == 0
     _, rho, _ = grpo.clipped_surrogate(logp, same, T([1.0, 1.0, 1.0]))
     assert (rho == 1.0).all()
     loss.backward()
@@ -171,7 +182,8 @@ def test_grpo_loss_hand_case_with_kl():
     loss, stats = grpo.grpo_loss(logp, logp.detach(), ref, T([1.0, -1.0]), mask, "token-mean", 3.0, beta=0.1)
     # policy part: (-1 - 1 + 1) / 3 ; KL part: 0.1 * (2 - log 2 - 1) / 3
     assert loss.item() == pytest.approx((-1.0 + 0.1 * (1 - math.log(2))) / 3, abs=1e-6)
-    assert stats == {"tokens": 3, "clipped": 0, "kl": pytest.approx(1 - math.log(2)), "rho": pytest.approx(3.0)}
+    assert stats == {"tokens": 3, "clipped_low": 0, "clipped_high": 0, "kl": pytest.approx(1 - math.log(2)),
+                     "rho": pytest.approx(3.0)}
 
 
 def test_equal_rewards_give_zero_policy_gradient():
@@ -184,7 +196,7 @@ def test_equal_rewards_give_zero_policy_gradient():
     old = logp.detach() + 0.05  # rho = exp(-0.05) != 1, inside the clip range: the gradient is -rho * A
     loss, stats = grpo.grpo_loss(logp, old, None, adv, torch.ones(8, 6), "token-mean", 48.0)
     loss.backward()
-    assert stats["clipped"] == 0
+    assert stats["clipped_low"] == stats["clipped_high"] == 0
     assert loss.item() == 0.0 and (logp.grad == 0).all()
 
 
@@ -321,7 +333,7 @@ def test_one_step_on_a_toy_reward_raises_the_rewarded_response(tiny):
     gain = seq_after - seq_before
     assert (gain[up] > 0.5).all() and gain[up].min() > gain[~up].max()  # each rewarded one gains most
     # mu = 1, one minibatch: nothing moved before the gradient, so rho = 1 up to float noise
-    assert metrics["rho_mean"] == pytest.approx(1.0, abs=1e-4) and metrics["clip_frac"] == 0.0
+    assert metrics["rho_mean"] == pytest.approx(1.0, abs=1e-4) and metrics["clip_frac_low"] == metrics["clip_frac_high"] == 0.0
     assert metrics["grad_norm"] > 0 and abs(metrics["loss"]) < 1e-3  # loss ~0, gradient not
 
 
@@ -343,7 +355,7 @@ def test_update_is_the_same_with_shared_prompt_or_per_sequence(tiny):
         args = update_args(path, "--beta", "0.1", "--group-size", "4", "--mu", "2", *flag)
         # SGD, not Adam: Adam turns float noise in near-zero gradients into full +-lr steps
         results.append(grpo.policy_update(model, torch.optim.SGD(model.parameters(), lr=0.5), batch, args))
-    for key in ("loss", "grad_norm", "kl", "clip_frac", "rho_mean"):
+    for key in ("loss", "grad_norm", "kl", "clip_frac_low", "clip_frac_high", "rho_mean"):
         assert results[0][key] == pytest.approx(results[1][key], rel=1e-4, abs=1e-6), key
     start = cello.load_model(path)
     moved = max((p - p0).abs().max().item() for p, p0 in zip(models[0].parameters(), start.parameters()))
@@ -529,7 +541,7 @@ def test_cli_runs_logs_and_checkpoints(toy_run, tmp_path):
     assert "val_batch_accuracy" in rows[0] and "val_cell_accuracy" in rows[2] and "val_count" in rows[3]
     train = rows[1:]
     for key in ("reward_mean", "reward_std", "cell_accuracy", "batch_accuracy", "format_validity", "kl",
-                "clip_frac", "entropy", "response_length", "zero_adv_groups", "grad_norm", "loss",
+                "clip_frac_low", "clip_frac_high", "entropy", "response_length", "zero_adv_groups", "grad_norm", "loss",
                 "truncated_frac", "time_rollout", "time_reference", "time_update", "tokens_per_s"):
         assert all(math.isfinite(row[key]) for row in train), key
     assert all(row["grad_norm"] > 0 and row["reward_std"] > 0 for row in train)  # the toy reward has a spread
@@ -607,7 +619,8 @@ def test_two_process_fsdp2_run_matches_one_process(toy_run, tmp_path):
         for a, b in zip(rows1, rows2):
             assert a.keys() == b.keys()
             for key in stable(a):
-                tol = dict(rel=1e-4, abs=1e-6) if key in ("loss", "kl", "grad_norm", "clip_frac", "rho_mean") \
+                tol = dict(rel=1e-4, abs=1e-6) if key in ("loss", "kl", "grad_norm", "clip_frac_low", "clip_frac_high",
+                                                             "rho_mean") \
                     else dict(rel=1e-6, abs=1e-6)
                 assert b[key] == pytest.approx(a[key], **tol), (name, a["step"], key)
 
