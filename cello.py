@@ -146,6 +146,8 @@ RANGES = {
     "an integer >= 0": lambda v: v >= 0,
     "a number >= 0": lambda v: 0 <= v < math.inf,
     "a number > 0": lambda v: 0 < v < math.inf,
+    "a number > 0 (inf: no limit)": lambda v: v > 0,
+    "a number >= 0 (inf: no limit)": lambda v: v >= 0,
     "a number in (0, 1]": lambda v: 0 < v <= 1,
     "a number in [0, 1]": lambda v: 0 <= v <= 1,
     "a number in [0, 1)": lambda v: 0 <= v < 1,

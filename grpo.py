@@ -291,10 +291,11 @@ def parse_args(argv=None):
     cello.check_ranges("grpo.py", args, {
         **{flag: "an integer >= 1" for flag in at_least_1},
         "--group-size": "an integer >= 2",  # a group of one has advantage 0: nothing would be learnt
-        "--temperature": "a number > 0", "--clip-low": "a number >= 0", "--clip-high": "a number >= 0",
+        "--temperature": "a number > 0", "--clip-low": "a number >= 0 (inf: no limit)",
+        "--clip-high": "a number >= 0 (inf: no limit)",
         "--beta": "a number >= 0", "--eval-every": "an integer >= 0", "--eval-puzzles": "an integer >= 0",
         # a zero or negative rate or clip norm would stop learning or ascend the loss
-        "--lr": "a number > 0", "--max-grad-norm": "a number > 0", "--warmup-steps": "an integer >= 0",
+        "--lr": "a number > 0", "--max-grad-norm": "a number > 0 (inf: no limit)", "--warmup-steps": "an integer >= 0",
         "--weight-decay": "a number >= 0"})
     return args
 

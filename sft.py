@@ -218,8 +218,8 @@ def parse_args(argv=None):
         "--micro-batch-size": "an integer >= 1", "--bucket-batches": "an integer >= 1", "--lr": "a number > 0",
         "--min-lr-ratio": "a number in [0, 1]",  # below 0 the cosine would end in a negative rate: ascent
         "--warmup-steps": "an integer >= 0", "--epochs": "an integer >= 1", "--max-steps": "an integer >= 0",
-        "--weight-decay": "a number >= 0", "--max-grad-norm": "a number > 0", "--eval-every": "an integer >= 1",
-        "--save-every": "an integer >= 1"})
+        "--weight-decay": "a number >= 0", "--max-grad-norm": "a number > 0 (inf: no limit)",
+        "--eval-every": "an integer >= 1", "--save-every": "an integer >= 1"})
     return args
 
 

@@ -250,15 +250,19 @@ def test_bad_flags_exit_with_clear_messages(capsys):
     base = ["--model", "tiny", "--train", "t.jsonl", "--out-dir", "o"]
     for extra, text in [(["--group-size", "1"], "grpo.py: error: --group-size: expected an integer >= 2, got 1"),
                         (["--temperature", "0"], "grpo.py: error: --temperature: expected a number > 0, got 0.0"),
-                        (["--max-grad-norm", "-1"], "grpo.py: error: --max-grad-norm: expected a number > 0, got -1.0"),
+                        (["--max-grad-norm", "-1"], "--max-grad-norm: expected a number > 0 (inf: no limit), got -1.0"),
                         (["--lr", "0"], "grpo.py: error: --lr: expected a number > 0, got 0.0"),
                         (["--warmup-steps", "-3"], "grpo.py: error: --warmup-steps: expected an integer >= 0, got -3"),
                         (["--eval-puzzles", "-2"], "grpo.py: error: --eval-puzzles: expected an integer >= 0, got -2"),
                         (["--beta", "nan"], "grpo.py: error: --beta: expected a number >= 0, got nan"),
+                        (["--max-grad-norm", "nan"], "--max-grad-norm: expected a number > 0 (inf: no limit), got nan"),
                         (["--loss-agg", "mean"], "invalid choice")]:
         with pytest.raises(SystemExit) as exit_info:
             grpo.parse_args(base + extra)
         assert text in str(exit_info.value.code) + capsys.readouterr().err
+    # inf turns a limit off (no gradient clipping, no upper clip), as torch's clip_grad_norm_ allows
+    unlimited = grpo.parse_args(base + ["--max-grad-norm", "inf", "--clip-high", "inf"])
+    assert unlimited.max_grad_norm == unlimited.clip_high == math.inf
 
 
 # ---------------------------------------------------------------------------------------------

@@ -197,7 +197,7 @@ def test_model_responder_tiny_checkpoint(tmp_path):
     fresh = cello.prepare_model("tiny", str(tmp_path), sft)
     # a fresh tiny model repeats one token after every prompt; random weights (std 0.3) make the three
     # greedy responses differ, and giving EOS the embedding row of token 422 (one the model emits)
-    # makes one of them stop early, so the stop tokens and skip_special_tokens matter too
+    # makes one of them stop early, so the stop tokens and the decoding of the stop token matter too
     model, tokenizer = cello.load_model(fresh), cello.load_tokenizer(fresh)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():

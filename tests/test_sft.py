@@ -351,7 +351,7 @@ def test_examples_longer_than_max_length_are_skipped_or_refused(tmp_path, capsys
     (["--micro-batch-size", "0"], "--micro-batch-size: expected an integer >= 1, got 0"),
     (["--warmup-steps", "-1"], "--warmup-steps: expected an integer >= 0, got -1"),
     (["--lr", "0"], "--lr: expected a number > 0, got 0.0"),
-    (["--max-grad-norm", "-1"], "--max-grad-norm: expected a number > 0, got -1.0"),
+    (["--max-grad-norm", "-1"], "--max-grad-norm: expected a number > 0 (inf: no limit), got -1.0"),
     (["--val-fraction", "1"], "--val-fraction: expected a number in [0, 1), got 1.0"),
     (["--min-lr-ratio", "-1"], "--min-lr-ratio: expected a number in [0, 1], got -1.0"),
 ])
