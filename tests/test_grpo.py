@@ -337,7 +337,8 @@ def test_one_step_on_a_toy_reward_raises_the_rewarded_response(tiny):
     gain = seq_after - seq_before
     assert (gain[up] > 0.5).all() and gain[up].min() > gain[~up].max()  # each rewarded one gains most
     # mu = 1, one minibatch: nothing moved before the gradient, so rho = 1 up to float noise
-    assert metrics["rho_mean"] == pytest.approx(1.0, abs=1e-4) and metrics["clip_frac_low"] == metrics["clip_frac_high"] == 0.0
+    assert metrics["rho_mean"] == pytest.approx(1.0, abs=1e-4)
+    assert metrics["clip_frac_low"] == metrics["clip_frac_high"] == 0.0
     assert metrics["grad_norm"] > 0 and abs(metrics["loss"]) < 1e-3  # loss ~0, gradient not
 
 
@@ -545,7 +546,8 @@ def test_cli_runs_logs_and_checkpoints(toy_run, tmp_path):
     assert "val_batch_accuracy" in rows[0] and "val_cell_accuracy" in rows[2] and "val_count" in rows[3]
     train = rows[1:]
     for key in ("reward_mean", "reward_std", "cell_accuracy", "batch_accuracy", "format_validity", "kl",
-                "clip_frac_low", "clip_frac_high", "entropy", "response_length", "zero_adv_groups", "grad_norm", "loss",
+                "clip_frac_low", "clip_frac_high", "entropy", "response_length", "zero_adv_groups", "grad_norm",
+                "loss",
                 "truncated_frac", "time_rollout", "time_reference", "time_update", "tokens_per_s"):
         assert all(math.isfinite(row[key]) for row in train), key
     assert all(row["grad_norm"] > 0 and row["reward_std"] > 0 for row in train)  # the toy reward has a spread
