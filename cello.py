@@ -30,6 +30,8 @@ from transformers import AttentionInterface, DynamicCache, StaticCache
 from transformers.cache_utils import DynamicLayer
 from transformers.masking_utils import AttentionMaskInterface
 
+import reward
+
 # Older 5.x releases name the models' cache argument past_key_values: the sampler's and the
 # shared-prompt path's caches would be ignored, and fail far from the cause (seen on a GPU machine
 # with 5.17). So say it here.
@@ -100,40 +102,57 @@ def read_puzzles(path, flag, script, need_response=False):
     the flag or file and line, and what was expected: a missing file, a line that is not JSON, a
     record without a "response" string (when need_response: SFT files), without id / context /
     cells / candidates / answer, with a context that is not a string, cells that are not lists of
-    gene strings, candidates or answer that are not lists of strings, or whose cells, candidates and
-    answer differ in length."""
+    gene strings, candidates or answer that are not lists of strings, whose cells, candidates and
+    answer differ in length, an id that is not a non-empty string, no cells, repeated candidates, or
+    an answer that is not a permutation of the candidates."""
     def fail(where, what):
         sys.exit(f"{script}: error: {where}: {what}")
 
     if not os.path.isfile(path):
         fail(f"{flag} {path}", "no such file")
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        lines = data.decode("utf-8").split("\n")
+    except UnicodeDecodeError:
+        fail(f"{flag} {path}", "not a UTF-8 text file (expected JSONL puzzle records)")
     records = []
-    with open(path) as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path} line {line_no}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                fail(where, f"not valid JSON ({e.msg})")
-            if not isinstance(record, dict):
-                fail(where, "expected a JSON object (a puzzle record)")
-            if need_response and not isinstance(record.get("response"), str):
-                fail(where, 'record has no "response" string (expected puzzle records with an accepted '
-                            'response, as distill.py writes)')
-            missing = [key for key in ("id", "context", "cells", "candidates", "answer") if key not in record]
-            if missing:
-                fail(where, f"lacks field(s) {', '.join(missing)}")
-            if not isinstance(record["context"], str):
-                fail(where, '"context" must be a string')
-            if not is_str_list(record["candidates"]) or not is_str_list(record["answer"]):
-                fail(where, '"candidates" and "answer" must be lists of strings')
-            if not isinstance(record["cells"], list) or not all(is_str_list(c) for c in record["cells"]):
-                fail(where, '"cells" must be a list of gene lists (lists of strings)')
-            if not len(record["cells"]) == len(record["candidates"]) == len(record["answer"]):
-                fail(where, "cells, candidates and answer must have the same length")
-            records.append(record)
+    for line_no, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path} line {line_no}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            fail(where, f"not valid JSON ({e.msg})")
+        if not isinstance(record, dict):
+            fail(where, "expected a JSON object (a puzzle record)")
+        if need_response and not isinstance(record.get("response"), str):
+            fail(where, 'record has no "response" string (expected puzzle records with an accepted '
+                        'response, as distill.py writes)')
+        missing = [key for key in ("id", "context", "cells", "candidates", "answer") if key not in record]
+        if missing:
+            fail(where, f"lacks field(s) {', '.join(missing)}")
+        if not isinstance(record["context"], str):
+            fail(where, '"context" must be a string')
+        if not is_str_list(record["candidates"]) or not is_str_list(record["answer"]):
+            fail(where, '"candidates" and "answer" must be lists of strings')
+        if not isinstance(record["cells"], list) or not all(is_str_list(c) for c in record["cells"]):
+            fail(where, '"cells" must be a list of gene lists (lists of strings)')
+        if not len(record["cells"]) == len(record["candidates"]) == len(record["answer"]):
+            fail(where, "cells, candidates and answer must have the same length")
+        if not isinstance(record["id"], str) or not record["id"]:
+            fail(where, '"id" must be a non-empty string')
+        if not record["cells"]:
+            fail(where, "a puzzle needs at least one cell")
+        # Rewards match labels stripped and case-insensitively; a gold answer that is not a permutation
+        # of distinct candidates could never be matched by a well-formed response.
+        candidates = [reward.norm_label(c) for c in record["candidates"]]
+        if len(set(candidates)) != len(candidates):
+            fail(where, '"candidates" must be distinct (compared stripped, case-insensitively)')
+        if sorted(reward.norm_label(a) for a in record["answer"]) != sorted(candidates):
+            fail(where, '"answer" must use every candidate exactly once (a permutation of "candidates")')
+        records.append(record)
     if not records:
         fail(f"{flag} {path}", "no records")
     return records
@@ -171,6 +190,25 @@ def check_unique_ids(records, flag, path, script):
         if r["id"] in seen:
             sys.exit(f"{script}: error: {flag} {path}: duplicate id {r['id']!r} (each puzzle needs its own id)")
         seen.add(r["id"])
+
+
+def make_out_dir(path, script, flag="--out-dir"):
+    """Create the output folder (and its parents), or exit with one line saying why not (say, a file of
+    that name exists)."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        sys.exit(f"{script}: error: {flag} {path}: cannot create the folder ({e.strerror})")
+
+
+def check_device(device, script, flag="--device"):
+    """Exit with one line unless device names a torch device that this machine and torch build have."""
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        sys.exit(f"{script}: error: {flag}: expected a torch device such as cpu, cuda or cuda:1, got {device!r}")
+    if kind == "cuda" and not torch.cuda.is_available():
+        sys.exit(f"{script}: error: {flag} {device}: no CUDA device here (or a CPU-only torch build)")
 
 
 def is_str_list(value):
@@ -1267,7 +1305,7 @@ def demo(argv):
     args = parser.parse_args(argv)
     check_ranges("cello.py demo", args, {"--sft-steps": "an integer >= 1", "--grpo-steps": "an integer >= 1"})
     here = os.path.dirname(os.path.abspath(__file__))
-    os.makedirs(args.out_dir, exist_ok=True)
+    make_out_dir(args.out_dir, "cello.py demo")
     timings_path = f"{args.out_dir}/timings.json"  # kept across restarts, so a resumed demo reports every stage
     timings = read_json(timings_path) if os.path.exists(timings_path) else {}
     for name, command, done in demo_stages(args.out_dir, args.data, args.sft_steps, args.grpo_steps):

@@ -88,6 +88,7 @@ def make_teacher(args):
     if args.teacher == "model":
         if not args.model_path:
             sys.exit("distill.py: error: --teacher model needs --model-path (a checkpoint folder)")
+        cello.check_device(args.device, "distill.py")
         return responders.make_responder("model", path=args.model_path, seed=args.seed,
                                          temperature=1.0 if args.temperature is None else args.temperature,
                                          batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
@@ -251,7 +252,7 @@ def main():
         "--price-output": "a number >= 0", "--est-output-tokens": "an integer >= 0"})
     if not os.path.exists(args.puzzles):
         parser.error(f"--puzzles {args.puzzles}: no such file")
-    os.makedirs(args.out_dir, exist_ok=True)
+    cello.make_out_dir(args.out_dir, "distill.py")
     args.cache = args.cache or os.path.join(args.out_dir, "api_cache.jsonl")
 
     records = cello.read_puzzles(args.puzzles, "--puzzles", "distill.py")[:args.limit]

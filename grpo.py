@@ -468,7 +468,7 @@ def main(argv=None):
                  f"--minibatches {args.minibatches}")
     torch.manual_seed(args.seed)
     resume_dir = cello.run_checkpoint(args.out_dir, args.resume, "grpo.py")  # None for a fresh run
-    os.makedirs(args.out_dir, exist_ok=True)
+    cello.make_out_dir(args.out_dir, "grpo.py")
     train = cello.read_puzzles(args.train, "--train", "grpo.py")
     val = cello.read_puzzles(args.val, "--val", "grpo.py")[:args.eval_puzzles or None] if args.val else []
 

@@ -58,6 +58,9 @@ SPLITS = ("train", "val", "test")
 # metadata values that mean "not known"; "<na>" is how pandas' missing value of a nullable column prints
 ABSENT = {"", "unknown", "na", "n/a", "nan", "none", "null", "<na>"}
 ENSG_SUFFIX = re.compile(r"_ENSG\d+(\.\d+)?$")
+# The context sentence's flags and their CELLxGENE obs columns, in the sentence's order (SPEC.md).
+CONTEXT_KEYS = {"--sex-key": "sex", "--development-stage-key": "development_stage",
+                "--ethnicity-key": "self_reported_ethnicity", "--tissue-key": "tissue", "--disease-key": "disease"}
 
 
 def fail(message):
@@ -222,6 +225,9 @@ def expression_matrix(adata):
         fail(f"expression matrix {which} is not numeric (dtype {values.dtype})")
     if values.dtype.kind == "f" and not np.isfinite(values).all():
         fail(f"expression matrix {which} holds NaN or infinite values")
+    if values.size and values.min() < 0:  # scaled (z-scored) data would rank genes by "above the gene's mean"
+        fail(f"expression matrix {which} holds negative values (scaled data?): genes are ranked by expression, "
+             "so give a file with counts (or normalised expression) in layers['counts'], .raw or X")
     return matrix, var, which
 
 
@@ -270,9 +276,13 @@ def build(args):
     if args.context is not None:
         contexts = [args.context] * adata.n_obs
     else:
-        fields = []   # columns that are missing count as unknown, so CELLxGENE defaults are safe to keep
-        for key in (args.sex_key, args.development_stage_key, args.ethnicity_key, args.tissue_key, args.disease_key):
-            fields.append([present(v) for v in obs[key].tolist()] if key in obs.columns else [None] * adata.n_obs)
+        fields = []
+        for flag, default in CONTEXT_KEYS.items():
+            key = getattr(args, flag[2:].replace("-", "_"))
+            if key == default and key not in obs.columns:  # a missing default counts as unknown: not every file
+                fields.append([None] * adata.n_obs)        # has every field (a column you name must exist)
+            else:
+                fields.append([present(v) for v in column(key, flag)])
         contexts = [context_sentence(*values) for values in zip(*fields)]
         if all(c is None for c in contexts):
             fail(f"{args.input} has none of the context columns ({args.sex_key}, {args.development_stage_key}, "
@@ -405,7 +415,7 @@ def build(args):
         "skipped_cells": skipped_cells,
         "args": vars(args),
     }
-    os.makedirs(args.out_dir, exist_ok=True)
+    make_dir(args.out_dir, "--out-dir")
     outputs = {f"{split}.jsonl": "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records[split])
                for split in SPLITS}
     outputs["summary.json"] = json.dumps(summary, indent=2, ensure_ascii=False) + "\n"
@@ -417,6 +427,14 @@ def build(args):
     print(f"wrote {', '.join(outputs)} to {args.out_dir}")
 
 
+def make_dir(path, flag):
+    """Create a folder (and its parents), or fail with one line saying why not."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        fail(f"{flag} {path}: cannot create the folder ({e.strerror})")
+
+
 def write_all_atomic(out_dir, outputs):
     """Write every file to a temporary name first, then rename them all: an error leaves no output."""
     tmp = {name: os.path.join(out_dir, f".{name}.tmp{os.getpid()}") for name in outputs}
@@ -424,13 +442,12 @@ def write_all_atomic(out_dir, outputs):
         for name, text in outputs.items():
             with open(tmp[name], "w") as f:
                 f.write(text)
-    except BaseException:
+        for name in outputs:
+            os.replace(tmp[name], os.path.join(out_dir, name))
+    finally:  # whatever failed, no temporary file stays behind (after the renames none is left)
         for path in tmp.values():
             if os.path.exists(path):
                 os.remove(path)
-        raise
-    for name in outputs:
-        os.replace(tmp[name], os.path.join(out_dir, name))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -472,10 +489,12 @@ def parse_released(system_msg, user_msg, assistant_msg):
         labels = [part.strip() for part in assistant_msg.split("|")]
     if not labels or len(labels) != len(cells):
         raise ValueError(f"assistant_msg has {len(labels or [])} answer labels, expected {len(cells)}")
-    by_name = {c.strip().lower(): c for c in candidates}
-    if any(label.lower() not in by_name for label in labels):
-        raise ValueError(f"answer labels {labels} are not all among the candidates")
-    answer = [by_name[label.lower()] for label in labels]
+    by_name = {reward.norm_label(c): c for c in candidates}
+    if len(by_name) != len(candidates):
+        raise ValueError(f"candidates {candidates} repeat a cell type")
+    if sorted(reward.norm_label(label) for label in labels) != sorted(by_name):
+        raise ValueError(f"answer labels {labels} do not use every candidate exactly once")
+    answer = [by_name[reward.norm_label(label)] for label in labels]
     layout = {}
     if head[len(context):] != cello.CONTEXT_SEP:
         layout["context_sep"] = head[len(context):]
@@ -541,8 +560,10 @@ def import_released(args):
         records.append(record)
     if not records:
         fail(f"{args.input}: no records")
+    if os.path.isdir(args.out):
+        fail(f"--out {args.out}: is a folder (expected the path of the JSONL file to write)")
     out_dir = os.path.dirname(os.path.abspath(args.out))
-    os.makedirs(out_dir, exist_ok=True)
+    make_dir(out_dir, "--out")
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     write_all_atomic(out_dir, {os.path.basename(args.out): text})
     by_n = dict(sorted(Counter(len(r["cells"]) for r in records).items()))
@@ -575,11 +596,9 @@ def main(argv=None):
     g.add_argument("--batch-key", default=None,
                    help="obs column of experimental batches (default: none); "
                         "'barcode-suffix': the -N lane suffix of obs_names")
-    g.add_argument("--sex-key", default="sex", help="obs column for the context sentence (used when present)")
-    g.add_argument("--development-stage-key", default="development_stage", help="as --sex-key")
-    g.add_argument("--ethnicity-key", default="self_reported_ethnicity", help="as --sex-key")
-    g.add_argument("--tissue-key", default="tissue", help="as --sex-key")
-    g.add_argument("--disease-key", default="disease", help="as --sex-key")
+    for flag, default in CONTEXT_KEYS.items():
+        g.add_argument(flag, default=default, help="obs column for the context sentence (the default is used "
+                                                   "when present; a column you name must exist)")
     g.add_argument("--context", default=None, help="context sentence for every puzzle (for files without metadata); "
                                                    "overrides the context columns")
     g = b.add_argument_group("puzzles")

@@ -284,9 +284,9 @@ if __name__ == "__main__":
                         help="Gumbel noise scale (0 = deterministic)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     args = parser.parse_args()
-    respond = make_responder("expert", train_records=cello.read_jsonl(args.train), temperature=args.temperature,
-                             seed=args.seed)
-    puzzles = cello.read_jsonl(args.puzzles)[:args.limit]
+    respond = make_responder("expert", train_records=cello.read_puzzles(args.train, "--train", "responders.py"),
+                             temperature=args.temperature, seed=args.seed)
+    puzzles = cello.read_puzzles(args.puzzles, "--puzzles", "responders.py")[:args.limit]
     for record, responses in zip(puzzles, respond(puzzles, args.num_samples)):
         for text in responses:
             print(f"# {record['id']}  gold: {' | '.join(record['answer'])}\n{text}\n")

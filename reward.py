@@ -21,7 +21,7 @@ import sys
 TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 
 
-def _norm(label):
+def norm_label(label):
     """The form labels are compared in: stripped and case-folded."""
     return label.strip().lower()
 
@@ -82,14 +82,14 @@ def parse_answer(text, n):
         return bad(f"{len(parts)} labels (expected {n})")
     if any(not part for part in parts):
         return bad("empty label")
-    if len({_norm(part) for part in parts}) != len(parts):
+    if len({norm_label(part) for part in parts}) != len(parts):
         return bad("repeated label")
     return {"valid": True, "labels": parts, "error": None}
 
 
 def count_correct(labels, answer):
     """c = number of positions i where labels[i] equals answer[i] (stripped, case-insensitive)."""
-    return sum(_norm(p) == _norm(g) for p, g in zip(labels, answer))
+    return sum(norm_label(p) == norm_label(g) for p, g in zip(labels, answer))
 
 
 def reward(text, answer):
@@ -120,7 +120,7 @@ def score(text, answer, num_tokens=None):
         "correct": correct,
         "reward": reward(text, answer),
         "exact": parsed["valid"] and correct == n,
-        "uniqueness": len({_norm(x) for x in labels}) / len(labels) if labels else 0.0,
+        "uniqueness": len({norm_label(x) for x in labels}) / len(labels) if labels else 0.0,
         "num_tokens": num_tokens,
         "error": parsed["error"],
     }

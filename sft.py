@@ -228,7 +228,7 @@ def main(argv=None):
     rank, world_size, device = cello.setup_distributed()
     torch.manual_seed(args.seed)
     resume_dir = cello.run_checkpoint(args.out_dir, args.resume, "sft.py")  # None for a fresh run
-    os.makedirs(args.out_dir, exist_ok=True)
+    cello.make_out_dir(args.out_dir, "sft.py")
 
     # Data: the validation split is drawn with its own seeded generator, the same on every rank.
     train_records = cello.read_puzzles(args.data, "--data", "sft.py", need_response=True)

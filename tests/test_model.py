@@ -234,6 +234,17 @@ def test_bad_preset_and_no_records(tmp_path):
      'line 1: "cells" must be a list of gene lists (lists of strings)'),
     ('{"id": "a", "context": "c", "cells": [["X"]], "candidates": "A", "answer": ["A"]}',
      'line 1: "candidates" and "answer" must be lists of strings'),
+    ('{"id": 7, "context": "c", "cells": [["X"]], "candidates": ["A"], "answer": ["A"]}',
+     'line 1: "id" must be a non-empty string'),
+    ('{"id": "a", "context": "c", "cells": [], "candidates": [], "answer": []}',
+     "line 1: a puzzle needs at least one cell"),
+    ('{"id": "a", "context": "c", "cells": [["X"], ["Y"]], "candidates": ["A", " a"], "answer": ["A", " a"]}',
+     'line 1: "candidates" must be distinct (compared stripped, case-insensitively)'),
+    # a repeated gold label, or one that is no candidate, could never be matched by a well-formed answer
+    ('{"id": "a", "context": "c", "cells": [["X"], ["Y"]], "candidates": ["A", "B"], "answer": ["A", "A"]}',
+     'line 1: "answer" must use every candidate exactly once (a permutation of "candidates")'),
+    ('{"id": "a", "context": "c", "cells": [["X"], ["Y"]], "candidates": ["A", "B"], "answer": ["A", "C"]}',
+     'line 1: "answer" must use every candidate exactly once (a permutation of "candidates")'),
 ])
 def test_read_puzzles_names_the_file_line_and_problem(tmp_path, line, message):
     path = tmp_path / "p.jsonl"
@@ -241,6 +252,30 @@ def test_read_puzzles_names_the_file_line_and_problem(tmp_path, line, message):
     with pytest.raises(SystemExit) as exit_info:
         cello.read_puzzles(str(path), "--train", "grpo.py")
     assert exit_info.value.code == f"grpo.py: error: {path} {message}"
+
+
+def test_read_puzzles_accepts_an_answer_that_differs_only_in_case_and_spaces(tmp_path):
+    path = tmp_path / "p.jsonl"  # the reward compares labels stripped and case-insensitively, so this is a match
+    path.write_text('{"id": "a", "context": "c", "cells": [["X"], ["Y"]], "candidates": ["A", "B"], '
+                    '"answer": ["b ", "A"]}\n')
+    assert cello.read_puzzles(str(path), "--train", "grpo.py")[0]["answer"] == ["b ", "A"]
+
+
+def test_read_puzzles_refuses_a_file_that_is_not_utf8(tmp_path):
+    path = tmp_path / "p.h5ad"
+    path.write_bytes(b"\x89HDF\r\n\x1a\n")
+    with pytest.raises(SystemExit) as exit_info:
+        cello.read_puzzles(str(path), "--puzzles", "eval.py")
+    assert exit_info.value.code == (f"eval.py: error: --puzzles {path}: not a UTF-8 text file "
+                                    "(expected JSONL puzzle records)")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_check_device_without_cuda():
+    with pytest.raises(SystemExit) as exit_info:
+        cello.check_device("cuda:0", "distill.py")
+    assert exit_info.value.code == "distill.py: error: --device cuda:0: no CUDA device here (or a CPU-only torch build)"
+    cello.check_device("cpu", "distill.py")  # fine: returns
 
 
 def test_an_older_transformers_is_a_clear_import_error():

@@ -401,6 +401,27 @@ def test_nan_matrix(tmp_path):
     expect_error(tmp_path, path, FLAGS, "expression matrix X holds NaN")
 
 
+def test_scaled_matrix(tmp_path):
+    """Negative values are z-scores, not expression: ranking them would list the genes above their mean."""
+    path, counts = cellxgene_like(tmp_path / "f.h5ad")
+    write_h5ad(path, X=-counts, obs=anndata.read_h5ad(path).obs, var_names=[f"g{j}" for j in range(counts.shape[1])])
+    expect_error(tmp_path, path, FLAGS, "expression matrix X holds negative values (scaled data?)")
+
+
+def test_a_context_column_named_on_the_command_line_must_exist(tmp_path):
+    """A misspelt --tissue-key would silently drop the tissue from every prompt; an absent default is fine."""
+    path, _ = cellxgene_like(tmp_path / "f.h5ad")
+    expect_error(tmp_path, path, FLAGS + ["--tissue-key", "tisue"], "--tissue-key 'tisue': no such obs column",
+                 "obs columns are: cell_type, donor_id, sex")
+
+
+def test_out_dir_that_is_a_file(tmp_path):
+    (tmp_path / "taken").write_text("")
+    with pytest.raises(SystemExit) as e:
+        puzzles.main(["build", str(DATA), "--out-dir", str(tmp_path / "taken"), *SMALL])
+    assert str(e.value.code) == f"puzzles.py: error: --out-dir {tmp_path / 'taken'}: cannot create the folder (File exists)"
+
+
 def test_non_numeric_matrix(tmp_path):
     path, counts = cellxgene_like(tmp_path / "f.h5ad")
     text = counts.astype(int).astype(str).astype(object)
@@ -519,7 +540,9 @@ def test_import_bare_answer_and_split_flag(tmp_path):
 @pytest.mark.parametrize("change, fragment", [
     ({"user_msg": "Hello"}, "does not start with 'Context: '"),
     ({"assistant_msg": "<answer>B cell</answer>"}, "1 answer labels, expected 3"),
-    ({"assistant_msg": "<answer>B cell | NK cell | T cell</answer>"}, "not all among the candidates"),
+    ({"assistant_msg": "<answer>B cell | NK cell | T cell</answer>"}, "do not use every candidate exactly once"),
+    ({"assistant_msg": "<answer>B cell | B cell | " + COMMA[0] + "</answer>"}, "do not use every candidate exactly once"),
+    ({"user_msg": ROWS[0]["user_msg"].replace(sorted(COMMA)[1], "B CELL ")}, "repeat a cell type"),
     ({"user_msg": ROWS[0]["user_msg"].replace("Cell 2: ", "Cell 7: ")}, "cell line 2 does not start with 'Cell 2: '"),
     ({"user_msg": ROWS[0]["user_msg"] + "\nExtra"}, "3 cells but 4 candidates"),
     ({"system_msg": None}, "expected string fields"),
@@ -540,6 +563,15 @@ def test_import_not_utf8(tmp_path):
         puzzles.main(["import", str(src), "--out", str(tmp_path / "out.jsonl")])
     assert str(e.value.code) == f"puzzles.py: error: {src}: not UTF-8 text"
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_import_out_that_is_a_folder(tmp_path):
+    (tmp_path / "out.jsonl").mkdir()
+    with pytest.raises(SystemExit) as e:
+        run_import(tmp_path, ROWS)
+    assert str(e.value.code) == (f"puzzles.py: error: --out {tmp_path / 'out.jsonl'}: is a folder "
+                                 "(expected the path of the JSONL file to write)")
+    assert sorted(os.listdir(tmp_path)) == ["cellpuzzles_test.jsonl", "out.jsonl"]  # no temporary file left
 
 
 def test_import_json_array(tmp_path):
