@@ -15,7 +15,7 @@ httpx.Client). A request is retried with exponential backoff and jitter on 429, 
 connection errors and broken or malformed bodies, honouring Retry-After; after max_attempts the sample
 is recorded as failed (with its error), not lost, and the run goes on. 401/403/404 (wrong key, URL or
 model) stop the run: every other request would fail the same way. Other 4xx (say, a prompt too long)
-fail that sample at once: retrying cannot help.
+fail that sample at once, marked refused: retrying cannot help.
 
 The cache is an append-only JSONL file, one line per finished sample (ok or failed), flushed and
 fsync'd, keyed by (puzzle id, sample index, model) plus a hash of the prompt and of the sampling
@@ -237,7 +237,9 @@ def api_responder(base_url, model, api_key_env, cache_path, max_concurrency=8, t
     respond.usage sums over every call: prompt_tokens and completion_tokens of the samples returned
     (cached ones included: that is what the data set cost), requests (HTTP requests sent by this
     process), cached (samples served from the cache), failed (samples returned as failed).
-    respond.errors maps (puzzle id, sample index) to the error of each failed sample returned.
+    respond.errors maps (puzzle id, sample index) to the error of each failed sample returned;
+    respond.refused holds those of them the server refused outright (a 4xx other than 401/403/404, such
+    as a prompt too long or a content filter): asking again gives the same answer.
     respond.num_tokens holds the last call's completion token counts [puzzle][sample] (as the model
     responder's; reasoning tokens included; None for a failed sample or a server without usage).
     respond.pending(records, num_samples) is the set of (record index, sample index) a call would ask.
@@ -294,7 +296,8 @@ def api_responder(base_url, model, api_key_env, cache_path, max_concurrency=8, t
                 if stop.is_set():  # the run is stopping: no failure of ours goes in the cache
                     return None
                 if not exc.retryable or attempt == max_attempts:
-                    entry.update(ok=False, content=None, usage=None, attempts=attempt, error=error)
+                    entry.update(ok=False, content=None, usage=None, attempts=attempt, error=error,
+                                 refused=not exc.retryable)
                     save(entry)
                     return entry
                 stop.wait(backoff_delay(attempt, exc.retry_after, backoff_s, max_backoff_s))  # sleep, unless stopped
@@ -340,12 +343,14 @@ def api_responder(base_url, model, api_key_env, cache_path, max_concurrency=8, t
                 else:
                     respond.usage["failed"] += 1
                     respond.errors[(record["id"], k)] = entry["error"]
+                    if entry.get("refused"):
+                        respond.refused.add((record["id"], k))
                     texts[-1].append("")
                     respond.num_tokens[-1].append(None)
         return texts
 
     respond.usage = {"prompt_tokens": 0, "completion_tokens": 0, "requests": 0, "cached": 0, "failed": 0}
-    respond.errors, respond.num_tokens = {}, []
+    respond.errors, respond.refused, respond.num_tokens = {}, set(), []
     respond.model = model
     respond.pending = lambda records, num_samples: pending(records, num_samples, model, cache, retry_failed, settings)
     return respond

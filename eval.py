@@ -10,6 +10,8 @@ and writes, in --out-dir:
 A sample the api responder got no answer for (the server failed every attempt) is not scored: eval
 stops with one line saying how many failed and writes nothing. The answers received stay in the
 API cache, so a rerun asks only what is missing; --retry-failed also asks the failed ones again.
+A sample the server refused outright (a 4xx such as a prompt too long or a content filter, where
+asking again cannot help) is scored as malformed and counted in summary.json's "refused".
 
 Run (one process; the model responder uses cello's sampler on --device):
     python eval.py --puzzles test.jsonl --responder random independent expert --train train.jsonl --out-dir out/eval
@@ -44,9 +46,10 @@ def parse_args(argv=None):
     who.add_argument("--responder", nargs="+", default=["expert"], help=f"one or more of {', '.join(responders.NAMES)}")
     who.add_argument("--train", help="train puzzles JSONL (independent and expert learn marker scores from it)")
     who.add_argument("--num-samples", type=int, default=1, help="responses per puzzle (k > 1 also reports pass@k)")
-    who.add_argument("--temperature", type=float, default=0.0,
-                     help="expert: Gumbel noise scale (0 = deterministic); model: sampling temperature (0 = greedy); "
-                          "api: sampling temperature (0 = the server's default)")
+    who.add_argument("--temperature", type=float, default=None,
+                     help="expert: Gumbel noise scale (default 0 = deterministic); model: sampling temperature "
+                          "(default 0 = greedy); api: sent as given (default: none sent, the server's default; "
+                          "never sent to reasoning models)")
     who.add_argument("--seed", type=int, default=0, help="seed of random, expert and model sampling (>= 0)")
     model = parser.add_argument_group("model responder (a Hugging Face checkpoint folder)")
     model.add_argument("--model-path", help="checkpoint folder (config.json, weights, tokenizer)")
@@ -88,6 +91,7 @@ def parse_args(argv=None):
             fail("--responder model needs --model-path (a checkpoint folder)")
         if not os.path.isfile(os.path.join(args.model_path, "config.json")):
             fail(f"--model-path: not a Hugging Face model folder (no config.json): {args.model_path}")
+        cello.check_device(args.device, "eval.py")
     if "api" in args.responder and not (args.base_url and args.api_model):
         fail("--responder api needs --base-url and --api-model")
     return args
@@ -95,17 +99,18 @@ def parse_args(argv=None):
 
 def build(name, args, train_records):
     """The responder called name, with this run's options."""
+    local_temperature = args.temperature or 0.0  # eval's default for the local responders: deterministic
     if name in ("random", "independent", "expert"):
-        return responders.make_responder(name, train_records=train_records, temperature=args.temperature,
+        return responders.make_responder(name, train_records=train_records, temperature=local_temperature,
                                          seed=args.seed)
     if name == "model":
         return responders.make_responder("model", path=args.model_path, batch_size=args.batch_size,
-                                         max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                         max_new_tokens=args.max_new_tokens, temperature=local_temperature,
                                          top_p=args.top_p, device=args.device, seed=args.seed)
     try:
         return responders.make_responder("api", base_url=args.base_url, model=args.api_model,
                                          api_key_env=args.api_key_env, cache_path=api_cache(args),
-                                         max_concurrency=args.max_concurrency, temperature=args.temperature or None,
+                                         max_concurrency=args.max_concurrency, temperature=args.temperature,
                                          retry_failed=args.retry_failed)
     except ValueError as e:  # e.g. the key variable is unset (the message names the variable, never the key)
         fail(f"--responder api: {e}")
@@ -118,20 +123,30 @@ def api_cache(args):
 
 def check_answered(respond, total, args):
     """Exit with one line when the api responder got no answer for some samples: an outage is not the
-    model's error, so eval reports it instead of scoring it (the answers received are in the cache)."""
-    errors = getattr(respond, "errors", None)
-    if not errors:
-        return
-    (pid, k), error = min(errors.items())
-    first = " ".join(error.split())[:200]  # the server's text may span lines
-    fail(f"--responder api: {len(errors)} of {total} samples failed (no answer from the server; first: {pid!r} "
-         f"sample {k}: {first}); the answers received are cached in {api_cache(args)}: rerun with "
-         "--retry-failed to ask the failed ones again")
+    model's error, so eval reports it instead of scoring it (the answers received are in the cache).
+    A sample the server refused outright (respond.refused: say, a prompt too long for the model) is
+    scored as malformed instead, as asking again cannot help, unless it refused every sample: then
+    the request itself is wrong (say, a setting this model does not take)."""
+    errors = getattr(respond, "errors", {})
+    refused = getattr(respond, "refused", set())
+    unanswered = {key: error for key, error in errors.items() if key not in refused}
+    if unanswered or len(refused) == total:
+        (pid, k), error = min((unanswered or errors).items())
+        first = " ".join(error.split())[:200]  # the server's text may span lines
+        if unanswered:
+            fail(f"--responder api: {len(unanswered)} of {total} samples failed (no answer from the server; first: "
+                 f"{pid!r} sample {k}: {first}); the answers received are cached in {api_cache(args)}: rerun with "
+                 "--retry-failed to ask the failed ones again")
+        fail(f"--responder api: the server refused every sample (first: {pid!r} sample {k}: {first})")
+    if refused:
+        print(f"eval.py: api: the server refused {len(refused)} of {total} samples (first: "
+              f"{' '.join(errors[min(refused)].split())[:200]}); they are scored as malformed")
 
 
 def evaluate(respond, records, num_samples, batch_size, desc):
     """Answer and score every puzzle; returns prediction rows (one per response) in puzzle order.
-    A sample in respond.errors (the api responder got no answer) gets no row: it is not the model's."""
+    A sample in respond.errors (the api responder got no answer) gets no row, as it is not the model's,
+    unless it is in respond.refused (the server refused it outright): that one is scored as malformed."""
     rows = []
     bar = tqdm(total=len(records), desc=desc, unit="puzzle", file=sys.stderr)
     for start in range(0, len(records), batch_size):
@@ -139,11 +154,15 @@ def evaluate(respond, records, num_samples, batch_size, desc):
         texts = respond(chunk, num_samples)
         lengths = getattr(respond, "num_tokens", None) or [[None] * num_samples for _ in chunk]
         failed = getattr(respond, "errors", {})
+        refused = getattr(respond, "refused", set())
         for record, samples, counts in zip(chunk, texts, lengths):
             for k, (text, count) in enumerate(zip(samples, counts)):
-                if (record["id"], k) in failed:
+                key = (record["id"], k)
+                if key in failed and key not in refused:
                     continue
                 s = reward.score(text, record["answer"], num_tokens=count)
+                if key in refused:
+                    s["error"] = f"refused by the server: {failed[key]}"
                 rows.append({"id": record["id"], "sample": k, "response": text, "answer": record["answer"], **s})
         bar.update(len(chunk))
     bar.close()
@@ -167,7 +186,7 @@ def main(argv=None):
     records = cello.read_puzzles(args.puzzles, "--puzzles", "eval.py")[:args.limit]
     cello.check_unique_ids(records, "--puzzles", args.puzzles, "eval.py")
     train_records = cello.read_puzzles(args.train, "--train", "eval.py") if args.train else None
-    os.makedirs(args.out_dir, exist_ok=True)
+    cello.make_out_dir(args.out_dir, "eval.py")
     print(f"eval.py: {len(records)} puzzles from {args.puzzles}, {args.num_samples} sample(s) each")
 
     predictions, summary = [], {}
@@ -185,6 +204,7 @@ def main(argv=None):
         summary[name] = summarize(rows, args.num_samples)
         if getattr(respond, "usage", None):
             summary[name]["usage"] = dict(respond.usage)
+            summary[name]["refused"] = len(respond.refused)
 
     table = {name: m for name, m in summary.items()}
     for name, m in summary.items():

@@ -83,6 +83,7 @@ def test_cli_samples_and_pass_at_k(files, capsys):
     ("unknown", "eval.py: error: --responder: unknown responder 'oracle' (expected one of random, independent, expert, model, api)"),
     ("not-a-model", "eval.py: error: --model-path: not a Hugging Face model folder (no config.json): "),
     ("not-puzzles", "cells, candidates, answer"),  # "lacks field(s) [context, ]cells, ..."
+    ("bad-device", "eval.py: error: --device: expected a torch device such as cpu, cuda or cuda:1, got 'gpu'"),
 ])
 def test_cli_bad_input(files, case, message):
     out = files / "out"
@@ -91,12 +92,24 @@ def test_cli_bad_input(files, case, message):
             "no-train": ["--puzzles", str(files / "test.jsonl"), "--responder", "random", "expert"],
             "unknown": ["--puzzles", str(files / "test.jsonl"), "--responder", "oracle"],
             "not-a-model": ["--puzzles", str(files / "test.jsonl"), "--responder", "model", "--model-path", str(files)],
-            "not-puzzles": ["--puzzles", str(files / "bad.jsonl"), "--responder", "random"]}[case]
+            "not-puzzles": ["--puzzles", str(files / "bad.jsonl"), "--responder", "random"],
+            "bad-device": ["--puzzles", str(files / "test.jsonl"), "--responder", "model", "--model-path",
+                           str(files / "m"), "--device", "gpu"]}[case]
+    (files / "m").mkdir()
+    (files / "m" / "config.json").write_text("{}")
     with pytest.raises(SystemExit) as exit_info:  # sys.exit("...") prints that one line, exit status 1
         evaluate.main([*args, "--out-dir", str(out)])
     assert isinstance(exit_info.value.code, str) and "\n" not in exit_info.value.code
     assert message in exit_info.value.code
     assert not os.path.exists(out)
+
+
+def test_cli_out_dir_that_is_a_file(files):
+    (files / "taken").write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(["--puzzles", str(files / "test.jsonl"), "--responder", "random", "--out-dir",
+                       str(files / "taken")])
+    assert exit_info.value.code == f"eval.py: error: --out-dir {files / 'taken'}: cannot create the folder (File exists)"
 
 
 def test_cli_bad_input_exit_status(files):
@@ -107,8 +120,10 @@ def test_cli_bad_input_exit_status(files):
     assert result.stderr == "eval.py: error: --responder expert needs --train (train puzzles to learn marker scores from)\n"
 
 
-def test_cli_api_responder_on_loopback(files, monkeypatch):
-    """eval.py against a chat-completions server on loopback that answers the candidates in prompt order."""
+def start_echo_server(refuse=()):
+    """A chat-completions server on loopback that answers the candidates in prompt order, and refuses
+    (HTTP 400, as for a prompt too long) the puzzles whose X-Cello-Puzzle header is in refuse.
+    Returns (server, seen): seen collects (path, Authorization header, model, temperature) of every request."""
     import http.server
     import threading
 
@@ -117,13 +132,17 @@ def test_cli_api_responder_on_loopback(files, monkeypatch):
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_POST(self):
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            seen.append((self.path, self.headers.get("Authorization"), body["model"]))
-            user = body["messages"][-1]["content"]
-            candidates = user.split("Match the cells above to one of the following cell types:\n")[1].split("\n")
-            text = "<think>\nIn order.\n</think>\n<answer>" + " | ".join(candidates) + "</answer>"
-            data = json.dumps({"choices": [{"message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
-                               "usage": {"prompt_tokens": 100, "completion_tokens": 7}}).encode()
-            self.send_response(200)
+            seen.append((self.path, self.headers.get("Authorization"), body["model"], body.get("temperature")))
+            if self.headers.get("X-Cello-Puzzle") in refuse:
+                status, data = 400, b'{"error": {"message": "maximum context length exceeded"}}'
+            else:
+                user = body["messages"][-1]["content"]
+                candidates = user.split("Match the cells above to one of the following cell types:\n")[1].split("\n")
+                text = "<think>\nIn order.\n</think>\n<answer>" + " | ".join(candidates) + "</answer>"
+                status, data = 200, json.dumps({
+                    "choices": [{"message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": 100, "completion_tokens": 7}}).encode()
+            self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
@@ -133,8 +152,13 @@ def test_cli_api_responder_on_loopback(files, monkeypatch):
             pass
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, seen
+
+
+def test_cli_api_responder_on_loopback(files, monkeypatch):
+    """eval.py against a chat-completions server on loopback that answers the candidates in prompt order."""
+    server, seen = start_echo_server()
     monkeypatch.setenv("CELLO_TEST_KEY", "sk-test-123")
     try:
         out = files / "out"
@@ -144,13 +168,40 @@ def test_cli_api_responder_on_loopback(files, monkeypatch):
     finally:
         server.shutdown()
         server.server_close()
-    assert sorted(seen) == [("/v1/chat/completions", "Bearer sk-test-123", "echo")] * 2
+    assert sorted(seen) == [("/v1/chat/completions", "Bearer sk-test-123", "echo", None)] * 2  # server's temperature
     # p1: candidates X, Y = gold X, Y (2 of 2); p2: X, Y, Z against gold Z, X, Y (0 of 3).
     summary = json.load(open(out / "summary.json"))["api"]
     assert summary["cell_accuracy"] == pytest.approx(2 / 5) and summary["batch_accuracy"] == 0.5
     assert summary["usage"]["prompt_tokens"] == 200 and summary["usage"]["completion_tokens"] == 14
     for written in ("predictions.jsonl", "summary.json", "api_cache.jsonl"):  # the cache defaults to OUT_DIR
         assert "sk-test-123" not in (out / written).read_text()
+
+
+def test_cli_api_refused_samples_are_scored_malformed(files, capsys):
+    """A prompt the server refuses outright (HTTP 400) gets the same answer when asked again, so it counts
+    as a malformed answer instead of blocking the evaluation; a server that refuses every sample is a
+    setup error."""
+    server, seen = start_echo_server(refuse={"p1"})
+    argv = ["--puzzles", str(files / "test.jsonl"), "--responder", "api", "--api-key-env", "",
+            "--base-url", f"http://127.0.0.1:{server.server_port}/v1", "--api-model", "echo"]
+    try:
+        evaluate.main(argv + ["--out-dir", str(files / "out"), "--temperature", "0"])
+        assert len(seen) == 2  # a refusal is not retried
+        assert [t for *_, t in seen] == [0, 0]  # greedy asked for explicitly (the default sends none)
+        with pytest.raises(SystemExit) as exit_info:
+            evaluate.main(argv + ["--out-dir", str(files / "out1"), "--limit", "1"])
+    finally:
+        server.shutdown()
+        server.server_close()
+    # p1 refused: 0 of 2 cells; p2 answered X | Y | Z against gold Z | X | Y: 0 of 3; p2 is well formed.
+    summary = json.load(open(files / "out" / "summary.json"))["api"]
+    assert summary["refused"] == 1 and summary["format_validity"] == 0.5 and summary["count"] == 2
+    rows = {r["id"]: r for r in cello.read_jsonl(files / "out" / "predictions.jsonl")}
+    assert rows["p1"]["valid"] is False and rows["p1"]["error"].startswith("refused by the server: HTTP 400")
+    assert "the server refused 1 of 2 samples" in capsys.readouterr().out
+    assert exit_info.value.code.startswith("eval.py: error: --responder api: the server refused every sample "
+                                           "(first: 'p1' sample 0: HTTP 400")
+    assert not os.path.exists(files / "out1" / "summary.json")
 
 
 def test_cli_api_key_unset(files, monkeypatch):
