@@ -12,6 +12,8 @@ stops with one line saying how many failed and writes nothing. The answers recei
 API cache, so a rerun asks only what is missing; --retry-failed also asks the failed ones again.
 A sample the server refused outright (a 4xx such as a prompt too long or a content filter, where
 asking again cannot help) is scored as malformed and counted in summary.json's "refused".
+A killed model evaluation, run again with the same command, goes on where it stopped: its rows so
+far are kept, batch by batch, in OUT_DIR/.model-<hash>.partial.jsonl until the results are written.
 
 Run (one process; the model responder uses cello's sampler on --device):
     python eval.py --puzzles test.jsonl --responder random independent expert --train train.jsonl --out-dir out/eval
@@ -20,7 +22,9 @@ Run (one process; the model responder uses cello's sampler on --device):
         --api-model o1 --api-key-env OPENAI_API_KEY --out-dir out/eval_o1
 """
 import argparse
+import hashlib
 import importlib
+import json
 import os
 import sys
 
@@ -143,14 +147,49 @@ def check_answered(respond, total, args):
               f"{' '.join(errors[min(refused)].split())[:200]}); they are scored as malformed")
 
 
-def evaluate(respond, records, num_samples, batch_size, desc):
+def partial_path(args, records):
+    """OUT_DIR/.model-<hash>.partial.jsonl: the model responder's rows so far, for a resumed run. The hash
+    covers what the rows depend on (the puzzles, the checkpoint's files, the sampling settings), so a
+    changed run starts afresh instead of mixing in stale rows."""
+    stats = {f: os.stat(os.path.join(args.model_path, f)) for f in os.listdir(args.model_path)}
+    files = sorted((f, st.st_size, st.st_mtime_ns) for f, st in stats.items())
+    settings = [records, files, args.temperature, args.top_p, args.max_new_tokens, args.num_samples, args.seed,
+                args.batch_size]
+    sha = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    return os.path.join(args.out_dir, f".model-{sha}.partial.jsonl")
+
+
+def load_partial(path):
+    """{(id, sample): row} of a partial file; a line cut short by a kill is skipped (the last line of a key wins)."""
+    rows = {}
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                    rows[(row["id"], row["sample"])] = row
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    continue
+    return rows
+
+
+def evaluate(respond, records, num_samples, batch_size, desc, resume_path=None):
     """Answer and score every puzzle; returns prediction rows (one per response) in puzzle order.
     A sample in respond.errors (the api responder got no answer) gets no row, as it is not the model's,
-    unless it is in respond.refused (the server refused it outright): that one is scored as malformed."""
+    unless it is in respond.refused (the server refused it outright): that one is scored as malformed.
+    resume_path: each batch's rows are appended there (flushed and fsync'd) as they are scored, and a
+    batch whose rows are all there is not asked again, so a killed run goes on where it stopped. Greedy
+    rows come out the same; sampled ones are new draws, as the generator starts again at its seed."""
+    done = load_partial(resume_path) if resume_path else {}
     rows = []
     bar = tqdm(total=len(records), desc=desc, unit="puzzle", file=sys.stderr)
     for start in range(0, len(records), batch_size):
         chunk = records[start:start + batch_size]
+        keys = [(record["id"], k) for record in chunk for k in range(num_samples)]
+        if all(key in done for key in keys):
+            rows += [done[key] for key in keys]
+            bar.update(len(chunk))
+            continue
         texts = respond(chunk, num_samples)
         lengths = getattr(respond, "num_tokens", None) or [[None] * num_samples for _ in chunk]
         failed = getattr(respond, "errors", {})
@@ -164,6 +203,11 @@ def evaluate(respond, records, num_samples, batch_size, desc):
                 if key in refused:
                     s["error"] = f"refused by the server: {failed[key]}"
                 rows.append({"id": record["id"], "sample": k, "response": text, "answer": record["answer"], **s})
+        if resume_path:
+            with open(resume_path, "a", encoding="utf-8") as f:
+                f.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows[-len(keys):]))
+                f.flush()
+                os.fsync(f.fileno())
         bar.update(len(chunk))
     bar.close()
     return rows
@@ -195,8 +239,9 @@ def main(argv=None):
         # the api responder runs its own concurrent requests (and progress bar): give it every puzzle at once
         per_call = len(records) if name == "api" else args.batch_size
         fatal = (importlib.import_module("api").ApiError,) if name == "api" else ()  # loaded only when asked for
+        resume_path = partial_path(args, records) if name == "model" else None  # the api has its own cache
         try:
-            rows = evaluate(respond, records, args.num_samples, per_call, name)
+            rows = evaluate(respond, records, args.num_samples, per_call, name, resume_path)
         except fatal as e:  # wrong key, URL or model: every request would fail the same way
             fail(f"--responder api: {e}")
         check_answered(respond, len(records) * args.num_samples, args)
@@ -216,6 +261,9 @@ def main(argv=None):
             print(f"{name}: pass@{m['k']} (share of puzzles with a fully correct sample) = {100 * m['pass_at_k']:.1f}%")
     cello.write_jsonl_atomic(os.path.join(args.out_dir, "predictions.jsonl"), predictions)
     cello.write_json_atomic(os.path.join(args.out_dir, "summary.json"), summary)
+    for name in os.listdir(args.out_dir):  # the results are whole: the model's partial rows are not needed
+        if name.startswith(".model-") and name.endswith(".partial.jsonl"):
+            os.remove(os.path.join(args.out_dir, name))
     print(f"eval.py: wrote {args.out_dir}/predictions.jsonl and summary.json")
 
 

@@ -229,6 +229,30 @@ def test_cli_model_responder(files):
     assert summary["mean_length"] == pytest.approx(sum(r["num_tokens"] for r in rows) / 2)
     # an untrained model writes nothing well formed: every response is malformed and scores 0 cells
     assert summary["format_validity"] == 0.0 and summary["cell_accuracy"] == 0.0
+    assert not [n for n in os.listdir(out) if n.endswith(".partial.jsonl")]  # removed once the results are whole
+
+    # A run killed after its first batch (of one puzzle) goes on with the second: the first is not asked
+    # again, and the rows are the straight run's.
+    calls, sample = [], cello.sample
+
+    def sample_then_die(*args, **kwargs):
+        calls.append(len(args[1]))  # prompts in this batch
+        if len(calls) == 2 and die:
+            raise KeyboardInterrupt
+        return sample(*args, **kwargs)
+
+    argv = ["--puzzles", str(files / "test.jsonl"), "--responder", "model", "--model-path", path,
+            "--max-new-tokens", "6", "--batch-size", "1", "--out-dir", str(files / "resumed")]
+    die = True
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cello, "sample", sample_then_die)
+        with pytest.raises(KeyboardInterrupt):
+            evaluate.main(argv)
+        assert not os.path.exists(files / "resumed" / "predictions.jsonl")
+        die, calls[:] = False, []
+        evaluate.main(argv)
+    assert calls == [1]  # only p2 was asked
+    assert cello.read_jsonl(files / "resumed" / "predictions.jsonl") == rows
 
 
 @pytest.mark.parametrize("flag, value, expected", [
