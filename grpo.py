@@ -360,6 +360,16 @@ def rollout(model, prompts, step, first_position, args, stop_ids, pad_id, device
     return out
 
 
+def score_rollout(texts, lengths, answers, args):
+    """Rewards and advantages of one rollout. texts and lengths (tokens, stop token included) are
+    group-major [R = P * G]: response k answers puzzle k // G, whose gold labels are answers[k // G].
+    Returns (reward.score dicts [R], advantages [R] float32: the rewards normalised within each group)."""
+    G = args.group_size
+    scores = [reward.score(text, answers[k // G], num_tokens=n) for k, (text, n) in enumerate(zip(texts, lengths))]
+    rewards = torch.tensor([s["reward"] for s in scores], dtype=torch.float32)
+    return scores, group_advantages(rewards, G, scale_by_std=not args.no_std_scaling)
+
+
 def reference_logprobs(ref_model, prompts, responses, args):
     """Log-probs [R, L] (float32, on the CPU) of the responses under the frozen reference, no gradients."""
     with torch.no_grad(), cello.bf16_autocast(ref_model, args.bf16):
@@ -538,14 +548,10 @@ def main(argv=None):
         batch_prompts = [prompts[i] for i in mine]
         out = rollout(model, batch_prompts, step, first, args, stop_ids, tokenizer.pad_token_id, device)
         consumed += args.puzzles_per_step
-        # 2. reward
-        scores = []
-        for k, response in enumerate(out["responses"]):
-            text = cello.response_text(tokenizer, response, stop_ids)
-            scores.append(reward.score(text, train[mine[k // G]]["answer"], num_tokens=len(response)))
-        rewards = torch.tensor([s["reward"] for s in scores], dtype=torch.float32)
-        # 3. advantages, per group of G
-        advantages = group_advantages(rewards, G, scale_by_std=not args.no_std_scaling)
+        # 2. reward, and 3. advantages per group of G
+        texts = [cello.response_text(tokenizer, response, stop_ids) for response in out["responses"]]
+        scores, advantages = score_rollout(texts, [len(r) for r in out["responses"]],
+                                           [train[i]["answer"] for i in mine], args)
         old_logp, mask = pad_rows(out["logprobs"])
         t1 = time.time()
         # 4. reference log-probs (frozen model, no gradients)

@@ -444,6 +444,16 @@ def toy_score(text, answer, num_tokens=None):
     s["reward"] = text.count(" ") / (1 + len(text))
     return s
 grpo.reward.score = toy_score
+if os.environ.get("ROLLOUT_LOG"):  # what each step scored: lengths, gold answers, rewards
+    import json
+    score_rollout = grpo.score_rollout
+    def logged_score_rollout(texts, lengths, answers, args):
+        scores, advantages = score_rollout(texts, lengths, answers, args)
+        row = {{"lengths": lengths, "answers": answers, "rewards": [s["reward"] for s in scores]}}
+        with open(os.environ["ROLLOUT_LOG"], "a") as f:
+            f.write(json.dumps(row) + "\\n")
+        return scores, advantages
+    grpo.score_rollout = logged_score_rollout
 exit_after = int(os.environ.get("EXIT_AFTER_STEP", "0"))
 if exit_after:  # simulate a kill right after that step's metrics line, before its checkpoint
     append = grpo.cello.append_jsonl
@@ -537,11 +547,23 @@ def test_activation_checkpointing_refuses_a_model_with_dropout(toy_run, tmp_path
 
 @pytest.mark.slow
 def test_cli_runs_logs_and_checkpoints(toy_run, tmp_path):
+    # at a temperature other than 1, so that the update's and the reference's log-probs must use it too
+    # (else rho != 1 and kl != 0 at step 1)
     runner, d, flags = toy_run
     out = tmp_path / "run"
-    r = run_cli(runner, flags + ["--out-dir", str(out), "--steps", "3", "--save-every", "2"])
+    r = run_cli(runner, flags + ["--out-dir", str(out), "--steps", "3", "--save-every", "2", "--temperature", "0.7"],
+                env={"ROLLOUT_LOG": str(tmp_path / "rollouts.jsonl")})
     assert r.returncode == 0, r.stderr[-3000:]
     rows = read_metrics(out)
+    # each step scored its own puzzles, group-major (G = 4 responses per puzzle), and the logged
+    # length and zero-advantage share are those of its responses (stop token included in the length)
+    train_records, G = cello.read_jsonl(d / "train.jsonl"), 4
+    for step, (row, logged) in enumerate(zip(rows[1:], cello.read_jsonl(tmp_path / "rollouts.jsonl"))):
+        mine = grpo.step_puzzles(len(train_records), 2 * step, 2, 3)
+        assert logged["answers"] == [train_records[i]["answer"] for i in mine]
+        assert row["response_length"] == pytest.approx(sum(logged["lengths"]) / len(logged["lengths"]))
+        groups = [logged["rewards"][g:g + G] for g in range(0, len(logged["rewards"]), G)]
+        assert row["zero_adv_groups"] == sum(len(set(g)) == 1 for g in groups) / len(groups)
     assert [row["step"] for row in rows] == [0, 1, 2, 3]
     assert "val_batch_accuracy" in rows[0] and "val_cell_accuracy" in rows[2] and "val_count" in rows[3]
     train = rows[1:]
@@ -702,6 +724,49 @@ def test_micro_batches_and_minibatches_in_the_update(tiny, mode):
     args = update_args(path, "--group-size", "4", "--loss-agg", mode, "--minibatches", "2", "--mu", "2")
     grpo.policy_update(model, optimizer, batch, args)
     assert {int(s["step"]) for s in optimizer.state.values()} == {4}
+
+
+def test_score_rollout_pairs_each_group_with_its_puzzle(tiny):
+    """Responses are group-major: with G = 2, responses 0-1 answer puzzle 0 and 2-3 puzzle 1."""
+    _, path = tiny
+    answers = [["A", "B"], ["B", "A"]]
+    texts = ["<think>x</think>\n<answer>A | B</answer>",   # puzzle 0, right: 1.0
+             "<answer>A | B</answer>",                      # malformed (no think): -1.0
+             "<think>x</think>\n<answer>A | B</answer>",   # puzzle 1 (gold B | A), no cell right: 0.0
+             "<think>x</think>\n<answer>B | A</answer>"]   # puzzle 1, right: 1.0
+    scores, advantages = grpo.score_rollout(texts, [5, 6, 7, 8], answers, update_args(path, "--group-size", "2"))
+    assert [s["reward"] for s in scores] == [1.0, -1.0, 0.0, 1.0]
+    assert [s["num_tokens"] for s in scores] == [5, 6, 7, 8]
+    # unbiased std of a pair (a, b) is |a - b| / sqrt(2): each advantage is +-1 / sqrt(2) (less eps)
+    expected = [1 / math.sqrt(2) * sign for sign in (1, -1, -1, 1)]
+    assert advantages.tolist() == pytest.approx(expected, rel=1e-5)
+    _, advantages = grpo.score_rollout(texts, [5, 6, 7, 8], answers,
+                                       update_args(path, "--group-size", "2", "--no-std-scaling"))
+    assert advantages.tolist() == [1.0, -1.0, -0.5, 0.5]  # Dr. GRPO: r - mean(group)
+
+
+def test_policy_update_applies_the_clip_flags_and_reports_the_per_token_kl(tiny):
+    """rho and ref are set by hand: rho = 1.5 on the response with A > 0 (inside 1 + clip_high = 1.6,
+    outside the default 1.2) and 0.7 on the one with A < 0 (below 1 - clip_low = 0.8); ref = logp + 0.1
+    on every token, so k3 = exp(0.1) - 0.1 - 1 per token."""
+    records, path = tiny
+    tok = cello.load_tokenizer(path)
+    model = cello.load_model(path)
+    prompts = [cello.prompt_ids(tok, records[6])]
+    responses = [[100, 101, 102], [103, 104, 105]]
+    with torch.no_grad():
+        logp, mask = cello.response_logprobs(model, prompts, responses)
+    old = logp - torch.tensor([[math.log(1.5)], [math.log(0.7)]])
+    batch = {"prompts": prompts, "responses": responses, "old_logp": old, "mask": mask, "ref_logp": logp + 0.1,
+             "advantages": T([1.0, -1.0])}
+    args = update_args(path, "--group-size", "2", "--clip-low", "0.2", "--clip-high", "0.6")
+    metrics = grpo.policy_update(model, torch.optim.SGD(model.parameters(), lr=0.0), batch, args)
+    assert metrics["clip_frac_high"] == 0.0 and metrics["clip_frac_low"] == 0.5  # 3 of the 6 tokens
+    assert metrics["rho_mean"] == pytest.approx((1.5 + 0.7) / 2, rel=1e-5)
+    assert metrics["kl"] == pytest.approx(math.exp(0.1) - 0.1 - 1, rel=1e-4)
+    args = update_args(path, "--group-size", "2")  # symmetric 0.2: now 1.5 is clipped too
+    metrics = grpo.policy_update(model, torch.optim.SGD(model.parameters(), lr=0.0), batch, args)
+    assert metrics["clip_frac_high"] == 0.5 and metrics["clip_frac_low"] == 0.5
 
 
 def test_eos_is_a_trained_token(tiny):

@@ -112,6 +112,11 @@ def test_eos_stops_a_row_and_is_included_and_max_new_tokens_is_respected(model):
         else:
             assert response == full and not finished
     assert len(out["responses"][1]) <= 5 and out["responses"][1][-1] == eos
+    # a stop token drawn as the last token the budget allows ends a finished response, not a cut one
+    at = max(k for k in range(15) if free[1].index(free[1][k]) == k)  # the last step that draws a new token
+    stop = free[1][at]
+    last = cello.sample(model, PROMPTS, 1, at + 1, stop_ids=stop, pad_id=PAD, temperature=0)
+    assert last["responses"][1] == free[1][:at + 1] and last["finished"][1]
     short = cello.sample(model, PROMPTS, 3, 3, stop_ids=-1, pad_id=PAD, temperature=1.0)
     assert [len(r) for r in short["responses"]] == [3] * 12 and short["finished"] == [False] * 12
     assert cello.sample(model, PROMPTS, 2, 0, stop_ids=EOS, pad_id=PAD)["responses"] == [[]] * 8

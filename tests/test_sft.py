@@ -144,7 +144,10 @@ def test_altering_prompt_tokens_does_not_change_the_loss(tiny):
 
 def test_summed_loss_equals_naive_cross_entropy(tiny):
     tokenizer, model = cello.load_tokenizer(tiny), cello.load_model(tiny)
-    examples, _ = sft.tokenize(tokenizer, make_records(3), 10_000)
+    records = make_records(3)
+    for i, record in enumerate(records):  # responses of different lengths
+        record["response"] = record["response"].replace("<think>", "<think>" + "Cell by cell. " * i)
+    examples, _ = sft.tokenize(tokenizer, records, 10_000)
     ids, mask = sft.collate(examples, [0, 1, 2], tokenizer.pad_token_id)
     attention_mask = (ids != tokenizer.pad_token_id).long()  # the naive reference masks the padding
     with torch.no_grad():
@@ -152,6 +155,12 @@ def test_summed_loss_equals_naive_cross_entropy(tiny):
         nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
         torch.testing.assert_close(sft.summed_response_nll(model, ids, mask, "cpu"),
                                    (nll * mask[:, 1:]).sum(), rtol=1e-5, atol=1e-4)
+    # the validation loss is the token mean over all examples (micro-batches of 2 and 1 here), not a
+    # mean of per-example or per-batch means
+    token_mean = ((nll * mask[:, 1:]).sum() / mask[:, 1:].sum()).item()
+    assert len({sum(m) for _, m in examples}) > 1  # lengths differ, so the kind of mean matters
+    assert sft.validation_loss(model, examples, 0, 1, 2, tokenizer.pad_token_id, "cpu") == pytest.approx(token_mean,
+                                                                                                         rel=1e-5)
 
 
 def one_step(tiny, micro_batch_size):
