@@ -384,8 +384,11 @@ def load_model(path, device="cpu"):
 
     if not is_model_folder(path):
         sys.exit(f"cello: error: {path!r} is not a Hugging Face model folder (no config.json)")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa",
-                                                 local_files_only=True)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa",
+                                                     local_files_only=True)
+    except (OSError, ValueError) as e:  # no weights file, a config transformers cannot read, ...
+        sys.exit(f"cello: error: cannot load the model in {path!r} ({' '.join(str(e).split())[:300]})")
     return model.to(device)
 
 
@@ -400,7 +403,10 @@ def load_tokenizer(path):
 
     if not os.path.isfile(os.path.join(path, "tokenizer_config.json")):
         sys.exit(f"cello: error: {path!r} is not a Hugging Face folder with a tokenizer (no tokenizer_config.json)")
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:  # tokenizer.json missing or broken, ...
+        sys.exit(f"cello: error: cannot load the tokenizer in {path!r} ({' '.join(str(e).split())[:300]})")
     if tokenizer.chat_template is None or tokenizer.eos_token_id is None:
         sys.exit(f"cello: error: the tokenizer in {path!r} needs a chat template and an EOS token")
     if tokenizer.pad_token_id is None:
@@ -532,6 +538,8 @@ def _next_token(logits, temperature, top_p, generator):
         # Qwen's 152k vocabulary 4k-100k tokens, a total-variation error of ~1e-3 per token against the
         # log-probs returned here, which GRPO's ratio takes as the sampling distribution).
         cdf = probs.double().cumsum(-1)  # [b, V]
+        if not torch.isfinite(cdf[:, -1]).all():  # else searchsorted returns V: an index past the vocabulary
+            raise ValueError("cello.sample: the model's logits are not finite (diverged weights?)")
         u = (1 - torch.rand((len(probs), 1), generator=generator, device=probs.device, dtype=torch.float64))
         u = u * cdf[:, -1:]
         tokens = torch.searchsorted(cdf, u)[:, 0]
@@ -980,8 +988,17 @@ def keep_metrics_until(path, step):
     checkpoint a resumed run starts from; none for a fresh run, step 0 aside). Rows written after that
     checkpoint are dropped, because the resumed run writes them again."""
     if get_rank() == 0:
-        old = read_jsonl(path) if step > 0 and os.path.exists(path) else []
-        write_jsonl_atomic(path, [row for row in old if row["step"] <= step])
+        rows = []
+        if step > 0 and os.path.exists(path):
+            with open(path, encoding="utf-8", errors="replace") as f:
+                for line in f:
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError:  # a line cut short by a crash mid-write (newer than the checkpoint)
+                        continue
+                    if row["step"] <= step:
+                        rows.append(row)
+        write_jsonl_atomic(path, rows)
 
 
 def cleanup_distributed():
@@ -1133,13 +1150,26 @@ def save_checkpoint(out_dir, model, tokenizer, optimizer=None, scheduler=None, s
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        shutil.rmtree(old, ignore_errors=True)
+        # A kill between any two of these lines leaves a whole checkpoint (last or last.old) in place:
+        # the previous one is set aside only once the new one is written, and dropped only once the
+        # new one has its name (when a resume started from last.old there is no last to set aside).
         if os.path.exists(out_dir):
+            _remove_folder(old)
             os.replace(out_dir, old)
         os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
+        _remove_folder(old)
     if dist.is_initialized():
         dist.barrier()  # nobody reads the checkpoint before it is in place
+
+
+def _remove_folder(path):
+    """Delete a folder by renaming it first: a kill mid-delete never leaves a half folder under a
+    checkpoint's name."""
+    trash = path + ".trash"
+    shutil.rmtree(trash, ignore_errors=True)
+    if os.path.exists(path):
+        os.replace(path, trash)
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 def run_checkpoint(run_dir, resume, script):
@@ -1162,10 +1192,12 @@ def run_checkpoint(run_dir, resume, script):
     return None
 
 
-def load_resume(out_dir, model, optimizer=None, scheduler=None):
+def load_resume(out_dir, model, optimizer=None, scheduler=None, expect=None):
     """Restore a save_checkpoint folder into model (weights), optimizer, scheduler and this rank's RNG;
     returns the saved state dict (e.g. {"step": ..., ...}). Works for sharded and plain models; every
     rank must call it. Rank 0 reads the weights and optimizer state and broadcasts them to the shards.
+    expect: {key: value} the saved state must hold (say, the script and the --model of the run), so
+    that a checkpoint of another run is a one-line error, not a traceback or a silent mix.
     """
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                          set_optimizer_state_dict)
@@ -1174,6 +1206,10 @@ def load_resume(out_dir, model, optimizer=None, scheduler=None):
     if not os.path.isfile(path) or not is_checkpoint_complete(out_dir):
         sys.exit(f"cello: error: {out_dir} is not a resumable checkpoint (needs config.json and resume.pt)")
     resume = torch.load(path, map_location="cpu", weights_only=False)  # our own file: RNG states need pickle
+    for key, value in (expect or {}).items():
+        saved = resume["state"].get(key, "an unknown value (an older checkpoint)")
+        if saved != value:
+            sys.exit(f"cello: error: --resume: {out_dir} was saved with {key} {saved}, this run has {value}")
     rank, sharded = get_rank(), dist.is_initialized()
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=sharded)
     weights = {}
@@ -1182,7 +1218,10 @@ def load_resume(out_dir, model, optimizer=None, scheduler=None):
         tied = _tied_weight_names(model)
         if tied:
             weights[tied[0]] = weights[tied[1]]
-    set_model_state_dict(model, weights, options=options)
+    try:
+        set_model_state_dict(model, weights, options=options)
+    except RuntimeError as e:  # another architecture: "size mismatch for ...", "Missing key(s) ..."
+        sys.exit(f"cello: error: --resume: the weights in {out_dir} do not fit this model ({str(e).splitlines()[0]})")
     if optimizer is not None:
         optimizer_path = os.path.join(out_dir, "optimizer.pt")
         if not os.path.isfile(optimizer_path):

@@ -489,6 +489,10 @@ def main(argv=None):
         model_path = os.path.join(args.out_dir, f"{args.model}-init")
     else:
         model_path = cello.prepare_model(args.model, args.out_dir, train)
+    # a resumed run must start from the same model: the reference is rebuilt from it, not saved
+    # (a preset's folder is the run's own, so the run folder may move)
+    run_identity = {"script": "grpo.py",
+                    "model": args.model if args.model in cello.PRESETS else os.path.abspath(model_path)}
     tokenizer = cello.load_tokenizer(model_path)
     stop_ids = cello.stop_token_ids(model_path, tokenizer)
     model = cello.load_model(model_path, device)
@@ -524,7 +528,7 @@ def main(argv=None):
     step, consumed = 0, 0
     metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
     if args.resume:
-        state = cello.load_resume(resume_dir, model, optimizer, scheduler)
+        state = cello.load_resume(resume_dir, model, optimizer, scheduler, expect=run_identity)
         step, consumed = state["step"], state["consumed"]
     cello.keep_metrics_until(metrics_path, step)
     if rank == 0:
@@ -592,7 +596,7 @@ def main(argv=None):
                             zero_groups=f"{zero_groups:.2f}", s=f"{row['time_step']:.1f}")
         if (step + 1) % args.save_every == 0 or last:
             cello.save_checkpoint(last_dir, model, tokenizer, optimizer, scheduler,
-                                  state={"step": step + 1, "consumed": consumed})
+                                  state={"step": step + 1, "consumed": consumed, **run_identity})
     cello.save_checkpoint(final_dir, model, tokenizer)
     cello.print0(f"grpo.py: final policy in {final_dir}")
     cello.cleanup_distributed()

@@ -133,7 +133,8 @@ def train_step(model, optimizer, scheduler, examples, micro_batches, num_tokens,
     loss = sum of response-token NLLs over the global batch / num_tokens (its response tokens over
     all micro-batches and ranks). Each rank backpropagates its sum / num_tokens * world_size because
     FSDP2 averages gradients over ranks; the average of the ranks' gradients is then the gradient of
-    the global loss.
+    the global loss. A non-finite loss or gradient norm stops the run before optimizer.step touches
+    the weights (so no NaN reaches a checkpoint).
     """
     model.train()
     loss_sum = torch.zeros((), device=device)
@@ -145,6 +146,10 @@ def train_step(model, optimizer, scheduler, examples, micro_batches, num_tokens,
     if world_size > 1:
         dist.all_reduce(loss_sum)
     grad_norm = cello.clip_grad_norm(model.parameters(), max_grad_norm)
+    if not (torch.isfinite(loss_sum) and math.isfinite(grad_norm)):  # both global: every rank stops alike
+        sys.exit(f"sft.py: error: non-finite loss or gradient (loss {loss_sum.item() / num_tokens}, grad norm "
+                 f"{grad_norm}); the weights were not updated. Lower --lr, or check the model and data; the "
+                 "last checkpoint (--out-dir/last) is intact.")
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
@@ -256,6 +261,8 @@ def main(argv=None):
                      f"than --max-length {args.max_length} tokens")
     if not train:
         sys.exit(f"sft.py: error: no training example fits --max-length {args.max_length}")
+    if val_records and not val:  # a validation set asked for, then silently gone, would hide overfitting
+        sys.exit(f"sft.py: error: no validation example fits --max-length {args.max_length}")
     lengths = [len(ids) for ids, _ in train]
     steps_per_epoch = math.ceil(len(train) / args.batch_size)
     total_steps = args.max_steps or args.epochs * steps_per_epoch
@@ -273,7 +280,7 @@ def main(argv=None):
     step = 0
     metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
     if args.resume:
-        step = cello.load_resume(resume_dir, model, optimizer, scheduler)["step"]
+        step = cello.load_resume(resume_dir, model, optimizer, scheduler, expect={"script": "sft.py"})["step"]
         cello.print0(f"sft.py: resuming at step {step + 1} from {resume_dir}")
     cello.keep_metrics_until(metrics_path, step)
 
@@ -305,7 +312,8 @@ def main(argv=None):
         progress.set_postfix(loss=f"{loss:.4f}", **({"val": f"{row['val_loss']:.4f}"} if "val_loss" in row else {}))
         if step % args.save_every == 0 and step < total_steps:
             cello.save_checkpoint(last_dir, model, tokenizer, optimizer, scheduler,
-                                  state={"step": step, "epoch": epoch, "batch_in_epoch": position + 1})
+                                  state={"step": step, "epoch": epoch, "batch_in_epoch": position + 1,
+                                         "script": "sft.py"})
     progress.close()
     cello.save_checkpoint(final_dir, model, tokenizer)
     cello.print0(f"sft.py: final model in {final_dir}")

@@ -149,6 +149,42 @@ def test_load_resume_of_a_plain_model_folder_is_one_clear_error(model_dir):
         cello.load_resume(model_dir, cello.load_model(model_dir))
 
 
+def test_load_resume_refuses_another_run_or_another_architecture(model_dir, tmp_path):
+    """A checkpoint of another script or starting model, or weights of another shape: one line each."""
+    out = str(tmp_path / "last")
+    model = cello.load_model(model_dir)
+    cello.save_checkpoint(out, model, cello.load_tokenizer(model_dir), state={"step": 3, "script": "sft.py"})
+    with pytest.raises(SystemExit) as stop:
+        cello.load_resume(out, model, expect={"script": "grpo.py"})
+    assert stop.value.code == f"cello: error: --resume: {out} was saved with script sft.py, this run has grpo.py"
+    assert cello.load_resume(out, model, expect={"script": "sft.py"}) == {"step": 3, "script": "sft.py"}
+    other = cello.load_model(cello.build_model("small", str(tmp_path / "small"), RECORDS, seed=0))
+    with pytest.raises(SystemExit) as stop:
+        cello.load_resume(out, other)
+    assert stop.value.code.startswith(f"cello: error: --resume: the weights in {out} do not fit this model (")
+    assert "\n" not in stop.value.code
+
+
+def test_keep_metrics_until_skips_a_row_cut_short_by_a_crash(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+    cello.keep_metrics_until(str(path), 2)
+    assert cello.read_jsonl(path) == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]
+
+
+def test_a_model_folder_without_weights_or_tokenizer_file_is_one_clear_error(model_dir, tmp_path):
+    import shutil
+
+    for missing, loader, what in [("model.safetensors", cello.load_model, "model"),
+                                  ("tokenizer.json", cello.load_tokenizer, "tokenizer")]:
+        folder = tmp_path / f"no-{missing}"
+        shutil.copytree(model_dir, folder)
+        os.remove(folder / missing)
+        with pytest.raises(SystemExit) as stop:
+            loader(str(folder))
+        assert stop.value.code.startswith(f"cello: error: cannot load the {what} in '{folder}' (")
+
+
 @pytest.mark.slow
 def test_two_process_fsdp2_matches_one_process(model_dir, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
@@ -254,3 +290,20 @@ def test_run_checkpoint_resumes_last_or_last_old_and_a_fresh_run_refuses_an_old_
         cello.run_checkpoint(run, False, "sft.py")
     assert stop.value.code == (f"sft.py: error: --out-dir {run} holds an earlier run's checkpoint (last.old/): pass "
                                "--resume to continue that run, or choose another --out-dir")
+    # The run resumed from last.old saves its next checkpoint and is killed as it renames it into place:
+    # last.old must still be there (it once was deleted first, leaving only last.tmp: nothing to resume).
+    real_replace = os.replace
+
+    def killed_at_the_rename(src, dst):
+        if src.endswith("last.tmp"):
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(cello.os, "replace", killed_at_the_rename)
+        with pytest.raises(KeyboardInterrupt):
+            cello.save_checkpoint(f"{run}/last", model, cello.load_tokenizer(model_dir), optimizer, state={"step": 5})
+    assert cello.run_checkpoint(run, True, "sft.py") == f"{run}/last.old"
+    assert cello.load_resume(f"{run}/last.old", model, optimizer) == {"step": 4}
+    cello.save_checkpoint(f"{run}/last", model, cello.load_tokenizer(model_dir), optimizer, state={"step": 5})
+    assert sorted(os.listdir(run)) == ["last"] and cello.load_resume(f"{run}/last", model, optimizer) == {"step": 5}

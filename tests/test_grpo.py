@@ -578,7 +578,9 @@ def test_cli_runs_logs_and_checkpoints(toy_run, tmp_path):
     assert all(1.0 < row["entropy"] < math.log(1024) + 1e-3 for row in train)
     with open(out / "last" / "config.json") as f:
         assert json.load(f)["model_type"] == "llama"
-    assert torch.load(out / "last" / "resume.pt", weights_only=False)["state"] == {"step": 3, "consumed": 6}
+    model_path = flags[flags.index("--model") + 1]
+    assert torch.load(out / "last" / "resume.pt", weights_only=False)["state"] == {
+        "step": 3, "consumed": 6, "script": "grpo.py", "model": model_path}
     assert os.path.isfile(out / "final" / "model.safetensors")
 
 
@@ -791,6 +793,20 @@ def test_eos_is_a_trained_token(tiny):
     args = update_args(path, "--group-size", "2", "--beta", "0")
     grpo.policy_update(model, torch.optim.AdamW(model.parameters(), lr=1e-2), batch, args)
     assert logp_eos() > before + 0.1
+
+
+def test_resume_with_another_starting_model_is_refused(toy_run, tmp_path):
+    """The reference model is rebuilt from --model on resume: another model would change it silently."""
+    runner, d, flags = toy_run
+    out = str(tmp_path / "run")
+    grpo.main(flags + ["--out-dir", out, "--steps", "1", "--eval-every", "0", "--beta", "0"])
+    other = cello.build_model("tiny", str(tmp_path / "other"), cello.read_jsonl(d / "train.jsonl"), seed=1)
+    model_at = flags.index("--model") + 1
+    with pytest.raises(SystemExit) as stop:
+        grpo.main(flags[:model_at] + [other] + flags[model_at + 1:] +
+                  ["--out-dir", out, "--steps", "2", "--eval-every", "0", "--beta", "0", "--resume"])
+    assert stop.value.code == (f"cello: error: --resume: {out}/last was saved with model {flags[model_at]}, "
+                               f"this run has {other}")
 
 
 def test_beta_zero_builds_no_reference_model(toy_run, tmp_path, monkeypatch):

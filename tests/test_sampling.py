@@ -122,6 +122,15 @@ def test_eos_stops_a_row_and_is_included_and_max_new_tokens_is_respected(model):
     assert cello.sample(model, PROMPTS, 2, 0, stop_ids=EOS, pad_id=PAD)["responses"] == [[]] * 8
 
 
+def test_a_model_with_non_finite_logits_is_a_clear_error():
+    broken = tiny_llama()
+    with torch.no_grad():
+        broken.lm_head.weight[3, 0] = float("inf")  # inf * 0 and inf - inf: NaN logits
+        broken.lm_head.weight[3, 1] = -float("inf")
+    with pytest.raises(ValueError, match="the model's logits are not finite"):
+        cello.sample(broken, PROMPTS, 2, 4, stop_ids=EOS, pad_id=PAD, temperature=1.0)
+
+
 def test_seeded_sampling_is_reproducible_and_seed_dependent(model):
     def run(seed):
         return cello.sample(model, PROMPTS, 3, 12, stop_ids=EOS, pad_id=PAD, temperature=1.0, top_p=0.95,

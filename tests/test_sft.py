@@ -354,6 +354,30 @@ def test_examples_longer_than_max_length_are_skipped_or_refused(tmp_path, capsys
                   "--val-fraction", "0"])
     assert str(exit_info.value.code) == "sft.py: error: no training example fits --max-length 20"
     assert "skipped 4 training and 0 validation examples longer than --max-length 20 tokens" in capsys.readouterr().out
+    # a validation file whose examples are all too long would leave the run without a validation loss
+    records = make_records(4)
+    long = [dict(r, response=r["response"].replace("<think>", "<think>" + "Cell by cell. " * 60)) for r in records]
+    with pytest.raises(SystemExit) as exit_info:
+        sft.main(["--data", data, "--val-data", write(tmp_path / "val.jsonl", long), "--model", "tiny",
+                  "--out-dir", str(tmp_path / "out2"), "--max-length", "400"])
+    assert str(exit_info.value.code) == "sft.py: error: no validation example fits --max-length 400"
+
+
+def test_a_non_finite_loss_stops_before_the_weights_change(tiny):
+    tokenizer, model = cello.load_tokenizer(tiny), cello.load_model(tiny)
+    examples, _ = sft.tokenize(tokenizer, make_records(2), 10_000)
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] = float("nan")  # every logit row holds a NaN: the loss is NaN
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    num_tokens = sum(sum(mask) for _, mask in examples)
+    with pytest.raises(SystemExit) as exit_info:
+        sft.train_step(model, optimizer, scheduler, examples, [[0, 1]], num_tokens, tokenizer.pad_token_id, "cpu", 1,
+                       max_grad_norm=1.0)
+    assert str(exit_info.value.code).startswith("sft.py: error: non-finite loss or gradient (loss nan")
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, before[name], rtol=0, atol=0, equal_nan=True)
 
 
 @pytest.mark.parametrize("flags, message", [
