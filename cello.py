@@ -1206,10 +1206,10 @@ def load_resume(out_dir, model, optimizer=None, scheduler=None, expect=None):
     if not os.path.isfile(path) or not is_checkpoint_complete(out_dir):
         sys.exit(f"cello: error: {out_dir} is not a resumable checkpoint (needs config.json and resume.pt)")
     resume = torch.load(path, map_location="cpu", weights_only=False)  # our own file: RNG states need pickle
-    for key, value in (expect or {}).items():
-        saved = resume["state"].get(key, "an unknown value (an older checkpoint)")
-        if saved != value:
-            sys.exit(f"cello: error: --resume: {out_dir} was saved with {key} {saved}, this run has {value}")
+    for key, value in (expect or {}).items():  # (a checkpoint older than these keys is not checked)
+        if key in resume["state"] and resume["state"][key] != value:
+            sys.exit(f"cello: error: --resume: {out_dir} was saved with {key} {resume['state'][key]}, "
+                     f"this run has {value}")
     rank, sharded = get_rank(), dist.is_initialized()
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=sharded)
     weights = {}

@@ -158,6 +158,7 @@ def test_load_resume_refuses_another_run_or_another_architecture(model_dir, tmp_
         cello.load_resume(out, model, expect={"script": "grpo.py"})
     assert stop.value.code == f"cello: error: --resume: {out} was saved with script sft.py, this run has grpo.py"
     assert cello.load_resume(out, model, expect={"script": "sft.py"}) == {"step": 3, "script": "sft.py"}
+    assert cello.load_resume(out, model, expect={"model": "small"}) == {"step": 3, "script": "sft.py"}  # not saved
     other = cello.load_model(cello.build_model("small", str(tmp_path / "small"), RECORDS, seed=0))
     with pytest.raises(SystemExit) as stop:
         cello.load_resume(out, other)
