@@ -259,6 +259,13 @@ def build(args):
 
     # Cell types, donors, batches and context, one value per cell.
     cell_types = [present(v) for v in column(args.cell_type_key, "--cell-type-key")]
+    by_norm = defaultdict(set)  # the reward compares labels stripped and case-insensitively
+    for t in set(cell_types) - {None}:
+        by_norm[reward.norm_label(t)].add(t)
+    clashes = sorted(sorted(names) for names in by_norm.values() if len(names) > 1)
+    if clashes:
+        fail(f"--cell-type-key {args.cell_type_key!r}: cell types {clashes[0]} differ only in case or surrounding "
+             "spaces, which the reward counts as one label: merge them in the file first")
     # A missing donor (NaN, "unknown", ...) is None, never a donor named "nan": such cells are left out below,
     # as pooling them would make puzzles that mix real donors and a fake donor that counts for the split.
     donors = [stem] * adata.n_obs if args.donor_key == "none" else [present(v) for v in column(args.donor_key, "--donor-key")]

@@ -387,6 +387,15 @@ def test_not_an_h5ad(tmp_path):
     expect_error(tmp_path, path, FLAGS, "text.h5ad: not a readable .h5ad file")
 
 
+def test_cell_types_that_differ_only_in_case_are_refused(tmp_path):
+    """"T cell" and "t cell" would be two candidates that the reward counts as one label."""
+    types = [f"type {t}, subtype" for d in range(4) for t in range(5) for _ in range(3)]  # cellxgene_like's
+    types[-1] = "TYPE 4, subtype"
+    path, _ = cellxgene_like(tmp_path / "f.h5ad", obs={"cell_type": types})
+    expect_error(tmp_path, path, FLAGS, "--cell-type-key 'cell_type': cell types ['TYPE 4, subtype', 'type 4, subtype']",
+                 "differ only in case or surrounding spaces")
+
+
 def test_missing_obs_key_lists_keys(tmp_path):
     path, _ = cellxgene_like(tmp_path / "f.h5ad")
     expect_error(tmp_path, path, FLAGS + ["--cell-type-key", "celltype"],
