@@ -14,8 +14,9 @@ One request per sample (sample k of puzzle p), max_concurrency requests in fligh
 httpx.Client). A request is retried with exponential backoff and jitter on 429, 408, 5xx, timeouts,
 connection errors and broken or malformed bodies, honouring Retry-After; after max_attempts the sample
 is recorded as failed (with its error), not lost, and the run goes on. 401/403/404 (wrong key, URL or
-model) stop the run: every other request would fail the same way. Other 4xx (say, a prompt too long)
-fail that sample at once, marked refused: retrying cannot help.
+model) and 402 (no credit) stop the run: every other request would fail the same way. Other 4xx fail
+that sample at once, as retrying cannot help; 400, 413 and 422 (say, a prompt too long or a content
+filter) mark it refused: that request is refused, not the server down.
 
 The cache is an append-only JSONL file, one line per finished sample (ok or failed), flushed and
 fsync'd, keyed by (puzzle id, sample index, model) plus a hash of the prompt and of the sampling
@@ -51,7 +52,8 @@ REASONING_NAME = re.compile(r"^(o\d+)(-|$)|^gpt-5")
 # The first reasoning models refuse a system message: its text goes in front of the user message.
 NO_SYSTEM_NAME = re.compile(r"^o1-(mini|preview)")
 RETRY_STATUS = {408, 409, 425, 429}  # plus every 5xx
-FATAL_STATUS = {401, 403, 404}       # wrong key, URL or model: stop the run
+FATAL_STATUS = {401, 402, 403, 404}  # wrong key, URL or model, or no credit left: stop the run
+REFUSED_STATUS = {400, 413, 422}     # this request refused (too long, filtered): asking again gets the same
 
 
 def _base_name(model):
@@ -184,9 +186,9 @@ def pending(records, num_samples, model, cache, retry_failed=False, settings=Non
 class ApiError(Exception):
     """One failed request: retryable (with the server's Retry-After, if any) or not; fatal stops the run."""
 
-    def __init__(self, message, retryable, retry_after=None, fatal=False):
+    def __init__(self, message, retryable, retry_after=None, fatal=False, refused=False):
         super().__init__(message)
-        self.retryable, self.retry_after, self.fatal = retryable, retry_after, fatal
+        self.retryable, self.retry_after, self.fatal, self.refused = retryable, retry_after, fatal, refused
 
 
 def post_once(client, url, headers, body, secret=None):
@@ -205,7 +207,7 @@ def post_once(client, url, headers, body, secret=None):
         retry_after = parse_retry_after(response.headers.get("retry-after"))
         if status in RETRY_STATUS or status >= 500:
             raise ApiError(message, retryable=True, retry_after=retry_after)
-        raise ApiError(message, retryable=False, fatal=status in FATAL_STATUS)
+        raise ApiError(message, retryable=False, fatal=status in FATAL_STATUS, refused=status in REFUSED_STATUS)
     try:
         data = response.json()
         choice = data["choices"][0]
@@ -238,13 +240,13 @@ def api_responder(base_url, model, api_key_env, cache_path, max_concurrency=8, t
     (cached ones included: that is what the data set cost), requests (HTTP requests sent by this
     process), cached (samples served from the cache), failed (samples returned as failed).
     respond.errors maps (puzzle id, sample index) to the error of each failed sample returned;
-    respond.refused holds those of them the server refused outright (a 4xx other than 401/403/404, such
-    as a prompt too long or a content filter): asking again gives the same answer.
+    respond.refused holds those of them the server refused outright (HTTP 400, 413 or 422, such as a
+    prompt too long or a content filter): asking again gives the same answer.
     respond.num_tokens holds the last call's completion token counts [puzzle][sample] (as the model
     responder's; reasoning tokens included; None for a failed sample or a server without usage).
     respond.pending(records, num_samples) is the set of (record index, sample index) a call would ask.
     Raises ValueError when the key variable is unset or the cache cannot be written (both before any
-    request), ApiError on a fatal answer (401/403/404).
+    request), ApiError on a fatal answer (401/402/403/404).
     """
     secret = None
     if api_key_env:
@@ -297,7 +299,7 @@ def api_responder(base_url, model, api_key_env, cache_path, max_concurrency=8, t
                     return None
                 if not exc.retryable or attempt == max_attempts:
                     entry.update(ok=False, content=None, usage=None, attempts=attempt, error=error,
-                                 refused=not exc.retryable)
+                                 refused=exc.refused)
                     save(entry)
                     return entry
                 stop.wait(backoff_delay(attempt, exc.retry_after, backoff_s, max_backoff_s))  # sleep, unless stopped

@@ -13,6 +13,7 @@ Run the whole pipeline on the bundled data (2-core CPU, under 15 minutes):
     python cello.py demo
 """
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -202,13 +203,17 @@ def make_out_dir(path, script, flag="--out-dir"):
 
 
 def check_device(device, script, flag="--device"):
-    """Exit with one line unless device names a torch device that this machine and torch build have."""
+    """Exit with one line unless device is cpu, or a cuda device this machine and torch build have."""
     try:
-        kind = torch.device(device).type
+        parsed = torch.device(device)
     except RuntimeError:
-        sys.exit(f"{script}: error: {flag}: expected a torch device such as cpu, cuda or cuda:1, got {device!r}")
-    if kind == "cuda" and not torch.cuda.is_available():
+        parsed = None
+    if parsed is None or parsed.type not in ("cpu", "cuda"):
+        sys.exit(f"{script}: error: {flag}: expected cpu, cuda or cuda:N, got {device!r}")
+    if parsed.type == "cuda" and not torch.cuda.is_available():
         sys.exit(f"{script}: error: {flag} {device}: no CUDA device here (or a CPU-only torch build)")
+    if parsed.type == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():
+        sys.exit(f"{script}: error: {flag} {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
 def is_str_list(value):
@@ -390,6 +395,27 @@ def load_model(path, device="cpu"):
     except (OSError, ValueError) as e:  # no weights file, a config transformers cannot read, ...
         sys.exit(f"cello: error: cannot load the model in {path!r} ({' '.join(str(e).split())[:300]})")
     return model.to(device)
+
+
+def model_fingerprint(path):
+    """A short hash of a model folder's content (config, tokenizer, weights), the same wherever the
+    folder lies: small files whole, large ones (weights) by size and their first and last MiB, which
+    differ between any two trainings or seeds. Cheap for a 7B folder (it reads ~2 MiB per shard)."""
+    h = hashlib.sha256()
+    for name in sorted(os.listdir(path)):
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            continue
+        size = os.path.getsize(file)
+        h.update(f"{name}\0{size}\0".encode())
+        with open(file, "rb") as f:
+            if size <= 2 << 20:
+                h.update(f.read())
+            else:
+                h.update(f.read(1 << 20))
+                f.seek(-(1 << 20), os.SEEK_END)
+                h.update(f.read())
+    return h.hexdigest()[:16]
 
 
 def load_tokenizer(path):
@@ -1111,7 +1137,8 @@ def save_checkpoint(out_dir, model, tokenizer, optimizer=None, scheduler=None, s
     Works for sharded (FSDP2) and plain models; every rank must call it. The full state dicts are
     gathered to rank 0's CPU, which writes everything into out_dir + ".tmp" and then renames it into
     place, so a crash never leaves a half-written folder under out_dir. An older checkpoint there is
-    replaced (it survives as out_dir + ".old" only if a crash hits between the two renames). out_dir
+    replaced (it survives as out_dir + ".old" if a crash hits between the renames and its deletion;
+    run_checkpoint resumes from it when out_dir is missing). out_dir
     belongs to the checkpoint: a non-empty folder that is not a checkpoint is refused, not deleted.
     """
     from huggingface_hub import save_torch_state_dict

@@ -116,7 +116,7 @@ def ask_teacher(respond, records, num_samples, teacher):
     if teacher == "api":
         try:
             return respond(records, num_samples), respond.num_tokens
-        except api.ApiError as exc:  # 401/403/404: the message is already redacted
+        except api.ApiError as exc:  # 401/402/403/404: the message is already redacted
             sys.exit(f"distill.py: error: {exc}")
     texts, counts = [], []
     with tqdm(total=len(records), desc=f"{teacher} teacher", unit="puzzle") as bar:

@@ -10,7 +10,7 @@ and writes, in --out-dir:
 A sample the api responder got no answer for (the server failed every attempt) is not scored: eval
 stops with one line saying how many failed and writes nothing. The answers received stay in the
 API cache, so a rerun asks only what is missing; --retry-failed also asks the failed ones again.
-A sample the server refused outright (a 4xx such as a prompt too long or a content filter, where
+A sample the server refused outright (HTTP 400, 413 or 422: a prompt too long, a content filter, where
 asking again cannot help) is scored as malformed and counted in summary.json's "refused".
 A killed model evaluation, run again with the same command, goes on where it stopped: its rows so
 far are kept, batch by batch, in OUT_DIR/.model-<hash>.partial.jsonl until the results are written.
@@ -151,10 +151,8 @@ def partial_path(args, records):
     """OUT_DIR/.model-<hash>.partial.jsonl: the model responder's rows so far, for a resumed run. The hash
     covers what the rows depend on (the puzzles, the checkpoint's files, the sampling settings), so a
     changed run starts afresh instead of mixing in stale rows."""
-    stats = {f: os.stat(os.path.join(args.model_path, f)) for f in os.listdir(args.model_path)}
-    files = sorted((f, st.st_size, st.st_mtime_ns) for f, st in stats.items())
-    settings = [records, files, args.temperature, args.top_p, args.max_new_tokens, args.num_samples, args.seed,
-                args.batch_size]
+    settings = [records, cello.model_fingerprint(args.model_path), args.temperature, args.top_p,
+                args.max_new_tokens, args.num_samples, args.seed, args.batch_size]
     sha = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     return os.path.join(args.out_dir, f".model-{sha}.partial.jsonl")
 
@@ -187,7 +185,11 @@ def evaluate(respond, records, num_samples, batch_size, desc, resume_path=None):
         chunk = records[start:start + batch_size]
         keys = [(record["id"], k) for record in chunk for k in range(num_samples)]
         if all(key in done for key in keys):
-            rows += [done[key] for key in keys]
+            for record in chunk:  # scored again, so that a fix of the reward reaches rows written before it
+                for k in range(num_samples):
+                    row = done[(record["id"], k)]
+                    score = reward.score(row["response"], record["answer"], num_tokens=row["num_tokens"])
+                    rows.append({**row, **score})
             bar.update(len(chunk))
             continue
         texts = respond(chunk, num_samples)

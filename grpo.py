@@ -427,7 +427,7 @@ def policy_update(model, optimizer, batch, args, world_size=1):
             if bad_ranks or not math.isfinite(grad_norm):
                 sys.exit(f"grpo.py: error: non-finite loss or gradient (loss finite on all ranks: {not bad_ranks}, "
                          f"grad norm {grad_norm}); the weights were not updated. Lower --lr, or check the "
-                         "model and data; the last checkpoint (--out-dir/last) is intact.")
+                         "model and data; a checkpoint saved before this step (--out-dir/last, if any) is intact.")
             optimizer.step()
             losses.append(cello.all_reduce(mb_loss))
             grad_norms.append(grad_norm)
@@ -489,10 +489,11 @@ def main(argv=None):
         model_path = os.path.join(args.out_dir, f"{args.model}-init")
     else:
         model_path = cello.prepare_model(args.model, args.out_dir, train)
-    # a resumed run must start from the same model: the reference is rebuilt from it, not saved
-    # (a preset's folder is the run's own, so the run folder may move)
-    run_identity = {"script": "grpo.py",
-                    "model": args.model if args.model in cello.PRESETS else os.path.abspath(model_path)}
+    # a resumed run must start from the same model (by content: the folders may have moved), as the
+    # reference is rebuilt from it, not saved; without a reference (beta 0) only last/ matters
+    run_identity = {"script": "grpo.py"}
+    if args.beta > 0:
+        run_identity["model"] = cello.model_fingerprint(model_path)
     tokenizer = cello.load_tokenizer(model_path)
     stop_ids = cello.stop_token_ids(model_path, tokenizer)
     model = cello.load_model(model_path, device)

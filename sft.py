@@ -148,8 +148,8 @@ def train_step(model, optimizer, scheduler, examples, micro_batches, num_tokens,
     grad_norm = cello.clip_grad_norm(model.parameters(), max_grad_norm)
     if not (torch.isfinite(loss_sum) and math.isfinite(grad_norm)):  # both global: every rank stops alike
         sys.exit(f"sft.py: error: non-finite loss or gradient (loss {loss_sum.item() / num_tokens}, grad norm "
-                 f"{grad_norm}); the weights were not updated. Lower --lr, or check the model and data; the "
-                 "last checkpoint (--out-dir/last) is intact.")
+                 f"{grad_norm}); the weights were not updated. Lower --lr, or check the model and data; a "
+                 "checkpoint saved before this step (--out-dir/last, if any) is intact.")
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)

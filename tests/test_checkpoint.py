@@ -166,6 +166,15 @@ def test_load_resume_refuses_another_run_or_another_architecture(model_dir, tmp_
     assert "\n" not in stop.value.code
 
 
+def test_model_fingerprint_follows_the_content_not_the_place(model_dir, tmp_path):
+    import shutil
+
+    moved = shutil.copytree(model_dir, tmp_path / "moved")
+    assert cello.model_fingerprint(str(moved)) == cello.model_fingerprint(model_dir)
+    other = cello.build_model("tiny", str(tmp_path / "seed1"), RECORDS, seed=1)  # same shapes, other weights
+    assert cello.model_fingerprint(other) != cello.model_fingerprint(model_dir)
+
+
 def test_keep_metrics_until_skips_a_row_cut_short_by_a_crash(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')

@@ -83,7 +83,8 @@ def test_cli_samples_and_pass_at_k(files, capsys):
     ("unknown", "eval.py: error: --responder: unknown responder 'oracle' (expected one of random, independent, expert, model, api)"),
     ("not-a-model", "eval.py: error: --model-path: not a Hugging Face model folder (no config.json): "),
     ("not-puzzles", "cells, candidates, answer"),  # "lacks field(s) [context, ]cells, ..."
-    ("bad-device", "eval.py: error: --device: expected a torch device such as cpu, cuda or cuda:1, got 'gpu'"),
+    ("bad-device", "eval.py: error: --device: expected cpu, cuda or cuda:N, got 'gpu'"),
+    ("mps-device", "eval.py: error: --device: expected cpu, cuda or cuda:N, got 'mps'"),
 ])
 def test_cli_bad_input(files, case, message):
     out = files / "out"
@@ -94,7 +95,9 @@ def test_cli_bad_input(files, case, message):
             "not-a-model": ["--puzzles", str(files / "test.jsonl"), "--responder", "model", "--model-path", str(files)],
             "not-puzzles": ["--puzzles", str(files / "bad.jsonl"), "--responder", "random"],
             "bad-device": ["--puzzles", str(files / "test.jsonl"), "--responder", "model", "--model-path",
-                           str(files / "m"), "--device", "gpu"]}[case]
+                           str(files / "m"), "--device", "gpu"],
+            "mps-device": ["--puzzles", str(files / "test.jsonl"), "--responder", "model", "--model-path",
+                           str(files / "m"), "--device", "mps"]}[case]
     (files / "m").mkdir()
     (files / "m" / "config.json").write_text("{}")
     with pytest.raises(SystemExit) as exit_info:  # sys.exit("...") prints that one line, exit status 1
@@ -120,9 +123,9 @@ def test_cli_bad_input_exit_status(files):
     assert result.stderr == "eval.py: error: --responder expert needs --train (train puzzles to learn marker scores from)\n"
 
 
-def start_echo_server(refuse=()):
+def start_echo_server(refuse=(), status=400):
     """A chat-completions server on loopback that answers the candidates in prompt order, and refuses
-    (HTTP 400, as for a prompt too long) the puzzles whose X-Cello-Puzzle header is in refuse.
+    (HTTP status: 400 as for a prompt too long) the puzzles whose X-Cello-Puzzle header is in refuse.
     Returns (server, seen): seen collects (path, Authorization header, model, temperature) of every request."""
     import http.server
     import threading
@@ -134,15 +137,15 @@ def start_echo_server(refuse=()):
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             seen.append((self.path, self.headers.get("Authorization"), body["model"], body.get("temperature")))
             if self.headers.get("X-Cello-Puzzle") in refuse:
-                status, data = 400, b'{"error": {"message": "maximum context length exceeded"}}'
+                code, data = status, b'{"error": {"message": "maximum context length exceeded"}}'
             else:
                 user = body["messages"][-1]["content"]
                 candidates = user.split("Match the cells above to one of the following cell types:\n")[1].split("\n")
                 text = "<think>\nIn order.\n</think>\n<answer>" + " | ".join(candidates) + "</answer>"
-                status, data = 200, json.dumps({
+                code, data = 200, json.dumps({
                     "choices": [{"message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
                     "usage": {"prompt_tokens": 100, "completion_tokens": 7}}).encode()
-            self.send_response(status)
+            self.send_response(code)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
@@ -202,6 +205,18 @@ def test_cli_api_refused_samples_are_scored_malformed(files, capsys):
     assert exit_info.value.code.startswith("eval.py: error: --responder api: the server refused every sample "
                                            "(first: 'p1' sample 0: HTTP 400")
     assert not os.path.exists(files / "out1" / "summary.json")
+    # 402 (no credit left) is no refusal of the prompt: it stops the run, and nothing is scored
+    server, seen = start_echo_server(refuse={"p2"}, status=402)
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            evaluate.main(["--puzzles", str(files / "test.jsonl"), "--responder", "api", "--api-key-env", "",
+                           "--base-url", f"http://127.0.0.1:{server.server_port}/v1", "--api-model", "echo",
+                           "--out-dir", str(files / "out402")])
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert exit_info.value.code.startswith("eval.py: error: --responder api: ") and "HTTP 402" in exit_info.value.code
+    assert not os.path.exists(files / "out402" / "summary.json")
 
 
 def test_cli_api_key_unset(files, monkeypatch):
@@ -242,16 +257,21 @@ def test_cli_model_responder(files):
         return sample(*args, **kwargs)
 
     argv = ["--puzzles", str(files / "test.jsonl"), "--responder", "model", "--model-path", path,
-            "--max-new-tokens", "6", "--batch-size", "1", "--out-dir", str(files / "resumed")]
-    die = True
+            "--batch-size", "1", "--out-dir", str(files / "resumed")]
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(cello, "sample", sample_then_die)
-        with pytest.raises(KeyboardInterrupt):
-            evaluate.main(argv)
-        assert not os.path.exists(files / "resumed" / "predictions.jsonl")
-        die, calls[:] = False, []
-        evaluate.main(argv)
-    assert calls == [1]  # only p2 was asked
+        for tokens, dies, asked in [("6", True, None), ("5", False, [1, 1]),  # other settings: both asked again
+                                    ("6", True, None), ("6", False, [1])]:    # the same command: only p2
+            die, calls[:] = dies, []
+            if dies:
+                with pytest.raises(KeyboardInterrupt):
+                    evaluate.main(argv + ["--max-new-tokens", tokens])
+                assert not os.path.exists(files / "resumed" / "predictions.jsonl")
+            else:
+                evaluate.main(argv + ["--max-new-tokens", tokens])
+                assert calls == asked
+                if tokens == "5":
+                    os.remove(files / "resumed" / "predictions.jsonl")
     assert cello.read_jsonl(files / "resumed" / "predictions.jsonl") == rows
 
 

@@ -580,7 +580,7 @@ def test_cli_runs_logs_and_checkpoints(toy_run, tmp_path):
         assert json.load(f)["model_type"] == "llama"
     model_path = flags[flags.index("--model") + 1]
     assert torch.load(out / "last" / "resume.pt", weights_only=False)["state"] == {
-        "step": 3, "consumed": 6, "script": "grpo.py", "model": model_path}
+        "step": 3, "consumed": 6, "script": "grpo.py", "model": cello.model_fingerprint(model_path)}
     assert os.path.isfile(out / "final" / "model.safetensors")
 
 
@@ -795,18 +795,27 @@ def test_eos_is_a_trained_token(tiny):
     assert logp_eos() > before + 0.1
 
 
-def test_resume_with_another_starting_model_is_refused(toy_run, tmp_path):
-    """The reference model is rebuilt from --model on resume: another model would change it silently."""
+def test_resume_with_another_starting_model_is_refused_a_moved_one_is_not(toy_run, tmp_path):
+    """The reference model is rebuilt from --model on resume: another model would change it silently.
+    The model is known by its content, so a run whose folders moved still resumes."""
     runner, d, flags = toy_run
-    out = str(tmp_path / "run")
-    grpo.main(flags + ["--out-dir", out, "--steps", "1", "--eval-every", "0", "--beta", "0"])
-    other = cello.build_model("tiny", str(tmp_path / "other"), cello.read_jsonl(d / "train.jsonl"), seed=1)
     model_at = flags.index("--model") + 1
+
+    def with_model(path):
+        return flags[:model_at] + [path] + flags[model_at + 1:]
+
+    out = str(tmp_path / "run")
+    grpo.main(flags + ["--out-dir", out, "--steps", "1", "--eval-every", "0"])
+    other = cello.build_model("tiny", str(tmp_path / "other"), cello.read_jsonl(d / "train.jsonl"), seed=1)
     with pytest.raises(SystemExit) as stop:
-        grpo.main(flags[:model_at] + [other] + flags[model_at + 1:] +
-                  ["--out-dir", out, "--steps", "2", "--eval-every", "0", "--beta", "0", "--resume"])
-    assert stop.value.code == (f"cello: error: --resume: {out}/last was saved with model {flags[model_at]}, "
-                               f"this run has {other}")
+        grpo.main(with_model(other) + ["--out-dir", out, "--steps", "2", "--eval-every", "0", "--resume"])
+    assert stop.value.code == (f"cello: error: --resume: {out}/last was saved with model "
+                               f"{cello.model_fingerprint(flags[model_at])}, this run has {cello.model_fingerprint(other)}")
+    moved = shutil.copytree(flags[model_at], tmp_path / "moved-model")
+    shutil.copytree(out, tmp_path / "moved-run")
+    grpo.main(with_model(str(moved)) + ["--out-dir", str(tmp_path / "moved-run"), "--steps", "2", "--eval-every", "0",
+                                        "--resume"])
+    assert [row["step"] for row in read_metrics(tmp_path / "moved-run")] == [1, 2]
 
 
 def test_beta_zero_builds_no_reference_model(toy_run, tmp_path, monkeypatch):
