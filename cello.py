@@ -92,10 +92,20 @@ def read_json(path):
         return json.load(f)
 
 
-def read_jsonl(path):
-    """All JSON objects of a JSONL file, one per non-empty line."""
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+def read_jsonl(path, skip_broken=False):
+    """All JSON objects of a JSONL file, one per non-empty line. skip_broken: leave out lines that do
+    not parse (a line cut short by a crash mid-write, in files that are appended to as a run goes)."""
+    rows = []
+    with open(path, encoding="utf-8", errors="replace" if skip_broken else "strict") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                if not skip_broken:
+                    raise
+    return rows
 
 
 def read_puzzles(path, flag, script, need_response=False):
@@ -1014,17 +1024,8 @@ def keep_metrics_until(path, step):
     checkpoint a resumed run starts from; none for a fresh run, step 0 aside). Rows written after that
     checkpoint are dropped, because the resumed run writes them again."""
     if get_rank() == 0:
-        rows = []
-        if step > 0 and os.path.exists(path):
-            with open(path, encoding="utf-8", errors="replace") as f:
-                for line in f:
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError:  # a line cut short by a crash mid-write (newer than the checkpoint)
-                        continue
-                    if row["step"] <= step:
-                        rows.append(row)
-        write_jsonl_atomic(path, rows)
+        old = read_jsonl(path, skip_broken=True) if step > 0 and os.path.exists(path) else []
+        write_jsonl_atomic(path, [row for row in old if row["step"] <= step])
 
 
 def cleanup_distributed():

@@ -159,16 +159,8 @@ def partial_path(args, records):
 
 def load_partial(path):
     """{(id, sample): row} of a partial file; a line cut short by a kill is skipped (the last line of a key wins)."""
-    rows = {}
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    row = json.loads(line)
-                    rows[(row["id"], row["sample"])] = row
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    continue
-    return rows
+    rows = cello.read_jsonl(path, skip_broken=True) if os.path.exists(path) else []
+    return {(row["id"], row["sample"]): row for row in rows}
 
 
 def evaluate(respond, records, num_samples, batch_size, desc, resume_path=None):

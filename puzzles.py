@@ -435,7 +435,8 @@ def build(args):
 
 
 def make_dir(path, flag):
-    """Create a folder (and its parents), or fail with one line saying why not."""
+    """Create a folder (and its parents), or fail with one line saying why not. (cello.make_out_dir's
+    twin: importing cello would load torch, which `build` does without.)"""
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as e:
