@@ -235,6 +235,8 @@ def write_text_atomic(path, text):
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
         f.write(text)
+        f.flush()
+        os.fsync(f.fileno())  # the text on disk before the new name points at it
     os.replace(tmp, path)
 
 
@@ -1179,6 +1181,7 @@ def save_checkpoint(out_dir, model, tokenizer, optimizer=None, scheduler=None, s
                     torch.save(optimizer_state, os.path.join(tmp, "optimizer.pt"))
                 torch.save({"state": state or {}, "scheduler": scheduler.state_dict() if scheduler else None,
                             "rng": rngs, "world_size": get_world_size()}, os.path.join(tmp, "resume.pt"))
+            _fsync_folder(tmp)  # on disk before the rename, so a power cut cannot leave empty files behind it
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -1189,9 +1192,25 @@ def save_checkpoint(out_dir, model, tokenizer, optimizer=None, scheduler=None, s
             _remove_folder(old)
             os.replace(out_dir, old)
         os.replace(tmp, out_dir)
+        _fsync_folder(os.path.dirname(os.path.abspath(out_dir)), files=False)  # the renames themselves
         _remove_folder(old)
     if dist.is_initialized():
         dist.barrier()  # nobody reads the checkpoint before it is in place
+
+
+def _fsync_folder(path, files=True):
+    """Flush path's files (when files) and then the folder's own entries to disk."""
+    if files:
+        for name in os.listdir(path):
+            if not os.path.isfile(os.path.join(path, name)):
+                continue
+            with open(os.path.join(path, name), "rb") as f:
+                os.fsync(f.fileno())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _remove_folder(path):

@@ -135,6 +135,30 @@ def test_crash_mid_save_leaves_no_checkpoint_that_looks_whole(model_dir, tmp_pat
     assert cello.load_resume(out, *train_setup(model_dir)) == {"step": 1}
 
 
+def test_every_checkpoint_file_is_on_disk_before_the_rename_names_it(model_dir, tmp_path, monkeypatch):
+    """A power cut after the rename must not find a whole-looking folder of empty files: every file
+    is fsync'd while still under the temporary name, then the parent folder (the renames)."""
+    out = str(tmp_path / "ckpt")
+    model, optimizer, scheduler = train_setup(model_dir)
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", os.path.abspath(src)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(cello.os, "fsync", fsync)
+    monkeypatch.setattr(cello.os, "replace", replace)
+    cello.save_checkpoint(out, model, cello.load_tokenizer(model_dir), optimizer, scheduler, state={"step": 1})
+    rename = events.index(("replace", out + ".tmp"))
+    synced = {os.path.basename(path) for kind, path in events[:rename] if kind == "fsync"}
+    assert set(os.listdir(out)) | {"ckpt.tmp"} <= synced  # each file, and the folder itself
+    assert ("fsync", str(tmp_path)) in events[rename:]
+
+
 def test_refuses_to_replace_a_folder_that_is_not_a_checkpoint(model_dir, tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "metrics.jsonl").write_text("{}\n")
