@@ -10,7 +10,8 @@
    and forward + backward (the policy), on the same speed model, ~1,200-token prompts.
 3. SFT step: forward + backward of sft.py's response loss for the `small` preset's shape (random
    weights) on a demo-shaped batch (8 sequences, ~450 tokens, the last ~160 the response), in float32
-   and under bf16 autocast (sft.py --bf16 in one process: float32 weights, bf16 matmuls).
+   and under bf16 autocast (sft.py --bf16 in one process: float32 weights, bf16 matmuls); and in float32
+   with the log-prob head cello had before 2026-12-03 (the target's logit minus logsumexp).
 4. Memory: peak resident memory (Linux VmHWM, reset through /proc/self/clear_refs) of cello's chunked
    log-probs against the naive log_softmax(model(...).logits) for a model with a 152k vocabulary,
    without and with backward.
@@ -208,19 +209,29 @@ if "sft" in parts:
           f"{args.sft_batch} x {min(lengths)}-{max(lengths)} tokens, {args.sft_response_len} with loss, "
           f"{args.threads} thread(s), AVX512-BF16: {getattr(torch.cpu, '_is_avx512_bf16_supported', lambda: '?')()}")
 
-    def sft_step(bf16):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            nll = sft.summed_response_nll(model, input_ids, loss_mask, "cpu")
-        nll.backward()
+    def logsumexp_head(lm_head, hidden, targets, temperature):
+        """cello._chunk_logprobs before 2026-12-03: the target's logit minus logsumexp (same values)."""
+        logits = lm_head(hidden).float() / temperature
+        return logits.gather(-1, targets[:, None])[:, 0] - logits.logsumexp(-1)
+
+    def sft_step(bf16, head=cello._chunk_logprobs):
+        cello._chunk_logprobs, kept = head, cello._chunk_logprobs
+        try:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                nll = sft.summed_response_nll(model, input_ids, loss_mask, "cpu")
+            nll.backward()
+        finally:
+            cello._chunk_logprobs = kept
         model.zero_grad()
         return nll.item() / loss_mask.sum().item()
 
-    times, results = interleaved({"float32": lambda: sft_step(False), "bf16 autocast": lambda: sft_step(True)},
-                                 args.repeats)
+    times, results = interleaved({"float32": lambda: sft_step(False), "bf16 autocast": lambda: sft_step(True),
+                                  "float32, logsumexp head": lambda: sft_step(False, logsumexp_head)}, args.repeats)
     tokens = int(lengths.sum())
     for method, seconds in times.items():
-        print(f"  {method:15s} {seconds:6.3f} s per step, {tokens / seconds:8.0f} tokens/s, loss {results[method]:.4f}")
+        print(f"  {method:25s} {seconds:6.3f} s per step, {tokens / seconds:8.0f} tokens/s, loss {results[method]:.4f}")
     print(f"  float32 / bf16 autocast = {times['float32'] / times['bf16 autocast']:.2f}x")
+    print(f"  float32, log_softmax head / logsumexp head = {times['float32'] / times['float32, logsumexp head']:.2f}x")
 
 
 def resident_kib(field):
