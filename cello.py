@@ -1321,7 +1321,7 @@ def demo_stages(out, data, sft_steps, grpo_steps):
                                      "--samples", "4", "--out-dir", f"{out}/distill", "--yes"],
          f"{out}/distill/report.json"),
         # sft.py's and grpo.py's defaults are the demo's recipe. SFT: the model learns to copy prompt lines
-        # (val loss ~0.6 -> ~0.1) around step 1,200-1,500, and only while the learning rate is still high,
+        # (val loss ~0.6 -> ~0.1) somewhere in steps 900-1,500, and only while the learning rate is still high,
         # so it stays constant after warmup (EXPERIMENTS.md: "What moved the SFT row"); val loss and checkpoints
         # every 100 steps (at 20 they cost a sixth of the stage).
         ("SFT the small model", ["sft.py", "--data", f"{out}/distill/sft.jsonl", "--model", "small",
