@@ -450,6 +450,8 @@ def write_all_atomic(out_dir, outputs):
         for name, text in outputs.items():
             with open(tmp[name], "w") as f:
                 f.write(text)
+                f.flush()
+                os.fsync(f.fileno())  # on disk before the new name points at it
         for name in outputs:
             os.replace(tmp[name], os.path.join(out_dir, name))
     finally:  # whatever failed, no temporary file stays behind (after the renames none is left)
