@@ -201,6 +201,8 @@ def model_responder(path, batch_size=8, max_new_tokens=1024, temperature=0.0, to
 
     import cello
 
+    if torch.device(device).type == "cpu":
+        cello.keep_freed_memory()
     model = cello.load_model(path, device=device)
     model.eval()
     tokenizer = cello.load_tokenizer(path)
