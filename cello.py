@@ -956,8 +956,8 @@ def keep_freed_memory():
     By default glibc maps blocks over its mmap threshold (128 KB at start, raised to the largest one
     freed so far) straight from the kernel and unmaps them when freed, and trims free memory off the
     top of its heap. Each step's tensors (their sizes vary with the batch's lengths) then arrive as
-    fresh pages that the kernel faults in and zeroes again: ~40,000 faults per demo GRPO step, ~8,000 per SFT
-    step. Kept, both steps run ~5% faster on this project's machine (BENCHMARKS.md), with
+    fresh pages that the kernel faults in and zeroes again: ~40,000 faults per demo GRPO step, ~8,000
+    per SFT step. Kept, both steps run ~5% faster on this project's machine (BENCHMARKS.md), with
     bit-identical results. A no-op where the C library is not glibc. Returns whether glibc took all
     three settings.
     """
@@ -965,14 +965,15 @@ def keep_freed_memory():
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):
         return False
-    return all([mallopt(-3, 32 << 20) == 1,    # M_MMAP_THRESHOLD: blocks up to 32 MiB (glibc's own top) from the heap
+    return all([mallopt(-3, 32 << 20) == 1,    # M_MMAP_THRESHOLD: blocks up to 32 MiB come from the heap
                 mallopt(-1, 1 << 30) == 1,     # M_TRIM_THRESHOLD: keep up to 1 GiB of free heap, not trim it
                 mallopt(-2, 256 << 20) == 1])  # M_TOP_PAD: grow the heap 256 MiB at a time, not page by page
 
 
 def setup_distributed():
     """Start the process group under torchrun (RANK / WORLD_SIZE set): nccl on this rank's GPU, gloo
-    on CPU. Returns (rank, world_size, device); a plain run is (0, 1, cuda or cpu)."""
+    on CPU (where freed memory is kept first: keep_freed_memory). Returns (rank, world_size, device);
+    a plain run is (0, 1, cuda or cpu)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if not torch.cuda.is_available():
         keep_freed_memory()
