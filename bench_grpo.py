@@ -70,6 +70,8 @@ records = cello.read_jsonl(args.data)
 model_path = cello.prepare_model(args.model, args.work_dir, records)
 tokenizer = cello.load_tokenizer(model_path)
 device = torch.device(args.device)
+if device.type == "cpu":
+    cello.keep_freed_memory()  # as grpo.py does on CPU (cello.setup_distributed)
 policy = cello.load_model(model_path, device).eval()
 ref_model = copy.deepcopy(policy).requires_grad_(False)
 start_weights = copy.deepcopy(policy.state_dict())
