@@ -9,9 +9,11 @@
    (shared_prompt=True) against the per-sequence reference, forward only (GRPO's reference model)
    and forward + backward (the policy), on the same speed model, ~1,200-token prompts.
 3. SFT step: forward + backward of sft.py's response loss for the `small` preset's shape (random
-   weights) on a demo-shaped batch (8 sequences, ~450 tokens, the last ~160 the response), in float32
-   and under bf16 autocast (sft.py --bf16 in one process: float32 weights, bf16 matmuls); and in float32
-   with the log-prob head cello had before 2026-12-03 (the target's logit minus logsumexp).
+   weights) on a demo-shaped batch (8 sequences, ~450 tokens, the first 187 shared as the demo's
+   system message is, the last ~160 the response), in float32 and under bf16 autocast (sft.py --bf16 in
+   one process: float32 weights, bf16 matmuls); in float32 with the log-prob head cello had before
+   2026-12-03 (the target's logit minus logsumexp); and in float32 per-sequence, each row whole, as
+   sft.py computed its loss before it ran the shared prefix once.
 4. Memory: peak resident memory (Linux VmHWM, reset through /proc/self/clear_refs) of cello's chunked
    log-probs against the naive log_softmax(model(...).logits) for a model with a 152k vocabulary,
    without and with backward.
@@ -60,6 +62,8 @@ step = parser.add_argument_group("sft: one SFT forward + backward, float32 again
 step.add_argument("--sft-batch", type=int, default=8, help="sequences per step (the demo: 8)")
 step.add_argument("--sft-len", type=int, default=450, help="mean sequence length in tokens (+-10%%)")
 step.add_argument("--sft-response-len", type=int, default=160, help="response tokens (with loss) per sequence")
+step.add_argument("--sft-prefix-len", type=int, default=187,
+                  help="leading tokens all sequences share (the demo's system message and context: 187)")
 memory = parser.add_argument_group("memory: chunked against naive log-probs")
 memory.add_argument("--memory-vocab", type=int, default=152064, help="vocabulary size (Qwen2.5: 152064)")
 memory.add_argument("--memory-batch", type=int, default=2, help="sequences")
@@ -202,11 +206,14 @@ if "sft" in parts:
     model = LlamaForCausalLM(LlamaConfig(**cello.PRESETS["small"], tie_word_embeddings=True))
     g = torch.Generator().manual_seed(args.seed)
     lengths = torch.randint(int(args.sft_len * 0.9), int(args.sft_len * 1.1) + 1, (args.sft_batch,), generator=g)
-    examples = [(torch.randint(2, cello.PRESETS["small"]["vocab_size"], (int(k),), generator=g).tolist(),
+    vocab = cello.PRESETS["small"]["vocab_size"]
+    prefix = torch.randint(2, vocab, (args.sft_prefix_len,), generator=g).tolist()
+    examples = [(prefix + torch.randint(2, vocab, (int(k) - args.sft_prefix_len,), generator=g).tolist(),
                  [0] * (int(k) - args.sft_response_len) + [1] * args.sft_response_len) for k in lengths]
-    input_ids, loss_mask = sft.collate(examples, range(len(examples)), 0)
+    num_tokens = sum(sum(mask) for _, mask in examples)
     print(f"\n== sft: the small preset's shape ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters), "
-          f"{args.sft_batch} x {min(lengths)}-{max(lengths)} tokens, {args.sft_response_len} with loss, "
+          f"{args.sft_batch} x {min(lengths)}-{max(lengths)} tokens, the first {args.sft_prefix_len} shared, "
+          f"{args.sft_response_len} with loss, "
           f"{args.threads} thread(s), AVX512-BF16: {getattr(torch.cpu, '_is_avx512_bf16_supported', lambda: '?')()}")
 
     def logsumexp_head(lm_head, hidden, targets, temperature):
@@ -214,24 +221,35 @@ if "sft" in parts:
         logits = lm_head(hidden).float() / temperature
         return logits.gather(-1, targets[:, None])[:, 0] - logits.logsumexp(-1)
 
-    def sft_step(bf16, head=cello._chunk_logprobs):
+    def per_sequence_nll(model, rows):
+        """sft.summed_response_nll before the shared prefix: every row whole, right-padded, with an
+        all-ones attention mask (sdpa's is_causal path); the head on response positions only."""
+        ids, _ = cello.right_pad([r for r, _ in rows])
+        wanted = cello.right_pad([m for _, m in rows])[0][:, 1:].bool()
+        hidden = cello._final_hidden(model, input_ids=ids, attention_mask=torch.ones_like(ids))
+        return -cello._logprobs_of(model, hidden[:, :-1][wanted], ids[:, 1:][wanted], 1.0, None).sum()
+
+    def sft_step(bf16, head=cello._chunk_logprobs, loss=sft.summed_response_nll):
         cello._chunk_logprobs, kept = head, cello._chunk_logprobs
         try:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                nll = sft.summed_response_nll(model, input_ids, loss_mask, "cpu")
+                nll = loss(model, examples)
             nll.backward()
         finally:
             cello._chunk_logprobs = kept
         model.zero_grad()
-        return nll.item() / loss_mask.sum().item()
+        return nll.item() / num_tokens
 
     times, results = interleaved({"float32": lambda: sft_step(False), "bf16 autocast": lambda: sft_step(True),
-                                  "float32, logsumexp head": lambda: sft_step(False, logsumexp_head)}, args.repeats)
+                                  "float32, logsumexp head": lambda: sft_step(False, logsumexp_head),
+                                  "float32, per-sequence": lambda: sft_step(False, loss=per_sequence_nll)},
+                                 args.repeats)
     tokens = int(lengths.sum())
     for method, seconds in times.items():
         print(f"  {method:25s} {seconds:6.3f} s per step, {tokens / seconds:8.0f} tokens/s, loss {results[method]:.4f}")
     print(f"  float32 / bf16 autocast = {times['float32'] / times['bf16 autocast']:.2f}x")
     print(f"  float32, log_softmax head / logsumexp head = {times['float32'] / times['float32, logsumexp head']:.2f}x")
+    print(f"  float32, shared prefix / per-sequence = {times['float32'] / times['float32, per-sequence']:.2f}x")
 
 
 def resident_kib(field):

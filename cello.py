@@ -785,26 +785,17 @@ def _logprobs_of(model, hidden, targets, temperature, chunk_size):
     return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
 
 
-def token_logprobs(model, input_ids, attention_mask, temperature=1.0, chunk_size=None, target_mask=None):
+def token_logprobs(model, input_ids, attention_mask, temperature=1.0, chunk_size=None):
     """Per-token log-probs: out[b, t] = log softmax(logits[b, t] / T)[input_ids[b, t + 1]].
 
     input_ids, attention_mask: [B, T] (left or right padding). Returns [B, T - 1] float32, 0 where
-    token t + 1 is padding, or outside target_mask [B, T] when given (e.g. SFT's loss mask: the
-    output projection then runs on response positions only). The [B, T, V] float32 logits never
-    exist: only chunks of positions do.
+    token t + 1 is padding. The [B, T, V] float32 logits never exist: only chunks of positions do.
     """
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     hidden = _final_hidden(model, input_ids=input_ids, attention_mask=attention_mask, position_ids=positions)
     real = attention_mask[:, 1:].bool()  # [B, T-1]: positions whose next token is a real token
-    if target_mask is not None:
-        wanted = target_mask[:, 1:].bool()
-        if not (real & wanted).any():  # e.g. an all-padding dummy micro-batch: the head still runs on one
-            wanted = wanted.clone()    # position, so every FSDP2 rank takes part in the same collectives
-            wanted.view(-1)[0] = True
-        real = real & wanted
     values = _logprobs_of(model, hidden[:, :-1][real], input_ids[:, 1:][real], temperature, chunk_size)
-    out = torch.zeros(real.shape, dtype=torch.float32, device=values.device).masked_scatter(real, values)
-    return out if target_mask is None else out.masked_fill(~target_mask[:, 1:].bool(), 0.0)
+    return torch.zeros(real.shape, dtype=torch.float32, device=values.device).masked_scatter(real, values)
 
 
 class _PrefixLayer(DynamicLayer):
@@ -901,7 +892,8 @@ def _shared_prompt_hidden(model, prompt, responses, device):
     return predictors[real]
 
 
-def response_logprobs(model, prompts, responses, temperature=1.0, shared_prompt=True, chunk_size=None):
+def response_logprobs(model, prompts, responses, temperature=1.0, shared_prompt=True, chunk_size=None,
+                      target_masks=None):
     """Log-probs of each response's tokens given its prompt, with gradients to the parameters.
 
     prompts: P token lists; responses: R = P * G token lists, group-major (response r belongs to prompt
@@ -913,10 +905,15 @@ def response_logprobs(model, prompts, responses, temperature=1.0, shared_prompt=
     only at response positions, in chunks. Take gradients with .backward(): the shared prompt's share
     arrives in a second backward pass that accumulates into .grad, which torch.autograd.grad(loss,
     params) would not return.
+    target_masks: optional R lists of 0/1, one per response token: log-probs only where 1 (0 elsewhere,
+    and the returned mask is 1 only there); the output projection runs on those tokens alone. SFT
+    passes the prompt's tail as the "response" with its loss mask (sft.summed_response_nll).
     """
     if not prompts or not responses or len(responses) % len(prompts) or any(len(p) == 0 for p in prompts):
         raise ValueError(f"response_logprobs: need P non-empty prompts and a multiple of P responses, "
                          f"got {len(prompts)} prompts and {len(responses)} responses")
+    if target_masks is not None and [len(m) for m in target_masks] != [len(r) for r in responses]:
+        raise ValueError("response_logprobs: target_masks must hold one 0/1 per response token")
     group = len(responses) // len(prompts)
     device = _device_of(model)
     lengths = torch.tensor([len(r) for r in responses], device=device)
@@ -936,6 +933,12 @@ def response_logprobs(model, prompts, responses, temperature=1.0, shared_prompt=
         prompt_lengths = torch.tensor([len(prompts[r // group]) for r in range(len(responses))], device=device)
         predictors = prompt_lengths[rows] - 1 + t
         predicting = hidden[rows, predictors]
+    if target_masks is not None:
+        wanted = torch.tensor([bool(m) for r in target_masks for m in r], device=device)  # [N], like targets
+        mask = torch.zeros_like(mask).masked_scatter(mask, wanted)
+        if not wanted.any():  # the head still runs on one token (dropped below), so that every FSDP2
+            wanted[0] = True  # rank makes the same calls
+        predicting, targets = predicting[wanted], targets[wanted]
     values = _logprobs_of(model, predicting, targets, temperature, chunk_size)
     logprobs = torch.zeros(mask.shape, dtype=torch.float32, device=device).masked_scatter(mask, values)
     return logprobs, mask.float()

@@ -4,7 +4,9 @@ Input: a JSONL of puzzle records with a "response" field (distill.py writes them
 the chat prompt + response + EOS; the loss is the token-mean cross-entropy over response tokens only
 (EOS included, the prompt masked), normalised by the response tokens of the whole global batch
 (all micro-batches, all ranks), so that a micro-batch of short responses does not weigh as much as
-one of long responses (GRPO-NOTES.md: per-micro-batch normalisation is biased).
+one of long responses (GRPO-NOTES.md: per-micro-batch normalisation is biased). The prefix that all
+sequences of a micro-batch share (the system message) runs once, and the rest of each sequence on
+its keys and values (summed_response_nll): the same loss and gradients, fewer tokens.
 
 Batches: each epoch the examples are shuffled (seeded), cut into buckets of --bucket-batches global
 batches, each bucket is sorted by length and cut into global batches of --batch-size sequences, and
@@ -94,36 +96,53 @@ def rank_micro_batches(batch, rank, world_size, micro_batch_size):
     return [share[i * micro_batch_size:(i + 1) * micro_batch_size] for i in range(count)]
 
 
-def collate(examples, indices, pad_id):
-    """Right-padded input_ids and loss_mask [B, T] of the given examples.
+def micro_batch_rows(examples, indices, pad_id):
+    """The (ids, loss_mask) lists of the given examples.
 
     An empty micro-batch (a rank with nothing left in this global batch) becomes two pad tokens with
     no loss, so that the rank still joins FSDP2's collectives while adding nothing to the gradient.
     """
-    rows = [examples[i] for i in indices] or [([pad_id, pad_id], [0, 0])]
-    input_ids, _ = cello.right_pad([ids for ids, _ in rows], fill=pad_id)
-    loss_mask, _ = cello.right_pad([mask for _, mask in rows], dtype=torch.float32)
-    return input_ids, loss_mask
+    return [examples[i] for i in indices] or [([pad_id, pad_id], [0, 0])]
+
+
+def shared_prefix_length(rows):
+    """How many leading tokens all rows share before any row's first loss token.
+
+    rows: (ids, loss_mask) lists. Every chat-formatted example begins with the same system message
+    (and, when the puzzles share it, the same context sentence); summed_response_nll runs that part
+    once per micro-batch. At most the shortest row's length - 1, so every row keeps a token of its own.
+    """
+    shortest = min(len(ids) for ids, _ in rows)
+    limit = min([shortest - 1] + [mask.index(1) for _, mask in rows if 1 in mask])
+    first = rows[0][0]
+    n = 0
+    while n < limit and all(ids[n] == first[n] for ids, _ in rows):
+        n += 1
+    if n == 0:
+        raise ValueError("sft.py: the examples of a micro-batch share no first token; a chat template that "
+                         "renders the system message first gives them one")
+    return n
 
 
 # ---------------------------------------------------------------------------------------------
 # Loss, schedule, one optimizer step, validation
 # ---------------------------------------------------------------------------------------------
 
-def summed_response_nll(model, input_ids, loss_mask, device):
+def summed_response_nll(model, rows):
     """Sum over response tokens of -log p(token | prefix): a scalar tensor.
 
-    input_ids, loss_mask: [B, T], right-padded. Token t+1 is predicted from positions
-    <= t, so the log-probs [B, T-1] line up with loss_mask[:, 1:]. With right padding no real token
-    ever attends to a (later) pad under the causal mask, so the model gets an all-ones attention mask:
-    transformers then takes sdpa's is_causal path, about 1.5x faster on CPU than an explicit mask;
-    only response positions get log-probs (target_mask). cello.token_logprobs chunks the
-    output projection so the [B, T, vocab] float32 logits never exist at once.
+    rows: (ids, loss_mask) lists; token t of a row is a target where loss_mask[t] is 1. The rows'
+    shared prefix (shared_prefix_length) runs once and the rest of every row runs on its keys and
+    values (cello.response_logprobs, the shared-prompt path GRPO uses, with the loss mask as target
+    mask): the same log-probs and gradients as each row on its own (tests/test_sft.py). In the demo
+    the prefix is 187 of a row's ~520 tokens when its puzzles have the same N (the system message
+    names N), so a step runs 0.74x the tokens. The output projection runs on response tokens only,
+    in chunks, so [B, T, vocab] float32 logits never exist.
     """
-    input_ids, loss_mask = input_ids.to(device), loss_mask.to(device)
-    # target_mask: the output projection runs on response positions only (~15% of the step saved)
-    logprobs = cello.token_logprobs(model, input_ids, torch.ones_like(input_ids), target_mask=loss_mask)
-    return -(logprobs * loss_mask[:, 1:]).sum()  # logprobs: [B, T-1]
+    n = shared_prefix_length(rows)
+    logprobs, _ = cello.response_logprobs(model, [rows[0][0][:n]], [ids[n:] for ids, _ in rows],
+                                          target_masks=[mask[n:] for _, mask in rows])  # [B, T - n]
+    return -logprobs.sum()
 
 
 def train_step(model, optimizer, scheduler, examples, micro_batches, num_tokens, pad_id, device,
@@ -139,8 +158,7 @@ def train_step(model, optimizer, scheduler, examples, micro_batches, num_tokens,
     model.train()
     loss_sum = torch.zeros((), device=device)
     for indices in micro_batches:
-        input_ids, loss_mask = collate(examples, indices, pad_id)
-        nll = summed_response_nll(model, input_ids, loss_mask, device)
+        nll = summed_response_nll(model, micro_batch_rows(examples, indices, pad_id))
         (nll * (world_size / num_tokens)).backward()
         loss_sum += nll.detach()
     if world_size > 1:
@@ -163,9 +181,9 @@ def validation_loss(model, examples, rank, world_size, micro_batch_size, pad_id,
     totals = torch.zeros(2, device=device)  # [summed NLL, response tokens]
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i][0]))  # similar lengths together
     for indices in rank_micro_batches(order, rank, world_size, micro_batch_size):
-        input_ids, loss_mask = collate(examples, indices, pad_id)
-        totals[0] += summed_response_nll(model, input_ids, loss_mask, device)
-        totals[1] += loss_mask[:, 1:].sum().item()
+        rows = micro_batch_rows(examples, indices, pad_id)
+        totals[0] += summed_response_nll(model, rows)
+        totals[1] += sum(sum(mask) for _, mask in rows)
     if world_size > 1:
         dist.all_reduce(totals)
     return (totals[0] / totals[1]).item()

@@ -253,19 +253,24 @@ def test_chunked_backward_recomputes_each_chunk_instead_of_keeping_logits(model)
     assert sorted(calls[len(forward_calls):]) == [2, 5, 5, 5, 5]
 
 
-def test_target_mask_keeps_only_the_masked_positions(model):
-    """SFT passes its loss mask: values there equal the full computation, every other position is 0."""
-    seqs = random_tokens([9, 12], seed=8)
-    ids, mask = padded(seqs).long(), padded([[1] * len(s) for s in seqs]).long()
-    target = torch.zeros_like(ids)
-    target[0, 5:9] = 1
-    target[1, 3:7] = 1
-    with torch.no_grad():
-        full = cello.token_logprobs(model, ids, mask)
-        only = cello.token_logprobs(model, ids, mask, target_mask=target)
-    keep = target[:, 1:].bool()
-    assert torch.allclose(only[keep], full[keep], atol=1e-6, rtol=0)
-    assert (only[~keep] == 0).all() and (full[keep] != 0).all()
+def test_target_masks_keep_only_the_masked_tokens(model):
+    """SFT passes its loss mask: values there equal the full computation, every other token is 0,
+    and the returned mask marks only the kept tokens."""
+    prompts = random_tokens([6], seed=8)
+    responses = random_tokens([9, 12], seed=9)
+    targets = [[0] * 4 + [1] * 5, [0] * 3 + [1] * 4 + [0] * 5]
+    for shared in (True, False):
+        with torch.no_grad():
+            full, _ = cello.response_logprobs(model, prompts, responses, shared_prompt=shared)
+            only, kept = cello.response_logprobs(model, prompts, responses, shared_prompt=shared, target_masks=targets)
+        assert kept.tolist() == padded(targets).tolist()
+        keep = kept.bool()
+        assert torch.allclose(only[keep], full[keep], atol=1e-6, rtol=0)
+        assert (only[~keep] == 0).all() and (full[keep] != 0).all()
+    nothing, kept = cello.response_logprobs(model, prompts, responses[:1], target_masks=[[0] * 9])
+    assert kept.sum() == 0 and (nothing == 0).all()
+    with pytest.raises(ValueError, match="one 0/1 per response token"):
+        cello.response_logprobs(model, prompts, responses, target_masks=[[1] * 9, [1] * 11])
 
 
 def test_padding_never_changes_logprobs(model):

@@ -81,9 +81,8 @@ def test_training_loss_drops_and_final_model_loads(tmp_path):
     # the final folder is an ordinary HF folder that loads and gives the trained (low) loss
     model, tokenizer = cello.load_model(os.path.join(out, "final")), cello.load_tokenizer(os.path.join(out, "final"))
     examples, _ = sft.tokenize(tokenizer, make_records(6), 10_000)
-    ids, mask = sft.collate(examples, range(6), tokenizer.pad_token_id)
     with torch.no_grad():
-        loss = sft.summed_response_nll(model, ids, mask, "cpu").item() / mask[:, 1:].sum().item()
+        loss = sft.summed_response_nll(model, examples).item() / sum(sum(mask) for _, mask in examples)
     assert loss < 0.35 * first
 
 
@@ -101,60 +100,91 @@ def test_fine_tunes_an_existing_model_folder_into_a_new_out_dir(tiny, tmp_path):
 
 # ---- the loss: response tokens only, normalised by the global batch ----
 
-def test_batch_masks_exactly_the_response_and_eos(tiny):
+def test_examples_mask_exactly_the_response_and_eos(tiny):
     tokenizer = cello.load_tokenizer(tiny)
     records = make_records(3)
     examples, skipped = sft.tokenize(tokenizer, records, 10_000)
     assert skipped == 0
-    ids, mask = sft.collate(examples, [0, 1, 2], tokenizer.pad_token_id)
-    for b, record in enumerate(records):
+    for (ids, mask), record in zip(examples, records):
         prompt = cello.prompt_ids(tokenizer, record)
-        n = len(examples[b][0])
-        assert ids[b, :n].tolist() == examples[b][0] and ids[b, :len(prompt)].tolist() == prompt
-        assert (ids[b, n:] == tokenizer.pad_token_id).all()
-        assert mask[b, :len(prompt)].sum() == 0 and mask[b, n:].sum() == 0
-        assert mask[b, len(prompt):n].tolist() == [1.0] * (n - len(prompt))
-        assert tokenizer.decode(ids[b][mask[b].bool()]) == record["response"] + "<|im_end|>"
+        assert ids[:len(prompt)] == prompt and ids[-1] == tokenizer.eos_token_id
+        assert mask == [0] * len(prompt) + [1] * (len(ids) - len(prompt))
+        assert tokenizer.decode([t for t, m in zip(ids, mask) if m]) == record["response"] + "<|im_end|>"
+
+
+def test_shared_prefix_length_stops_at_the_first_difference_or_loss_token():
+    assert sft.shared_prefix_length([([5, 6, 7, 8, 9], [0, 0, 0, 1, 1]),
+                                     ([5, 6, 7, 2, 9, 9], [0, 0, 0, 0, 1, 1])]) == 3  # 8 != 2
+    assert sft.shared_prefix_length([([5, 6, 7, 8], [0, 0, 1, 1]),
+                                     ([5, 6, 7, 9], [0, 0, 0, 1])]) == 2  # token 2 is a target in row 0
+    assert sft.shared_prefix_length([([5, 6, 7, 8], [0, 0, 1, 1])]) == 2  # one row: its prompt
+    assert sft.shared_prefix_length([([5, 6], [0, 0]), ([5, 6, 7], [0, 0, 0])]) == 1  # each row keeps a token
+    assert sft.shared_prefix_length(sft.micro_batch_rows([], [], pad_id=0)) == 1  # an empty rank's dummy row
+    with pytest.raises(ValueError, match="share no first token"):
+        sft.shared_prefix_length([([5, 6, 7], [0, 0, 1]), ([4, 6, 7], [0, 0, 1])])
 
 
 def test_altering_prompt_tokens_does_not_change_the_loss(tiny):
     """With attention switched off (o_proj = 0) each position sees only its own token, so the
     response's losses do not depend on earlier prompt tokens; then changing every prompt token but
-    the last must leave the loss unchanged, while it does change a loss that counts prompt tokens."""
+    the first (which the rows share) and the last must leave the loss unchanged, while it does change
+    a loss that counts prompt tokens."""
     tokenizer, model = cello.load_tokenizer(tiny), cello.load_model(tiny)
     with torch.no_grad():
         for layer in model.model.layers:
             layer.self_attn.o_proj.weight.zero_()
     examples, _ = sft.tokenize(tokenizer, make_records(2), 10_000)
-    ids, mask = sft.collate(examples, [0, 1], tokenizer.pad_token_id)
-    everything = (ids != tokenizer.pad_token_id).float()  # a loss that also counts prompt tokens
-    altered = ids.clone()
-    for b in range(2):
-        prompt_len = int(mask[b].nonzero()[0])
-        altered[b, :prompt_len - 1] = torch.randint(3, len(tokenizer), (prompt_len - 1,))
-    assert not torch.equal(altered, ids)
+    altered = []
+    for ids, mask in examples:
+        prompt_len = mask.index(1)
+        noise = torch.randint(3, len(tokenizer), (prompt_len - 2,)).tolist()
+        altered.append(([ids[0]] + noise + ids[prompt_len - 1:], mask))
+    assert altered != examples
+    everything = lambda rows: [(ids, [0] + [1] * (len(ids) - 1)) for ids, _ in rows]  # prompt tokens count too
     with torch.no_grad():
-        loss = sft.summed_response_nll(model, ids, mask, "cpu")
-        loss_altered = sft.summed_response_nll(model, altered, mask, "cpu")
-        loss_everything = sft.summed_response_nll(model, ids, everything, "cpu")
-        loss_everything_altered = sft.summed_response_nll(model, altered, everything, "cpu")
+        loss = sft.summed_response_nll(model, examples)
+        loss_altered = sft.summed_response_nll(model, altered)
+        loss_everything = sft.summed_response_nll(model, everything(examples))
+        loss_everything_altered = sft.summed_response_nll(model, everything(altered))
     torch.testing.assert_close(loss_altered, loss, rtol=1e-6, atol=1e-5)
     assert abs(loss_everything_altered - loss_everything) > 1.0
 
 
-def test_summed_loss_equals_naive_cross_entropy(tiny):
+def naive_nll_and_grads(model, examples, pad_id):
+    """Each row's response NLL summed, from the full [B, T, V] logits of padded rows, and its gradients."""
+    ids, real = cello.right_pad([ids for ids, _ in examples], fill=pad_id)
+    mask, _ = cello.right_pad([m for _, m in examples], dtype=torch.float32)
+    logits = model(input_ids=ids, attention_mask=real.long()).logits[:, :-1]
+    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+    total = (nll * mask[:, 1:]).sum()
+    model.zero_grad(set_to_none=True)
+    total.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return total.detach(), grads, nll.detach(), mask
+
+
+@pytest.mark.parametrize("same_n", [True, False])
+def test_summed_loss_and_gradients_equal_naive_cross_entropy(tiny, same_n):
+    """The shared prefix (the system message, whose N differs across puzzles of different sizes) runs
+    once; loss and gradients equal each row run on its own through the plain model."""
     tokenizer, model = cello.load_tokenizer(tiny), cello.load_model(tiny)
     records = make_records(3)
     for i, record in enumerate(records):  # responses of different lengths
         record["response"] = record["response"].replace("<think>", "<think>" + "Cell by cell. " * i)
+    if not same_n:  # a 2-cell puzzle: "a batch of 2 cells" in its system message
+        records[1].update(cells=records[1]["cells"][:2], answer=records[1]["answer"][:2],
+                          candidates=sorted(records[1]["answer"][:2]))
     examples, _ = sft.tokenize(tokenizer, records, 10_000)
-    ids, mask = sft.collate(examples, [0, 1, 2], tokenizer.pad_token_id)
-    attention_mask = (ids != tokenizer.pad_token_id).long()  # the naive reference masks the padding
-    with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=attention_mask).logits[:, :-1]
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
-        torch.testing.assert_close(sft.summed_response_nll(model, ids, mask, "cpu"),
-                                   (nll * mask[:, 1:]).sum(), rtol=1e-5, atol=1e-4)
+    n = sft.shared_prefix_length(examples)
+    system = len(tokenizer.encode(cello.render_system(records[0]), add_special_tokens=False))
+    assert (n > system) if same_n else (2 < n < system)  # the context and "Cell 1:" too, or part of the system
+    total, naive_grads, nll, mask = naive_nll_and_grads(model, examples, tokenizer.pad_token_id)
+    loss = sft.summed_response_nll(model, examples)
+    torch.testing.assert_close(loss.detach(), total, rtol=1e-5, atol=1e-4)
+    loss.backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, naive_grads[name], rtol=1e-4, atol=1e-5 * naive_grads[name].abs().max())
     # the validation loss is the token mean over all examples (micro-batches of 2 and 1 here), not a
     # mean of per-example or per-batch means
     token_mean = ((nll * mask[:, 1:]).sum() / mask[:, 1:].sum()).item()
