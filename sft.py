@@ -27,7 +27,7 @@ answer and the EOS the model must learn) and their count is printed; no example 
 
 Run (the defaults are the CPU demo's recipe: the `small` preset from scratch, batch 8, lr 3e-3
 constant after a 5-step warmup; the demo has 4,413 expert traces of ~520 tokens, 524 steps an epoch,
-and stops at 1,500 steps with --max-steps 1500, 7.6 minutes on 2 cores):
+and stops at 1,500 steps with --max-steps 1500, 6.9 minutes on 2 cores):
     python sft.py --data sft.jsonl --model small --out-dir runs/sft
     torchrun --nproc_per_node 2 sft.py --data sft.jsonl --model small --out-dir runs/sft
 Continue an interrupted run (same flags):
