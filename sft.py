@@ -128,7 +128,7 @@ def shared_prefix_length(rows):
 # Loss, schedule, one optimizer step, validation
 # ---------------------------------------------------------------------------------------------
 
-def summed_response_nll(model, rows):
+def summed_response_nll(model, rows, share_prefix=True):
     """Sum over response tokens of -log p(token | prefix): a scalar tensor.
 
     rows: (ids, loss_mask) lists; token t of a row is a target where loss_mask[t] is 1. The rows'
@@ -136,29 +136,37 @@ def summed_response_nll(model, rows):
     values (cello.response_logprobs, the shared-prompt path GRPO uses, with the loss mask as target
     mask): the same log-probs and gradients as each row on its own (tests/test_sft.py). In the demo
     the prefix is 187 of a row's ~520 tokens when its puzzles have the same N (the system message
-    names N), so a step runs 0.74x the tokens. The output projection runs on response tokens only,
-    in chunks, so [B, T, vocab] float32 logits never exist.
+    names N): 0.74x the tokens of its steps. share_prefix=False runs every row whole, in one forward:
+    for micro-batches of one sequence (the 7B recipe), which have nothing to share, and where under
+    FSDP2 a second forward would gather every layer's weights twice. The output projection runs on
+    response tokens only, in chunks, so [B, T, vocab] float32 logits never exist.
     """
-    n = shared_prefix_length(rows)
-    logprobs, _ = cello.response_logprobs(model, [rows[0][0][:n]], [ids[n:] for ids, _ in rows],
-                                          target_masks=[mask[n:] for _, mask in rows])  # [B, T - n]
+    if share_prefix:
+        n = shared_prefix_length(rows)
+        cuts, prompts = [n] * len(rows), [rows[0][0][:n]]
+    else:  # each row's own prompt, as P = B groups of one response
+        cuts = [shared_prefix_length([row]) for row in rows]
+        prompts = [ids[:k] for (ids, _), k in zip(rows, cuts)]
+    logprobs, _ = cello.response_logprobs(model, prompts, [ids[k:] for (ids, _), k in zip(rows, cuts)],
+                                          shared_prompt=share_prefix,
+                                          target_masks=[mask[k:] for (_, mask), k in zip(rows, cuts)])
     return -logprobs.sum()
 
 
 def train_step(model, optimizer, scheduler, examples, micro_batches, num_tokens, pad_id, device,
-               world_size, max_grad_norm):
+               world_size, max_grad_norm, share_prefix=True):
     """One optimizer step over this rank's micro-batches; returns (loss, grad_norm) of the global batch.
 
     loss = sum of response-token NLLs over the global batch / num_tokens (its response tokens over
     all micro-batches and ranks). Each rank backpropagates its sum / num_tokens * world_size because
     FSDP2 averages gradients over ranks; the average of the ranks' gradients is then the gradient of
     the global loss. A non-finite loss or gradient norm stops the run before optimizer.step touches
-    the weights (so no NaN reaches a checkpoint).
+    the weights (so no NaN reaches a checkpoint). share_prefix: see summed_response_nll.
     """
     model.train()
     loss_sum = torch.zeros((), device=device)
     for indices in micro_batches:
-        nll = summed_response_nll(model, micro_batch_rows(examples, indices, pad_id))
+        nll = summed_response_nll(model, micro_batch_rows(examples, indices, pad_id), share_prefix)
         (nll * (world_size / num_tokens)).backward()
         loss_sum += nll.detach()
     if world_size > 1:
@@ -182,7 +190,7 @@ def validation_loss(model, examples, rank, world_size, micro_batch_size, pad_id,
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i][0]))  # similar lengths together
     for indices in rank_micro_batches(order, rank, world_size, micro_batch_size):
         rows = micro_batch_rows(examples, indices, pad_id)
-        totals[0] += summed_response_nll(model, rows)
+        totals[0] += summed_response_nll(model, rows, share_prefix=micro_batch_size > 1)
         totals[1] += sum(sum(mask) for _, mask in rows)
     if world_size > 1:
         dist.all_reduce(totals)
@@ -212,7 +220,8 @@ def parse_args(argv=None):
     batching = parser.add_argument_group("batching")
     batching.add_argument("--batch-size", type=int, default=8, help="global batch in sequences per optimizer step")
     batching.add_argument("--micro-batch-size", type=int, default=8,
-                          help="sequences per forward/backward on each rank (gradients are accumulated)")
+                          help="sequences per forward/backward on each rank (gradients are accumulated; "
+                               "above 1 the prefix they share, the system message, runs once)")
     batching.add_argument("--bucket-batches", type=int, default=8,
                           help="global batches per length bucket (1: sort within each batch only)")
     optim = parser.add_argument_group("optimization")
@@ -315,7 +324,8 @@ def main(argv=None):
         with cello.bf16_autocast(model, args.bf16):
             loss, grad_norm = train_step(model, optimizer, scheduler, train,
                                          rank_micro_batches(batch, rank, world_size, args.micro_batch_size),
-                                         num_tokens, pad_id, device, world_size, args.max_grad_norm)
+                                         num_tokens, pad_id, device, world_size, args.max_grad_norm,
+                                         share_prefix=args.micro_batch_size > 1)
         step += 1
         tokens = sum(lengths[i] for i in batch)
         row = {"step": step, "epoch": epoch, "loss": loss, "lr": lr,

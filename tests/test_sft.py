@@ -180,6 +180,9 @@ def test_summed_loss_and_gradients_equal_naive_cross_entropy(tiny, same_n):
     system = len(tokenizer.encode(cello.render_system(records[0]), add_special_tokens=False))
     assert (n > system) if same_n else (2 < n < system)  # the context and "Cell 1:" too, or part of the system
     total, naive_grads, nll, mask = naive_nll_and_grads(model, examples, tokenizer.pad_token_id)
+    with torch.no_grad():  # each row whole, as for micro-batches of one sequence
+        torch.testing.assert_close(sft.summed_response_nll(model, examples, share_prefix=False), total,
+                                   rtol=1e-5, atol=1e-4)
     loss = sft.summed_response_nll(model, examples)
     torch.testing.assert_close(loss.detach(), total, rtol=1e-5, atol=1e-4)
     loss.backward()
@@ -207,7 +210,8 @@ def one_step(tiny, micro_batch_size):
     num_tokens = sum(sum(examples[i][1]) for i in batch)
     loss, grad_norm = sft.train_step(model, optimizer, scheduler, examples,
                                      sft.rank_micro_batches(batch, 0, 1, micro_batch_size), num_tokens,
-                                     tokenizer.pad_token_id, "cpu", 1, max_grad_norm=1e9)
+                                     tokenizer.pad_token_id, "cpu", 1, max_grad_norm=1e9,
+                                     share_prefix=micro_batch_size > 1)  # as sft.main decides
     return loss, grad_norm, {k: v.clone() for k, v in model.state_dict().items()}, examples
 
 
