@@ -334,12 +334,14 @@ def test_resume_continues_at_the_next_step_and_matches_an_uninterrupted_run(tmp_
 # ---- torchrun: 2 processes with FSDP2 give the 1-process loss curve ----
 
 @pytest.mark.slow
-def test_two_process_fsdp2_matches_one_process(tmp_path):
+@pytest.mark.parametrize("micro_batch_size", ["2", "1"])  # the shared prefix run once; each sequence whole
+def test_two_process_fsdp2_matches_one_process(tmp_path, micro_batch_size):
     """Same global batch (5 sequences: 3 + 2 per rank, so one rank runs an empty micro-batch), same
     losses, gradient norms and validation losses to 1e-5 relative (float32 summation order differs)."""
     data = write(tmp_path / "sft.jsonl", make_records(12))
-    flags = ["--data", data, "--model", "tiny", "--batch-size", "5", "--micro-batch-size", "2", "--max-steps", "5",
-             "--lr", "3e-3", "--warmup-steps", "2", "--eval-every", "2", "--save-every", "100", "--val-fraction", "0.2"]
+    flags = ["--data", data, "--model", "tiny", "--batch-size", "5", "--micro-batch-size", micro_batch_size,
+             "--max-steps", "5", "--lr", "3e-3", "--warmup-steps", "2", "--eval-every", "2", "--save-every", "100",
+             "--val-fraction", "0.2"]
     sft.main(flags + ["--out-dir", str(tmp_path / "one")])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
     # --standalone: torchrun picks a free port itself, so parallel jobs never collide
