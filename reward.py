@@ -23,7 +23,7 @@ TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 
 def norm_label(label):
     """The form labels are compared in: stripped and case-folded."""
-    return label.strip().lower()
+    return label.strip().casefold()
 
 
 def _lenient_labels(text):

@@ -64,6 +64,9 @@ def test_case_and_whitespace_insensitive():
     text = resp("  cd14+ MONOCYTE|cd56+ nk |CD19+ B| cd34+")
     assert reward.reward(text, GOLD) == 1.0
     assert reward.reward(resp(" | ".join(GOLD)), ["  cd14+ monocyte ", "CD56+ NK", "cd19+ b", "CD34+"]) == 1.0
+    # case-folded, not just lower-cased: "ß" folds to "ss", so these two labels are one label
+    assert reward.reward(resp("Strasse cell | b"), ["STRASSE CELL", "B"]) == 1.0
+    assert reward.parse_answer(resp("straße cell | STRASSE cell"), 2)["error"] == "repeated label"
 
 
 def test_labels_with_commas():
