@@ -8,6 +8,9 @@ Build (train.jsonl, val.jsonl, test.jsonl and summary.json in --out-dir), e.g. o
     python puzzles.py build data/pbmc68k_reduced.h5ad --out-dir runs/puzzles --cell-type-key bulk_labels \\
         --donor-key none --context "The cell is from a human donor, originating from the peripheral blood. \\
 The patient is healthy with no diagnosed disease."
+At the paper's scale, from a CELLxGENE file (its obs column names are the defaults):
+    python puzzles.py build lung.h5ad --out-dir runs/lung --n-min 8 --n-max 15 --max-puzzles-per-n 40 \\
+        --context-sentence "smoking_status=The patient is a {}."
 Import a released file (JSONL, or parquet with pyarrow installed) with system_msg/user_msg/assistant_msg:
     python puzzles.py import cellpuzzles_test.jsonl --out runs/released/test.jsonl
 
@@ -28,10 +31,13 @@ How build works:
      --exclude-puzzles FILE adds FILE's cell sets to those already made: puzzles for RL that the SFT
      data (FILE) never showed together, from the same split (same --seed and split flags). Use the
      new train.jsonl; test.jsonl is the same, val.jsonl may differ (val is drawn after train).
-     Groups with fewer than N types are skipped and counted.
+     Groups with fewer than N types are skipped and counted. --max-puzzles-per-n K then keeps at
+     most K puzzles of each N in each split, drawn at random over all groups (the paper: 40 per N per
+     source file; without it a file with many donors gives K per group).
      Context: --context, else SPEC.md's sentence from the metadata columns that exist (cells whose
      fields are all unknown get "The cell is from an unknown donor."; a file with no such column
-     needs --context).
+     needs --context); then each --context-sentence COLUMN=SENTENCE whose column is known for the
+     cell, with {} replaced by its value (the paper's dataset-specific facts, e.g. smoking).
   5. A cell's genes: the M highest values of its row, descending; equal values keep gene order
      (a stable sort, so the lower gene index comes first). Symbols that collide after stripping the
      suffix appear once, at their best rank.
@@ -139,6 +145,19 @@ def draw_puzzles(pools, n, k, rng, seen):
     return out
 
 
+def cap_per_n(drawn, k, rng):
+    """At most k of the drawn puzzles of each split and N, chosen uniformly over all groups (a file
+    with many donors would otherwise give K per group, not K in all); the drawing order is kept.
+    drawn: (group key, whose first item is the split; n; puzzle) triples."""
+    by_split_n = defaultdict(list)
+    for index, (key, n, _) in enumerate(drawn):
+        by_split_n[(key[0], n)].append(index)
+    keep = set()
+    for indices in by_split_n.values():
+        keep.update(indices if len(indices) <= k else rng.choice(indices, size=k, replace=False).tolist())
+    return [d for index, d in enumerate(drawn) if index in keep]
+
+
 def blank_cells(records, share, rng):
     """Train-only augmentation: in `share` of the records, one cell (chosen at random) shows M random
     genes instead of its own. The genes are drawn without replacement, each with probability
@@ -242,6 +261,15 @@ def build(args):
         fail(f"--train-gene-dropout must be in [0, 1) (got {args.train_gene_dropout})")
     if not 0 <= args.train_blank_cells <= 1:
         fail(f"--train-blank-cells must be in [0, 1] (got {args.train_blank_cells})")
+    if args.max_puzzles_per_n is not None and args.max_puzzles_per_n < 1:
+        fail(f"--max-puzzles-per-n must be >= 1 (got {args.max_puzzles_per_n})")
+    extra_sentences = []
+    for spec in args.context_sentence or []:
+        column_key, _, template = spec.partition("=")
+        if not column_key or template.count("{}") != 1:
+            fail(f"--context-sentence {spec!r}: expected COLUMN=SENTENCE with one {{}} for the value, "
+                 "e.g. 'smoking_status=The patient is a {}.'")
+        extra_sentences.append((column_key, template))
     if args.seed < 0:   # numpy's generators take only seeds >= 0
         fail(f"--seed must be >= 0 (got {args.seed})")
     if min(args.puzzles_per_group, args.val_puzzles_per_group, args.test_puzzles_per_group) < 0:
@@ -295,6 +323,9 @@ def build(args):
             fail(f"{args.input} has none of the context columns ({args.sex_key}, {args.development_stage_key}, "
                  f"{args.ethnicity_key}, {args.tissue_key}, {args.disease_key}): pass --context TEXT")
         contexts = [c or "The cell is from an unknown donor." for c in contexts]
+    for column_key, template in extra_sentences:  # e.g. smoking_status=The patient is a {}.
+        values = [present(v) for v in column(column_key, "--context-sentence")]
+        contexts = [c if v is None else f"{c} {template.replace('{}', v)}" for c, v in zip(contexts, values)]
 
     # Expression and gene symbols.
     matrix, var, which = expression_matrix(adata)
@@ -369,37 +400,40 @@ def build(args):
     records = {split: [] for split in SPLITS}
     skipped_groups = 0
     seen = excluded_cell_sets(args.exclude_puzzles, barcodes) if args.exclude_puzzles else set()
+    drawn = []   # (group key, n, puzzle), in drawing order
     for key in sorted(groups):
-        split, donor, batch, context = key
-        pools = groups[key]
         for n in range(args.n_min, args.n_max + 1):
-            if len(pools) < n:
+            if len(groups[key]) < n:
                 skipped_groups += 1
                 continue
-            for puzzle in draw_puzzles(pools, n, per_group[split], rng, seen):
-                cells = []
-                for i, _ in puzzle:
-                    if i not in cache:
-                        row = matrix[i].toarray().ravel() if hasattr(matrix, "toarray") else np.asarray(matrix[i]).ravel()
-                        cache[i] = row.astype(np.float64)
-                    row = cache[i]
-                    if split == "train" and args.train_gene_dropout > 0:
-                        row = np.where(dropout_rng.random(row.shape) < args.train_gene_dropout, 0.0, row)
-                    cells.append(top_genes(row, symbols, args.genes))
-                answer = [t for _, t in puzzle]
-                group = "/".join(x for x in (donor, batch, f"c{context_ids[context]}" if len(context_ids) > 1 else "") if x)
-                records[split].append({
-                    "id": f"{stem}/{split}/{group}/n{n}/{len(records[split]):05d}",
-                    "source": os.path.basename(args.input),
-                    "donor": donor,
-                    "batch": batch or None,
-                    "split": split,
-                    "context": context,
-                    "cells": cells,
-                    "candidates": sorted(answer),
-                    "answer": answer,
-                    "cell_ids": [barcodes[i] for i, _ in puzzle],
-                })
+            drawn += [(key, n, puzzle) for puzzle in draw_puzzles(groups[key], n, per_group[key[0]], rng, seen)]
+    if args.max_puzzles_per_n is not None:  # own generator: without the flag the files stay the same
+        drawn = cap_per_n(drawn, args.max_puzzles_per_n, np.random.default_rng([args.seed, 3]))
+    for key, n, puzzle in drawn:
+        split, donor, batch, context = key
+        cells = []
+        for i, _ in puzzle:
+            if i not in cache:
+                row = matrix[i].toarray().ravel() if hasattr(matrix, "toarray") else np.asarray(matrix[i]).ravel()
+                cache[i] = row.astype(np.float64)
+            row = cache[i]
+            if split == "train" and args.train_gene_dropout > 0:
+                row = np.where(dropout_rng.random(row.shape) < args.train_gene_dropout, 0.0, row)
+            cells.append(top_genes(row, symbols, args.genes))
+        answer = [t for _, t in puzzle]
+        group = "/".join(x for x in (donor, batch, f"c{context_ids[context]}" if len(context_ids) > 1 else "") if x)
+        records[split].append({
+            "id": f"{stem}/{split}/{group}/n{n}/{len(records[split]):05d}",
+            "source": os.path.basename(args.input),
+            "donor": donor,
+            "batch": batch or None,
+            "split": split,
+            "context": context,
+            "cells": cells,
+            "candidates": sorted(answer),
+            "answer": answer,
+            "cell_ids": [barcodes[i] for i, _ in puzzle],
+        })
     if args.train_blank_cells > 0:  # own generator: the puzzles stay the same whatever the share
         blank_cells(records["train"], args.train_blank_cells, np.random.default_rng([args.seed, 2]))
     total = sum(len(r) for r in records.values())
@@ -611,6 +645,9 @@ def main(argv=None):
                                                    "when present; a column you name must exist)")
     g.add_argument("--context", default=None, help="context sentence for every puzzle (for files without metadata); "
                                                    "overrides the context columns")
+    g.add_argument("--context-sentence", action="append", metavar="COLUMN=SENTENCE",
+                   help="an extra sentence after the context, from an obs column, where the cell's value is known; "
+                        "{} stands for the value, e.g. 'smoking_status=The patient is a {}.' (repeatable, in order)")
     g = b.add_argument_group("puzzles")
     g.add_argument("--n-min", type=int, default=4, help="fewest cells (= cell types) per puzzle, >= 2")
     g.add_argument("--n-max", type=int, default=8, help="most cells per puzzle")
@@ -629,6 +666,9 @@ def main(argv=None):
     g.add_argument("--exclude-puzzles", default=None,
                    help="puzzles JSONL built from this input (e.g. the SFT's train.jsonl): never draw one of its "
                         "cell sets again (RL puzzles the SFT never saw)")
+    g.add_argument("--max-puzzles-per-n", type=int, default=None,
+                   help="at most this many puzzles of each N in each split, chosen at random over all groups "
+                        "(default: no cap; the paper kept 40 per N per source file)")
     g.add_argument("--val-puzzles-per-group", type=int, default=10, help="as --puzzles-per-group, for val")
     g.add_argument("--test-puzzles-per-group", type=int, default=20, help="as --puzzles-per-group, for test")
     g = b.add_argument_group("splits and randomness")

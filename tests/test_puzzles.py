@@ -203,6 +203,24 @@ def test_barcode_suffix_batches(tmp_path):
         assert all(c.endswith("-" + r["batch"]) for c in r["cell_ids"])   # a puzzle never mixes lanes
 
 
+def test_max_puzzles_per_n_caps_each_split_and_n_over_all_groups(built, tmp_path):
+    """8 lanes x 12 train puzzles per N: the cap keeps 5 of each split's N, drawn from the uncapped puzzles
+    (the same draw, so a subset of them), over several lanes, numbered afresh."""
+    uncapped = build(tmp_path / "all", *SMALL, "--batch-key", "barcode-suffix")
+    capped = build(tmp_path / "capped", *SMALL, "--batch-key", "barcode-suffix", "--max-puzzles-per-n", "5")
+    for split in puzzles.SPLITS:
+        assert Counter(len(r["cells"]) for r in capped[split]) == {3: 5, 4: 5, 5: 5}
+        everything = {(r["batch"], tuple(r["cell_ids"])) for r in uncapped[split]}
+        assert {(r["batch"], tuple(r["cell_ids"])) for r in capped[split]} <= everything
+        assert [int(r["id"][-5:]) for r in capped[split]] == list(range(15))
+    assert len({r["batch"] for r in capped["train"]}) > 1
+    summary = json.load(open(tmp_path / "capped" / "summary.json"))
+    assert summary["splits"]["train"]["by_n"] == {"3": 5, "4": 5, "5": 5}
+    # a cap above what was drawn changes nothing
+    same = build(tmp_path / "same", *SMALL, "--max-puzzles-per-n", "1000")
+    assert same == build(tmp_path / "plain", *SMALL)
+
+
 def test_default_demo_sizes(tmp_path, capsys):
     """The bundled file with the default flags gives the demo's sizes (N 4..8, M 50)."""
     splits = build(tmp_path, "--cell-type-key", "bulk_labels", "--donor-key", "none", "--context", "x.")
@@ -287,6 +305,39 @@ def test_context_sentence():
     # SPEC.md's literal assembly, kept as the released format has it: disease alone gives "from. The ..."
     assert puzzles.context_sentence(None, None, None, None, "COVID-19") == (
         "The cell is from. The patient has been diagnosed with COVID-19.")
+
+
+def test_context_sentence_flag_adds_known_values_in_order(tmp_path):
+    smoking = ["non-smoker" if d == 0 else "unknown" for d in range(4) for _ in range(15)]
+    stage = ["stage II" if d < 2 else "" for d in range(4) for _ in range(15)]
+    path, _ = cellxgene_like(tmp_path / "f.h5ad", obs={"smoking_status": smoking, "tumor_stage": stage})
+    splits = build(tmp_path / "out", *FLAGS, "--val-frac", "0.25", "--test-frac", "0.25",
+                   "--context-sentence", "smoking_status=The patient is a {}.",
+                   "--context-sentence", "tumor_stage=The tumour is at {}.", data=path)
+    base = {0: "The cell is from a female at the 66-year-old stage, originating from the lung. "
+               "The patient is healthy with no diagnosed disease.",
+            1: "The cell is from a male at the 66-year-old stage with European background, originating "
+               "from the lung. The patient has been diagnosed with COVID-19."}
+    expected = {"D0": base[0] + " The patient is a non-smoker. The tumour is at stage II.",
+                "D1": base[1] + " The tumour is at stage II.", "D2": base[0], "D3": base[1]}
+    records = [r for rs in splits.values() for r in rs]
+    assert {r["donor"] for r in records} == set(expected)
+    assert all(r["context"] == expected[r["donor"]] for r in records)
+    # with --context the sentences follow the fixed text
+    splits = build(tmp_path / "fixed", *FLAGS, "--val-frac", "0.25", "--test-frac", "0.25", "--context", "Lung.",
+                   "--context-sentence", "smoking_status=The patient is a {}.", data=path)
+    assert {r["context"] for rs in splits.values() for r in rs} == {"Lung.", "Lung. The patient is a non-smoker."}
+
+
+@pytest.mark.parametrize("spec, fragment", [
+    ("smoking_status", "expected COLUMN=SENTENCE with one {} for the value"),
+    ("smoking_status=The patient smokes.", "expected COLUMN=SENTENCE"),
+    ("=The patient is a {}.", "expected COLUMN=SENTENCE"),
+    ("smoking=The patient is a {}.", "--context-sentence 'smoking': no such obs column"),
+])
+def test_context_sentence_flag_errors(tmp_path, spec, fragment):
+    path, _ = cellxgene_like(tmp_path / "f.h5ad")
+    expect_error(tmp_path, path, FLAGS + ["--context-sentence", spec], fragment)
 
 
 def test_cells_without_donor_are_left_out_not_pooled(tmp_path, capsys):
@@ -459,6 +510,7 @@ def test_no_puzzle_at_all(tmp_path):
     (["--test-frac", "0"], "--val-frac and --test-frac"),
     (["--test-puzzles-per-group", "-1"], "must be >= 0"),
     (["--seed", "-1"], "--seed must be >= 0 (got -1)"),
+    (["--max-puzzles-per-n", "0"], "--max-puzzles-per-n must be >= 1 (got 0)"),
 ])
 def test_out_of_range(tmp_path, flags, fragment):
     path, _ = cellxgene_like(tmp_path / "f.h5ad")
