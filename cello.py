@@ -789,11 +789,12 @@ def token_logprobs(model, input_ids, attention_mask, temperature=1.0, chunk_size
     """Per-token log-probs: out[b, t] = log softmax(logits[b, t] / T)[input_ids[b, t + 1]].
 
     input_ids, attention_mask: [B, T] (left or right padding). Returns [B, T - 1] float32, 0 where
-    token t + 1 is padding. The [B, T, V] float32 logits never exist: only chunks of positions do.
+    token t or t + 1 is padding (a left-padded row's first token has no context to be predicted from).
+    The [B, T, V] float32 logits never exist: only chunks of positions do.
     """
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     hidden = _final_hidden(model, input_ids=input_ids, attention_mask=attention_mask, position_ids=positions)
-    real = attention_mask[:, 1:].bool()  # [B, T-1]: positions whose next token is a real token
+    real = attention_mask[:, :-1].bool() & attention_mask[:, 1:].bool()  # [B, T-1]: real token after a real one
     values = _logprobs_of(model, hidden[:, :-1][real], input_ids[:, 1:][real], temperature, chunk_size)
     return torch.zeros(real.shape, dtype=torch.float32, device=values.device).masked_scatter(real, values)
 
@@ -1044,7 +1045,8 @@ def lr_factor(step, warmup_steps, total_steps, min_lr_ratio=1.0):
     Linear warmup: (step + 1) / warmup_steps for step < warmup_steps; then cosine decay
     min_lr_ratio + (1 - min_lr_ratio) * (1 + cos(pi * p)) / 2 with p = (step - warmup_steps) /
     max(1, total_steps - warmup_steps - 1), from 1 at the first step after warmup to min_lr_ratio at
-    the last step. min_lr_ratio 1: constant after warmup (GRPO's schedule).
+    the last step (a single step after warmup runs at the peak). min_lr_ratio 1: constant after
+    warmup (GRPO's schedule).
     """
     if step < warmup_steps:
         return (step + 1) / warmup_steps

@@ -268,7 +268,8 @@ def parse_args(argv=None):
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the global gradient norm to this")
     g.add_argument("--mu", type=int, default=1, help="update passes over each rollout (paper: 1)")
     g.add_argument("--minibatches", type=int, default=1,
-                   help="optimizer steps per pass: the rollout's puzzles are split into this many minibatches")
+                   help="optimizer steps per pass: the rollout's puzzles are split into this many "
+                        "minibatches (minibatch m: every M-th puzzle of the step from the m-th)")
     g.add_argument("--micro-batch", type=int, default=1,
                    help="puzzles (each with its G responses) per forward/backward; gradients accumulate. 1 "
                         "needs the least memory (with more, backward holds one group's weight gradients "
@@ -379,6 +380,17 @@ def reference_logprobs(ref_model, prompts, responses, args):
     return ref_logp.float().cpu()
 
 
+def minibatch_puzzles(num_local, minibatches, m):
+    """A rank's local indices of minibatch m's puzzles: every minibatches-th puzzle from the m-th.
+
+    A rank's share of the step is a contiguous block of positions whose size is a multiple of
+    minibatches, so minibatch m holds the step's puzzles at positions m, m + M, m + 2M, ... whatever the
+    number of ranks: K processes make the same optimizer steps as 1. (The step's puzzles are a random
+    draw, so every M-th one is as random a minibatch as a contiguous slice.)
+    """
+    return list(range(m, num_local, minibatches))
+
+
 def policy_update(model, optimizer, batch, args, world_size=1):
     """mu passes over the rollout; each pass splits its puzzles into --minibatches optimizer steps,
     each minibatch into micro-batches of --micro-batch puzzles whose gradients accumulate.
@@ -393,22 +405,23 @@ def policy_update(model, optimizer, batch, args, world_size=1):
     """
     G = args.group_size
     num_local = len(batch["prompts"])
-    per_mb = num_local // args.minibatches
     totals = {"tokens": 0.0, "clipped_low": 0.0, "clipped_high": 0.0, "kl": 0.0, "rho": 0.0}
     losses, grad_norms = [], []
     params = [p for p in model.parameters() if p.requires_grad]
     for _ in range(args.mu):
         for m in range(args.minibatches):
-            p0, p1 = m * per_mb, (m + 1) * per_mb  # this minibatch's puzzles (local)
-            tokens, seqs = cello.all_reduce([batch["mask"][p0 * G:p1 * G].sum().item(), (p1 - p0) * G])
+            puzzles = minibatch_puzzles(num_local, args.minibatches, m)  # this minibatch's puzzles (local)
+            rows = [p * G + g for p in puzzles for g in range(G)]
+            tokens, seqs = cello.all_reduce([batch["mask"][rows].sum().item(), len(rows)])
             divisor = loss_divisor(args.loss_agg, tokens, seqs, args.max_new_tokens)
             optimizer.zero_grad(set_to_none=True)
             mb_loss, finite = 0.0, True
-            for a in range(p0, p1, args.micro_batch):
-                b = min(a + args.micro_batch, p1)
-                rows = slice(a * G, b * G)
+            for a in range(0, len(puzzles), args.micro_batch):
+                part = puzzles[a:a + args.micro_batch]
+                rows = [p * G + g for p in part for g in range(G)]
                 with cello.bf16_autocast(model, args.bf16):
-                    logp, _ = cello.response_logprobs(model, batch["prompts"][a:b], batch["responses"][rows],
+                    logp, _ = cello.response_logprobs(model, [batch["prompts"][p] for p in part],
+                                                      [batch["responses"][r] for r in rows],
                                                       temperature=args.temperature,
                                                       shared_prompt=not args.per_sequence)
                 L = logp.shape[1]  # the longest response of this micro-batch

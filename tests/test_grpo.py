@@ -728,6 +728,21 @@ def test_micro_batches_and_minibatches_in_the_update(tiny, mode):
     assert {int(s["step"]) for s in optimizer.state.values()} == {4}
 
 
+@pytest.mark.parametrize("minibatches", [1, 2, 4])
+def test_minibatches_hold_the_same_puzzles_whatever_the_number_of_ranks(minibatches):
+    """8 puzzles per step; rank r of K holds positions r * 8/K ... (r + 1) * 8/K - 1 (grpo.main)."""
+    for m in range(minibatches):
+        expected = set(range(m, 8, minibatches))   # every M-th position of the step, from the m-th
+        for world in (1, 2, 4):
+            if (8 // world) % minibatches:
+                continue  # grpo.main refuses a share that does not split evenly
+            share = 8 // world
+            positions = {r * share + j for r in range(world) for j in grpo.minibatch_puzzles(share, minibatches, m)}
+            assert positions == expected, (world, m)
+            # and each rank has an equal part of it
+            assert len(grpo.minibatch_puzzles(share, minibatches, m)) == 8 // world // minibatches
+
+
 def test_score_rollout_pairs_each_group_with_its_puzzle(tiny):
     """Responses are group-major: with G = 2, responses 0-1 answer puzzle 0 and 2-3 puzzle 1."""
     _, path = tiny

@@ -196,7 +196,7 @@ def test_sampled_logprobs_equal_recomputed_logprobs(model, temperature, top_p):
 def naive_token_logprobs(model, ids, mask, temperature):
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits.float() / temperature
-    return logits.log_softmax(-1)[:, :-1].gather(-1, ids[:, 1:, None])[..., 0] * mask[:, 1:]
+    return logits.log_softmax(-1)[:, :-1].gather(-1, ids[:, 1:, None])[..., 0] * mask[:, :-1] * mask[:, 1:]
 
 
 def grads_of(model, fn):
@@ -228,7 +228,8 @@ def test_chunked_logprobs_equal_naive_values_and_gradients(model, chunk_size):
         naive = naive_token_logprobs(model, ids, mask, 0.7)
         assert chunked.shape == (3, 11)
         assert torch.allclose(chunked, naive, atol=1e-5, rtol=0)
-        assert (chunked[mask[:, 1:] == 0] == 0).all()
+        real = (mask[:, :-1] * mask[:, 1:]).bool()
+        assert (chunked[~real] == 0).all() and (chunked[real] != 0).all()
         g_chunked = grads_of(model, lambda: (cello.token_logprobs(model, ids, mask, 0.7, chunk_size) * weights).sum())
         g_naive = grads_of(model, lambda: (naive_token_logprobs(model, ids, mask, 0.7) * weights).sum())
         assert_grads_close(g_chunked, g_naive)
