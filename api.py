@@ -14,7 +14,8 @@ One request per sample (sample k of puzzle p), max_concurrency requests in fligh
 httpx.Client). A request is retried with exponential backoff and jitter on 429, 408, 5xx, timeouts,
 connection errors and broken or malformed bodies, honouring Retry-After; after max_attempts the sample
 is recorded as failed (with its error), not lost, and the run goes on. 401/403/404 (wrong key, URL or
-model) and 402 (no credit) stop the run: every other request would fail the same way. Other 4xx fail
+model), 402 (no credit) and redirects (3xx: a moved endpoint; give its new URL) stop the run: every
+other request would fail the same way. A base URL that is not http(s) is refused up front. Other 4xx fail
 that sample at once, as retrying cannot help; 400, 413 and 422 (say, a prompt too long or a content
 filter) mark it refused: that request is refused, not the server down.
 
@@ -52,7 +53,7 @@ REASONING_NAME = re.compile(r"^(o\d+)(-|$)|^gpt-5")
 # The first reasoning models refuse a system message: its text goes in front of the user message.
 NO_SYSTEM_NAME = re.compile(r"^o1-(mini|preview)")
 RETRY_STATUS = {408, 409, 425, 429}  # plus every 5xx
-FATAL_STATUS = {401, 402, 403, 404}  # wrong key, URL or model, or no credit left: stop the run
+FATAL_STATUS = {401, 402, 403, 404}  # wrong key, URL or model, or no credit left: stop the run (so does a 3xx)
 REFUSED_STATUS = {400, 413, 422}     # this request refused (too long, filtered): asking again gets the same
 
 
@@ -191,6 +192,12 @@ class ApiError(Exception):
         self.retryable, self.retry_after, self.fatal, self.refused = retryable, retry_after, fatal, refused
 
 
+def server_text(response, secret, limit):
+    """The server's answer for an error message: redacted, on one line (an HTML error page spans many),
+    cut to limit characters."""
+    return " ".join(redact(response.text, secret).split())[:limit]
+
+
 def post_once(client, url, headers, body, secret=None):
     """Send one request; return (content, usage, finish_reason) or raise ApiError.
     The server's text in an error is redacted (secret) before it is cut short: a key straddling the cut
@@ -202,8 +209,11 @@ def post_once(client, url, headers, body, secret=None):
     except httpx.TransportError as exc:  # refused connection, reset, body cut short (RemoteProtocolError)
         raise ApiError(f"connection error ({type(exc).__name__}: {exc})", retryable=True) from None
     status = response.status_code
+    if 300 <= status < 400:  # a moved endpoint: every request would be redirected the same way
+        raise ApiError(f"HTTP {status}: redirected to {response.headers.get('location')!r}; give that URL as the "
+                       "base URL", retryable=False, fatal=True)
     if status != 200:
-        message = f"HTTP {status}: {redact(response.text, secret)[:300]}"
+        message = f"HTTP {status}: {server_text(response, secret, 300)}"
         retry_after = parse_retry_after(response.headers.get("retry-after"))
         if status in RETRY_STATUS or status >= 500:
             raise ApiError(message, retryable=True, retry_after=retry_after)
@@ -215,11 +225,13 @@ def post_once(client, url, headers, body, secret=None):
         if not isinstance(content, str):
             raise TypeError(f"content is {type(content).__name__}")
     except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
-        raise ApiError(f"malformed body ({type(exc).__name__}: {exc}): {redact(response.text, secret)[:200]}",
+        raise ApiError(f"malformed body ({type(exc).__name__}: {exc}): {server_text(response, secret, 200)}",
                        retryable=True) from None
-    usage = data.get("usage") or {}
-    usage = {"prompt_tokens": int(usage.get("prompt_tokens") or 0),
-             "completion_tokens": int(usage.get("completion_tokens") or 0)}
+    usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+    try:  # usage is only counted: an odd value must not lose an answer already paid for
+        usage = {key: int(usage.get(key) or 0) for key in ("prompt_tokens", "completion_tokens")}
+    except (ValueError, TypeError):
+        usage = {"prompt_tokens": 0, "completion_tokens": 0}
     return content, usage, choice.get("finish_reason")
 
 
@@ -245,10 +257,22 @@ def api_responder(base_url, model, api_key_env, cache_path, max_concurrency=8, t
     respond.num_tokens holds the last call's completion token counts [puzzle][sample] (as the model
     responder's; reasoning tokens included; None for a failed sample or a server without usage).
     respond.pending(records, num_samples) is the set of (record index, sample index) a call would ask.
-    Raises ValueError when the key variable is unset or the cache cannot be written (both before any
-    request), ApiError on a fatal answer (401/402/403/404).
+    Raises ValueError when base_url is not an http(s) URL, api_key_env is not a variable name or the
+    variable is unset, or the cache cannot be written (all before any request), ApiError on a fatal
+    answer (401/402/403/404, or a redirect).
     """
+    try:
+        parsed = urllib.parse.urlsplit(base_url)
+        parsed.port  # raises ValueError for a port that is not a number
+        valid_url = parsed.scheme in ("http", "https") and bool(parsed.hostname)
+    except ValueError:  # also an unclosed [IPv6 address
+        valid_url = False
+    if not valid_url:  # else every request fails as a "connection error", is retried and cached as failed
+        raise ValueError(f"base URL {base_url!r} is not an http(s) URL with a host (e.g. https://api.openai.com/v1)")
     secret = None
+    if api_key_env and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", api_key_env):  # not echoed: it may be a key
+        raise ValueError("the API key variable must be the NAME of an environment variable (such as "
+                         "OPENAI_API_KEY), not the key itself")
     if api_key_env:
         secret = (os.environ.get(api_key_env) or "").strip()  # a key pasted from a file often ends in "\n"
         if not secret:

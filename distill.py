@@ -73,7 +73,11 @@ def confirm_cost(args, records, respond):
         return
     if not sys.stdin.isatty():
         sys.exit("distill.py: error: stdin is not a terminal, so the cost cannot be confirmed: pass --yes")
-    if input("Send these requests? [y/N] ").strip().lower() not in ("y", "yes"):
+    try:
+        answer = input("Send these requests? [y/N] ")
+    except EOFError:  # Ctrl-D: no
+        answer = ""
+    if answer.strip().lower() not in ("y", "yes"):
         sys.exit("distill.py: stopped before sending any request")
 
 
@@ -250,8 +254,8 @@ def main():
         "--max-concurrency": "an integer >= 1", "--timeout": "a number > 0", "--max-attempts": "an integer >= 1",
         "--backoff": "a number >= 0", "--max-tokens": "an integer >= 1", "--price-input": "a number >= 0",
         "--price-output": "a number >= 0", "--est-output-tokens": "an integer >= 0"})
-    if not os.path.exists(args.puzzles):
-        parser.error(f"--puzzles {args.puzzles}: no such file")
+    if not os.path.isfile(args.puzzles):
+        sys.exit(f"distill.py: error: --puzzles {args.puzzles}: no such file")
     cello.make_out_dir(args.out_dir, "distill.py")
     args.cache = args.cache or os.path.join(args.out_dir, "api_cache.jsonl")
 
@@ -262,6 +266,15 @@ def main():
         confirm_cost(args, records, respond)
     texts, counts = ask_teacher(respond, records, args.samples, args.teacher)
     rows = judge(records, texts, counts, getattr(respond, "errors", {}))
+    failed = [r for r in rows if r["status"] == "failed"]
+    if failed:  # the api teacher got no answer (server down, every attempt failed, or a refusal)
+        first = " ".join(str(failed[0]["error"]).split())[:200]
+        summary = (f"{len(failed)} of {len(rows)} samples failed (first: {failed[0]['id']!r} sample "
+                   f"{failed[0]['sample']}: {first}); they are cached as failed in {args.cache}: rerun with "
+                   "--retry-failed to ask them again")
+        if len(failed) == len(rows):  # nothing to distill from: an outage, not a result; write nothing
+            sys.exit(f"distill.py: error: {summary}")
+        print(f"distill.py: {summary}")
 
     sft = select_sft(records, texts, rows, args.keep_all)
     by_n = {}

@@ -196,6 +196,54 @@ def test_key_at_the_cut_of_an_error_text_is_redacted(tmp_path, monkeypatch, stat
     assert key[:8] not in errors[0] and key[:8] not in cache.read_text()
 
 
+def mock_server(monkeypatch, handler):
+    """httpx.Client answers through handler(request) -> httpx.Response, with no socket."""
+    real_client = httpx.Client
+    monkeypatch.setattr(httpx, "Client", lambda **options: real_client(transport=httpx.MockTransport(handler), **options))
+
+
+@pytest.mark.parametrize("url", ["api.openai.com/v1", "ftp://host/v1", "http://[::1/v1", "http://host:port/v1"])
+def test_a_base_url_that_is_not_http_is_refused_before_any_request(tmp_path, url):
+    """Else every request fails as a 'connection error', is retried and cached as failed for good."""
+    with pytest.raises(ValueError, match=r"^base URL .* is not an http\(s\) URL with a host"):
+        api.api_responder(url, "m", "", str(tmp_path / "cache.jsonl"))
+    assert not (tmp_path / "cache.jsonl").exists()
+
+
+def test_a_key_given_as_the_variable_name_is_refused_without_echoing_it(tmp_path):
+    with pytest.raises(ValueError) as info:
+        api.api_responder("http://127.0.0.1:9/v1", "m", "sk-abc123secret", str(tmp_path / "cache.jsonl"))
+    assert "NAME of an environment variable" in str(info.value) and "abc123" not in str(info.value)
+
+
+def test_a_redirect_stops_the_run_and_names_the_new_url(tmp_path, monkeypatch):
+    calls = []
+    mock_server(monkeypatch, lambda request: calls.append(1) or httpx.Response(
+        301, headers={"location": "https://new.test/v1/chat/completions"}, text="<html>\n<body>moved</body>\n</html>"))
+    respond = api.api_responder("http://server.test/v1", "m", "", str(tmp_path / "cache.jsonl"), max_concurrency=1,
+                                progress=False)
+    with pytest.raises(api.ApiError, match=r"HTTP 301: redirected to 'https://new.test/v1/chat/completions'"):
+        respond(toy_puzzles(3), 2)
+    assert len(calls) == 1 and api.load_cache(str(tmp_path / "cache.jsonl")) == {}  # nothing cached as failed
+
+
+def test_an_error_page_is_one_line_and_odd_usage_keeps_the_answer(tmp_path, monkeypatch):
+    answers = [lambda: httpx.Response(404, text="<html>\n  <h1>Not Found</h1>\n</html>\n")]
+    mock_server(monkeypatch, lambda request: answers[-1]())
+    respond = api.api_responder("http://server.test/v1", "m", "", str(tmp_path / "a.jsonl"), progress=False)
+    with pytest.raises(api.ApiError) as info:
+        respond(toy_puzzles(1), 1)
+    assert "\n" not in str(info.value) and "HTTP 404: <html> <h1>Not Found</h1> </html>" in str(info.value)
+    # a 200 whose usage is not numbers: the answer is kept (usage counts 0), not lost to a crash
+    answer = {"choices": [{"message": {"content": "<think>x</think>\n<answer>a</answer>"}, "finish_reason": "stop"}]}
+    for usage in ("n/a", {"prompt_tokens": "12k", "completion_tokens": 3}):
+        answers.append(lambda: httpx.Response(200, json={**answer, "usage": usage}))
+        respond = api.api_responder("http://server.test/v1", "m", "", str(tmp_path / f"{len(str(usage))}.jsonl"),
+                                    progress=False)
+        assert respond(toy_puzzles(1), 1) == [[answer["choices"][0]["message"]["content"]]]
+        assert respond.usage["prompt_tokens"] == 0
+
+
 def test_pending_reasks_changed_prompts_and_optionally_failures():
     records = toy_puzzles(2)
     sha = [api.prompt_hash(cello.render_messages(r)) for r in records]
@@ -297,6 +345,7 @@ def test_api_distill_survives_faults_and_a_kill(setup, monkeypatch, capsys):
     code, output = run(distill_cmd(puzzles, str(tmp / "ref"), url, "--yes"), key, monkeypatch, capsys)
     outputs.append(output)
     assert code == 0, output
+    assert "samples failed (first: " in output and "rerun with --retry-failed to ask them again" in output
     statuses = {(r["id"], r["sample"]): r["status"] for r in cello.read_jsonl(tmp / "ref" / "samples.jsonl")}
     assert statuses == {(pid, k): fault_server.expected_status(pid, k) for pid, k in every}
     assert set(statuses.values()) == {"accepted", "rejected", "failed"}
@@ -385,6 +434,18 @@ def test_wrong_key_stops_the_run_without_leaking_either_key(setup, monkeypatch, 
         assert wrong not in open(path).read()
 
 
+def test_a_server_that_answers_nothing_is_an_error_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    """Connection refused for every sample: an outage, not a data set of 0 rows with exit status 0."""
+    puzzles = str(tmp_path / "p.jsonl")
+    cello.write_jsonl_atomic(puzzles, toy_puzzles(2))
+    cmd = distill_cmd(puzzles, str(tmp_path / "out"), "http://127.0.0.1:9/v1", "--yes", "--max-attempts", "1")
+    code, output = run(cmd, "sk-test", monkeypatch, capsys)
+    assert isinstance(code, str) and code.startswith("distill.py: error: 8 of 8 samples failed (first: ")
+    assert "connection error" in code and code.endswith("rerun with --retry-failed to ask them again")
+    assert "\n" not in code and not (tmp_path / "out" / "report.json").exists()
+    assert not (tmp_path / "out" / "sft.jsonl").exists()
+
+
 def test_api_run_needs_yes_without_a_terminal(setup, monkeypatch, capsys):
     puzzles, key, serve, tmp = setup
     url, log_path = serve("server")
@@ -449,6 +510,9 @@ def test_bad_train_file_and_duplicate_ids(tmp_path, monkeypatch, capsys):
     code, _ = run(cmd, "unused", monkeypatch, capsys)
     assert code == (f"distill.py: error: --puzzles {puzzles}: duplicate id 'toy/n2/0-0000' "
                     "(each puzzle needs its own id)")
+    os.remove(puzzles)  # one line, as for --train (not argparse's usage block and status 2)
+    code, output = run(cmd, "unused", monkeypatch, capsys)
+    assert code == f"distill.py: error: --puzzles {puzzles}: no such file" and "usage:" not in output
 
 
 def test_expert_teacher_rejection_sampling(tmp_path, monkeypatch, capsys):
