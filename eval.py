@@ -85,6 +85,10 @@ def parse_args(argv=None):
         fail("--responder: a responder is named twice")
     if not os.path.isfile(args.puzzles):
         fail(f"--puzzles: file not found: {args.puzzles}")
+    repeated = [name for name in args.responder if name in ("expert", "model")]  # deterministic at temperature 0
+    if args.num_samples > 1 and not args.temperature and repeated:
+        fail(f"--num-samples {args.num_samples} at temperature 0 gives {', '.join(repeated)} {args.num_samples} copies "
+             "of one deterministic answer: pass --temperature > 0 (or --num-samples 1)")
     needs_train = sorted({"independent", "expert"} & set(args.responder))
     if needs_train and not args.train:
         fail(f"--responder {' '.join(needs_train)} needs --train (train puzzles to learn marker scores from)")
@@ -171,6 +175,11 @@ def evaluate(respond, records, num_samples, batch_size, desc, resume_path=None):
     batch whose rows are all there is not asked again, so a killed run goes on where it stopped. Greedy
     rows come out the same; sampled ones are new draws, as the generator starts again at its seed."""
     done = load_partial(resume_path) if resume_path else {}
+    if done:  # a line torn by a kill: end it, so that the next row starts a line of its own
+        with open(resume_path, "rb+") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
     rows = []
     bar = tqdm(total=len(records), desc=desc, unit="puzzle", file=sys.stderr)
     for start in range(0, len(records), batch_size):

@@ -219,6 +219,31 @@ def test_cli_api_refused_samples_are_scored_malformed(files, capsys):
     assert not os.path.exists(files / "out402" / "summary.json")
 
 
+def test_samples_of_a_deterministic_responder_need_a_temperature(files):
+    for responder in (["expert", "--train", str(files / "train.jsonl")], ["model", "--model-path", str(files)]):
+        with pytest.raises(SystemExit) as exit_info:
+            evaluate.main(["--puzzles", str(files / "test.jsonl"), "--responder", *responder, "--num-samples", "4",
+                           "--out-dir", str(files / "out")])
+        assert exit_info.value.code == (f"eval.py: error: --num-samples 4 at temperature 0 gives {responder[0]} 4 copies "
+                                        "of one deterministic answer: pass --temperature > 0 (or --num-samples 1)")
+    assert not os.path.exists(files / "out")
+
+
+def test_a_torn_partial_line_does_not_swallow_the_next_row(files, tmp_path):
+    """A kill mid-write leaves half a line: the resumed run ends it before appending, so the rows it
+    appends stay readable (else the first would be glued to the torn half and lost)."""
+    import responders
+
+    records = cello.read_jsonl(files / "test.jsonl")
+    partial = str(tmp_path / ".model-x.partial.jsonl")
+    respond = responders.make_responder("random", seed=0)
+    evaluate.evaluate(respond, records[:1], 1, 1, "t", resume_path=partial)
+    with open(partial, "a") as f:
+        f.write('{"id": "p2", "sam')   # killed while writing p2's row
+    evaluate.evaluate(respond, records, 1, 1, "t", resume_path=partial)
+    assert set(evaluate.load_partial(partial)) == {("p1", 0), ("p2", 0)}
+
+
 def test_cli_api_key_unset(files, monkeypatch):
     monkeypatch.delenv("CELLO_UNSET_KEY", raising=False)
     with pytest.raises(SystemExit) as exit_info:
