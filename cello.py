@@ -234,11 +234,15 @@ def is_str_list(value):
 def write_text_atomic(path, text):
     """Write text to a temporary name, then rename: a crash never leaves half a file."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())  # the text on disk before the new name points at it
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:  # UTF-8 whatever the locale: the readers expect it
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())  # the text on disk before the new name points at it
+        os.replace(tmp, path)
+    finally:  # whatever failed, no temporary file stays behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def write_json_atomic(path, obj):

@@ -482,7 +482,7 @@ def write_all_atomic(out_dir, outputs):
     tmp = {name: os.path.join(out_dir, f".{name}.tmp{os.getpid()}") for name in outputs}
     try:
         for name, text in outputs.items():
-            with open(tmp[name], "w") as f:
+            with open(tmp[name], "w", encoding="utf-8") as f:
                 f.write(text)
                 f.flush()
                 os.fsync(f.fileno())  # on disk before the new name points at it

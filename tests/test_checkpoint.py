@@ -341,3 +341,17 @@ def test_run_checkpoint_resumes_last_or_last_old_and_a_fresh_run_refuses_an_old_
     assert cello.load_resume(f"{run}/last.old", model, optimizer) == {"step": 4}
     cello.save_checkpoint(f"{run}/last", model, cello.load_tokenizer(model_dir), optimizer, state={"step": 5})
     assert sorted(os.listdir(run)) == ["last"] and cello.load_resume(f"{run}/last", model, optimizer) == {"step": 5}
+
+
+def test_atomic_writes_are_utf8_whatever_the_locale(tmp_path):
+    """Readers decode UTF-8; under a C locale a plain open(..., "w") would fail on an o1 trace's arrow
+    (UnicodeEncodeError) and leave its temporary file behind."""
+    text = "Cell 1: CD14, LYZ \u2192 CD14+ Monocyte"
+    code = ("import cello, puzzles; cello.write_text_atomic('a.txt', TEXT); puzzles.write_all_atomic('.', {'b.txt': TEXT})"
+            .replace("TEXT", ascii(text)))
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0",
+           "PYTHONPATH": ROOT}
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted(os.listdir(tmp_path)) == ["a.txt", "b.txt"]  # no temporary file left
+    assert all((tmp_path / name).read_text(encoding="utf-8") == text for name in ("a.txt", "b.txt"))
