@@ -15,7 +15,9 @@ Teachers (all responders, as in eval.py):
   api     any OpenAI-compatible endpoint (api.py): OpenAI o1/o3/gpt-*, vLLM, Ollama. Every answer is
           cached in --out-dir/api_cache.jsonl as it arrives, so a killed run restarted with the same
           command sends no request it already has an answer for (reruns are free). The estimated cost
-          is printed first and confirmed (or --yes).
+          is printed first and confirmed (or --yes). A sample whose every attempt failed is cached as
+          failed (rerun with --retry-failed to ask again); when every sample failed (server down,
+          wrong URL) the run stops with one line and writes none of the three files.
   model   a local checkpoint folder through cello's sampler (self-distillation: a trained student
           teaches its next version).
 Only the api teacher resumes (through its cache): an expert run takes seconds and is simply redone;
