@@ -5,7 +5,8 @@ reward == 1.0 (well formed and every cell right). Cell-o1 did this with o1, k = 
 Writes, in --out-dir:
   sft.jsonl      the puzzle records plus "response": by default the first accepted response of each
                  puzzle (--keep-all for every accepted one; see --keep-all's help for why not by default)
-  samples.jsonl  one line per sample: id, sample, n, status (accepted | rejected | failed), reward, error
+  samples.jsonl  one line per sample: id, sample, n, status (accepted | rejected | failed), reward,
+                 num_tokens, error
   report.json    acceptance by N and overall (samples, and puzzles with >= 1 accepted), failures, tokens
 and prints the acceptance table. All three are written atomically at the end.
 

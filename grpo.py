@@ -37,8 +37,8 @@ The defaults are the CPU demo's recipe (`python cello.py demo`): the "small" pre
 demo's puzzles (N 4-6 cells, ~330-400-token prompts, expert-style responses of ~125-195 tokens), P = 4
 puzzles x G = 8 responses per step, a 240-token budget, lr 1e-4, 150 steps. On the 2-core machine,
 idle: ~1.4-1.6 s per step (rollout 0.6-0.7, reference 0.2, update 0.6; BENCHMARKS.md), 4-5 minutes
-in all with its evaluations (~1.9 s and 5 minutes on a slower day), and the test puzzles go from
-43.3% to 63.3% well formed, batch-level 18.3% -> 13.3% (README, which says why it falls). On a
+in all with its evaluations (~1.9-2.3 s and 5-6 minutes in slower hours), and the test puzzles go
+from 40.0% to 71.7% well formed, batch-level 10.0% -> 15.0% (6 -> 9 of 60; README). On a
 machine busy with other jobs, set OMP_NUM_THREADS=1 (threads spin-waiting for a busy core slow a
 rollout).
 The paper's 7B run (Qwen2.5-7B-Instruct after SFT; 8 GPUs; one pass over the 6,912 released train

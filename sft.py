@@ -17,8 +17,9 @@ gradients are the same for 1 process and K processes with the same --batch-size.
 
 Outputs in --out-dir: metrics.jsonl (one row per step: step, epoch, loss, lr, grad_norm, tokens,
 tokens_per_s, and val_loss every --eval-every steps), last/ (the latest checkpoint: a Hugging Face
-folder plus resume.pt, written every --save-every steps), final/ (the trained model as a Hugging Face
-folder, which eval.py's model responder and grpo.py load). --resume continues from last/ at the next
+folder plus resume.pt and optimizer.pt, written every --save-every steps), final/ (the trained model
+as a Hugging Face folder, which eval.py's model responder and grpo.py load), and <preset>-init/ (the
+fresh model and tokenizer a preset name builds, before any training). --resume continues from last/ at the next
 step, with the same optimizer, schedule, data position and RNG as an uninterrupted run.
 
 Bad input stops with one line and a non-zero exit: missing file, a line that is not JSON, a record
@@ -27,7 +28,8 @@ answer and the EOS the model must learn) and their count is printed; no example 
 
 Run (the defaults are the CPU demo's recipe: the `small` preset from scratch, batch 8, lr 3e-3
 constant after a 5-step warmup; the demo has 4,413 expert traces of ~520 tokens, 524 steps an epoch,
-and stops at 1,500 steps with --max-steps 1500, 6.9 minutes on 2 cores):
+and stops at 1,500 steps with --max-steps 1500 and a val loss every 300 steps with --eval-every 300,
+6-8 minutes on 2 cores):
     python sft.py --data sft.jsonl --model small --out-dir runs/sft
     torchrun --nproc_per_node 2 sft.py --data sft.jsonl --model small --out-dir runs/sft
 Continue an interrupted run (same flags):
