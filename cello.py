@@ -89,7 +89,7 @@ def render_messages(record, response=None):
 
 
 def read_json(path):
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         return json.load(f)
 
 
@@ -410,8 +410,9 @@ def load_model(path, device="cpu"):
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa",
                                                      local_files_only=True)
-    except (OSError, ValueError) as e:  # no weights file, a config transformers cannot read, ...
-        sys.exit(f"cello: error: cannot load the model in {path!r} ({' '.join(str(e).split())[:300]})")
+    except Exception as e:  # no weights file, a config transformers cannot read, a truncated safetensors file, ...
+        sys.exit(f"cello: error: cannot load the model in {path!r} ({type(e).__name__}: "
+                 f"{' '.join(str(e).split())[:300]})")
     return model.to(device)
 
 
@@ -422,18 +423,30 @@ def model_fingerprint(path):
     h = hashlib.sha256()
     for name in sorted(os.listdir(path)):
         file = os.path.join(path, name)
-        if not os.path.isfile(file):
-            continue
-        size = os.path.getsize(file)
-        h.update(f"{name}\0{size}\0".encode())
-        with open(file, "rb") as f:
-            if size <= 2 << 20:
-                h.update(f.read())
-            else:
-                h.update(f.read(1 << 20))
-                f.seek(-(1 << 20), os.SEEK_END)
-                h.update(f.read())
+        if os.path.isfile(file):
+            h.update(f"{name}\0".encode())
+            _hash_file(h, file)
     return h.hexdigest()[:16]
+
+
+def file_fingerprint(path):
+    """A short hash of one file's content (size, first and last MiB; whole when small), e.g. a run's
+    data, so that --resume can tell the same data in a moved file from other data."""
+    h = hashlib.sha256()
+    _hash_file(h, path)
+    return h.hexdigest()[:16]
+
+
+def _hash_file(h, path):
+    size = os.path.getsize(path)
+    h.update(f"{size}\0".encode())
+    with open(path, "rb") as f:
+        if size <= 2 << 20:
+            h.update(f.read())
+        else:
+            h.update(f.read(1 << 20))
+            f.seek(-(1 << 20), os.SEEK_END)
+            h.update(f.read())
 
 
 def load_tokenizer(path):
@@ -449,8 +462,9 @@ def load_tokenizer(path):
         sys.exit(f"cello: error: {path!r} is not a Hugging Face folder with a tokenizer (no tokenizer_config.json)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as e:  # tokenizer.json missing or broken, ...
-        sys.exit(f"cello: error: cannot load the tokenizer in {path!r} ({' '.join(str(e).split())[:300]})")
+    except Exception as e:  # tokenizer.json missing, broken or cut short, ...
+        sys.exit(f"cello: error: cannot load the tokenizer in {path!r} ({type(e).__name__}: "
+                 f"{' '.join(str(e).split())[:300]})")
     if tokenizer.chat_template is None or tokenizer.eos_token_id is None:
         sys.exit(f"cello: error: the tokenizer in {path!r} needs a chat template and an EOS token")
     if tokenizer.pad_token_id is None:
@@ -466,7 +480,10 @@ def stop_token_ids(path, tokenizer):
     ids = {tokenizer.eos_token_id}
     config = os.path.join(path, "generation_config.json")
     if os.path.isfile(config):
-        listed = read_json(config).get("eos_token_id")
+        try:
+            listed = read_json(config).get("eos_token_id")
+        except (ValueError, AttributeError):  # not JSON, or not a JSON object
+            sys.exit(f"cello: error: {config} is not a JSON object (a copy cut short?)")
         ids.update([listed] if isinstance(listed, int) else listed or [])
     return sorted(ids)
 
@@ -1270,11 +1287,24 @@ def run_checkpoint(run_dir, resume, script):
             if os.path.isfile(os.path.join(folder, "resume.pt")) and is_checkpoint_complete(folder):
                 return folder
         sys.exit(f"{script}: error: --resume: no checkpoint {last} to resume from")
-    for name in ("last", "last.old", "final"):
+    for name in ("last", "last.old"):
         if os.path.exists(os.path.join(run_dir, name)):
             sys.exit(f"{script}: error: --out-dir {run_dir} holds an earlier run's checkpoint ({name}/): pass "
                      f"--resume to continue that run, or choose another --out-dir")
+    if os.path.exists(os.path.join(run_dir, "final")):  # a run from before the last step was checkpointed too
+        sys.exit(f"{script}: error: --out-dir {run_dir} holds an earlier run's final model (final/) and no "
+                 "checkpoint to resume from: choose another --out-dir")
     return None
+
+
+def _load_pickle(path):
+    """torch.load of our own resume.pt / optimizer.pt (RNG states need pickle); a file cut short or
+    damaged is a one-line error, not a traceback."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        sys.exit(f"cello: error: cannot read {path} ({type(e).__name__}: {' '.join(str(e).split())[:200]}): "
+                 "the checkpoint is damaged; resume from an intact copy or start afresh")
 
 
 def load_resume(out_dir, model, optimizer=None, scheduler=None, expect=None):
@@ -1290,11 +1320,11 @@ def load_resume(out_dir, model, optimizer=None, scheduler=None, expect=None):
     path = os.path.join(out_dir, "resume.pt")
     if not os.path.isfile(path) or not is_checkpoint_complete(out_dir):
         sys.exit(f"cello: error: {out_dir} is not a resumable checkpoint (needs config.json and resume.pt)")
-    resume = torch.load(path, map_location="cpu", weights_only=False)  # our own file: RNG states need pickle
+    resume = _load_pickle(path)
     for key, value in (expect or {}).items():  # (a checkpoint older than these keys is not checked)
         if key in resume["state"] and resume["state"][key] != value:
             sys.exit(f"cello: error: --resume: {out_dir} was saved with {key} {resume['state'][key]}, "
-                     f"this run has {value}")
+                     f"this run has {value}: resume with the run's own flags, or start afresh in another --out-dir")
     rank, sharded = get_rank(), dist.is_initialized()
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=sharded)
     weights = {}
@@ -1311,7 +1341,7 @@ def load_resume(out_dir, model, optimizer=None, scheduler=None, expect=None):
         optimizer_path = os.path.join(out_dir, "optimizer.pt")
         if not os.path.isfile(optimizer_path):
             sys.exit(f"cello: error: {out_dir} has no optimizer state (optimizer.pt)")
-        optimizer_state = torch.load(optimizer_path, map_location="cpu") if rank == 0 or not sharded else {}
+        optimizer_state = _load_pickle(optimizer_path) if rank == 0 or not sharded else {}
         set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
     if scheduler is not None and resume["scheduler"] is not None:
         scheduler.load_state_dict(resume["scheduler"])

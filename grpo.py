@@ -504,8 +504,10 @@ def main(argv=None):
     else:
         model_path = cello.prepare_model(args.model, args.out_dir, train)
     # a resumed run must start from the same model (by content: the folders may have moved), as the
-    # reference is rebuilt from it, not saved; without a reference (beta 0) only last/ matters
-    run_identity = {"script": "grpo.py"}
+    # reference is rebuilt from it, not saved; without a reference (beta 0) only last/ matters. The
+    # data position and the sampling seeds mean something only for the same puzzles, step size and seed.
+    run_identity = {"script": "grpo.py", "--train": cello.file_fingerprint(args.train),
+                    "--puzzles-per-step": args.puzzles_per_step, "--group-size": args.group_size, "--seed": args.seed}
     if args.beta > 0:
         run_identity["model"] = cello.model_fingerprint(model_path)
     tokenizer = cello.load_tokenizer(model_path)

@@ -306,10 +306,18 @@ def main(argv=None):
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: cello.lr_factor(step, args.warmup_steps, total_steps, args.min_lr_ratio))
 
+    # the data position is a function of the step: it means the same batches only for the same examples,
+    # split, batch size and seed (--max-steps may change: a run can be continued past its end)
+    run_identity = {"script": "sft.py", "--data": cello.file_fingerprint(args.data), "--batch-size": args.batch_size,
+                    "--seed": args.seed, "--max-length": args.max_length, "--bucket-batches": args.bucket_batches}
+    if args.val_data:
+        run_identity["--val-data"] = cello.file_fingerprint(args.val_data)
+    else:
+        run_identity["--val-fraction"] = args.val_fraction
     step = 0
     metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
     if args.resume:
-        step = cello.load_resume(resume_dir, model, optimizer, scheduler, expect={"script": "sft.py"})["step"]
+        step = cello.load_resume(resume_dir, model, optimizer, scheduler, expect=run_identity)["step"]
         cello.print0(f"sft.py: resuming at step {step + 1} from {resume_dir}")
     cello.keep_metrics_until(metrics_path, step)
 
@@ -340,10 +348,9 @@ def main(argv=None):
             cello.append_jsonl(metrics_path, row)
         progress.update(1)
         progress.set_postfix(loss=f"{loss:.4f}", **({"val": f"{row['val_loss']:.4f}"} if "val_loss" in row else {}))
-        if step % args.save_every == 0 and step < total_steps:
+        if step % args.save_every == 0 or step == total_steps:  # the last too: --resume --max-steps N continues
             cello.save_checkpoint(last_dir, model, tokenizer, optimizer, scheduler,
-                                  state={"step": step, "epoch": epoch, "batch_in_epoch": position + 1,
-                                         "script": "sft.py"})
+                                  state={"step": step, "epoch": epoch, "batch_in_epoch": position + 1, **run_identity})
     progress.close()
     cello.save_checkpoint(final_dir, model, tokenizer)
     cello.print0(f"sft.py: final model in {final_dir}")

@@ -180,7 +180,8 @@ def test_load_resume_refuses_another_run_or_another_architecture(model_dir, tmp_
     cello.save_checkpoint(out, model, cello.load_tokenizer(model_dir), state={"step": 3, "script": "sft.py"})
     with pytest.raises(SystemExit) as stop:
         cello.load_resume(out, model, expect={"script": "grpo.py"})
-    assert stop.value.code == f"cello: error: --resume: {out} was saved with script sft.py, this run has grpo.py"
+    assert stop.value.code == (f"cello: error: --resume: {out} was saved with script sft.py, this run has grpo.py: "
+                               "resume with the run's own flags, or start afresh in another --out-dir")
     assert cello.load_resume(out, model, expect={"script": "sft.py"}) == {"step": 3, "script": "sft.py"}
     assert cello.load_resume(out, model, expect={"model": "small"}) == {"step": 3, "script": "sft.py"}  # not saved
     other = cello.load_model(cello.build_model("small", str(tmp_path / "small"), RECORDS, seed=0))
@@ -324,6 +325,12 @@ def test_run_checkpoint_resumes_last_or_last_old_and_a_fresh_run_refuses_an_old_
         cello.run_checkpoint(run, False, "sft.py")
     assert stop.value.code == (f"sft.py: error: --out-dir {run} holds an earlier run's checkpoint (last.old/): pass "
                                "--resume to continue that run, or choose another --out-dir")
+    finished = tmp_path / "finished"
+    os.makedirs(finished / "final")  # an older run's final model, with no checkpoint to resume
+    with pytest.raises(SystemExit) as stop:
+        cello.run_checkpoint(str(finished), False, "sft.py")
+    assert stop.value.code == (f"sft.py: error: --out-dir {finished} holds an earlier run's final model (final/) "
+                               "and no checkpoint to resume from: choose another --out-dir")
     # The run resumed from last.old saves its next checkpoint and is killed as it renames it into place:
     # last.old must still be there (it once was deleted first, leaving only last.tmp: nothing to resume).
     real_replace = os.replace
@@ -355,3 +362,34 @@ def test_atomic_writes_are_utf8_whatever_the_locale(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert sorted(os.listdir(tmp_path)) == ["a.txt", "b.txt"]  # no temporary file left
     assert all((tmp_path / name).read_text(encoding="utf-8") == text for name in ("a.txt", "b.txt"))
+
+
+def test_a_damaged_checkpoint_is_a_one_line_error(model_dir, tmp_path):
+    """An interrupted copy: cut weights, a cut resume/optimizer file, a broken generation config."""
+    model = cello.load_model(model_dir)
+    optimizer = torch.optim.AdamW(model.parameters())
+    out = str(tmp_path / "last")
+    cello.save_checkpoint(out, model, cello.load_tokenizer(model_dir), optimizer, state={"step": 2})
+
+    def cut(name):
+        path = os.path.join(out, name)
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
+
+    def error_of(call):
+        with pytest.raises(SystemExit) as stop:
+            call()
+        assert isinstance(stop.value.code, str) and "\n" not in stop.value.code
+        return stop.value.code
+
+    cut("optimizer.pt")
+    assert error_of(lambda: cello.load_resume(out, model, optimizer)).startswith(
+        f"cello: error: cannot read {out}/optimizer.pt (")
+    cut("resume.pt")
+    assert "the checkpoint is damaged" in error_of(lambda: cello.load_resume(out, model, optimizer))
+    cut("model.safetensors")
+    assert error_of(lambda: cello.load_model(out)).startswith(f"cello: error: cannot load the model in {out!r} (")
+    with open(os.path.join(out, "generation_config.json"), "w") as f:
+        f.write('{"eos_token_id": ')
+    assert error_of(lambda: cello.stop_token_ids(out, cello.load_tokenizer(out))) == (
+        f"cello: error: {out}/generation_config.json is not a JSON object (a copy cut short?)")

@@ -580,7 +580,9 @@ def test_cli_runs_logs_and_checkpoints(toy_run, tmp_path):
         assert json.load(f)["model_type"] == "llama"
     model_path = flags[flags.index("--model") + 1]
     assert torch.load(out / "last" / "resume.pt", weights_only=False)["state"] == {
-        "step": 3, "consumed": 6, "script": "grpo.py", "model": cello.model_fingerprint(model_path)}
+        "step": 3, "consumed": 6, "script": "grpo.py", "model": cello.model_fingerprint(model_path),
+        "--train": cello.file_fingerprint(flags[flags.index("--train") + 1]), "--puzzles-per-step": 2,
+        "--group-size": 4, "--seed": 3}
     assert os.path.isfile(out / "final" / "model.safetensors")
 
 
@@ -812,7 +814,8 @@ def test_eos_is_a_trained_token(tiny):
 
 def test_resume_with_another_starting_model_is_refused_a_moved_one_is_not(toy_run, tmp_path):
     """The reference model is rebuilt from --model on resume: another model would change it silently.
-    The model is known by its content, so a run whose folders moved still resumes."""
+    The model is known by its content, so a run whose folders moved still resumes. So are the train
+    puzzles; another step size or seed is refused too."""
     runner, d, flags = toy_run
     model_at = flags.index("--model") + 1
 
@@ -825,11 +828,22 @@ def test_resume_with_another_starting_model_is_refused_a_moved_one_is_not(toy_ru
     with pytest.raises(SystemExit) as stop:
         grpo.main(with_model(other) + ["--out-dir", out, "--steps", "2", "--eval-every", "0", "--resume"])
     assert stop.value.code == (f"cello: error: --resume: {out}/last was saved with model "
-                               f"{cello.model_fingerprint(flags[model_at])}, this run has {cello.model_fingerprint(other)}")
+                               f"{cello.model_fingerprint(flags[model_at])}, this run has {cello.model_fingerprint(other)}: "
+                               "resume with the run's own flags, or start afresh in another --out-dir")
+    # the data position and the sampling seeds belong to the run's puzzles, step size and seed
+    train_at = flags.index("--train") + 1
+    fewer = tmp_path / "fewer.jsonl"
+    cello.write_jsonl_atomic(str(fewer), cello.read_jsonl(flags[train_at])[:-1])
+    for changed, key in ((["--group-size", "2"], "--group-size 4, this run has 2"),
+                         (["--train", str(fewer)], "--train " + cello.file_fingerprint(flags[train_at]))):
+        with pytest.raises(SystemExit) as stop:
+            grpo.main(flags + changed + ["--out-dir", out, "--steps", "2", "--eval-every", "0", "--resume"])
+        assert f"{out}/last was saved with {key}" in stop.value.code
     moved = shutil.copytree(flags[model_at], tmp_path / "moved-model")
     shutil.copytree(out, tmp_path / "moved-run")
+    moved_train = shutil.copy(flags[train_at], tmp_path / "moved-train.jsonl")  # the same puzzles elsewhere
     grpo.main(with_model(str(moved)) + ["--out-dir", str(tmp_path / "moved-run"), "--steps", "2", "--eval-every", "0",
-                                        "--resume"])
+                                        "--resume", "--train", str(moved_train)])
     assert [row["step"] for row in read_metrics(tmp_path / "moved-run")] == [1, 2]
 
 

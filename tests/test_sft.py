@@ -3,6 +3,7 @@ the schedule, exact resume, 2-process FSDP2 = 1 process, and one-line errors on 
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 
@@ -330,6 +331,20 @@ def test_resume_continues_at_the_next_step_and_matches_an_uninterrupted_run(tmp_
     assert final_a.keys() == final_b.keys()
     for name in final_a:
         torch.testing.assert_close(final_b[name], final_a[name], rtol=1e-5, atol=1e-6)
+
+    # the last step is checkpointed too (8 is not a multiple of --save-every 3), so a finished run can be
+    # continued past its end; its batches belong to its data, batch size and seed, so others are refused
+    assert torch.load(tmp_path / "a" / "last" / "resume.pt", weights_only=False)["state"]["step"] == 8
+    other = write(tmp_path / "other.jsonl", make_records(12, seed=5))
+    for changed, key in ((["--batch-size", "4"], "--batch-size 3, this run has 4"),
+                         (["--data", other], f"--data {cello.file_fingerprint(data)}")):
+        with pytest.raises(SystemExit) as stop:
+            sft.main(flags + changed + ["--out-dir", str(tmp_path / "a"), "--resume"])
+        assert f"was saved with {key}" in stop.value.code
+    seen.clear()
+    moved = shutil.copy(data, tmp_path / "moved.jsonl")  # the same data elsewhere is the same run
+    sft.main(flags + ["--data", str(moved), "--out-dir", str(tmp_path / "a"), "--resume", "--max-steps", "9"])
+    assert len(seen) == 1 and [r["step"] for r in metrics(tmp_path / "a")] == list(range(1, 10))  # one step more
 
 
 # ---- torchrun: 2 processes with FSDP2 give the 1-process loss curve ----
