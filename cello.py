@@ -115,8 +115,8 @@ def read_puzzles(path, flag, script, need_response=False):
     record without a "response" string (when need_response: SFT files), without id / context /
     cells / candidates / answer, with a context that is not a string, cells that are not lists of
     gene strings, candidates or answer that are not lists of strings, whose cells, candidates and
-    answer differ in length, an id that is not a non-empty string, no cells, repeated candidates, or
-    an answer that is not a permutation of the candidates."""
+    answer differ in length, an id that is not a non-empty string, no cells, an empty candidate or one
+    holding "|", repeated candidates, or an answer that is not a permutation of the candidates."""
     def fail(where, what):
         sys.exit(f"{script}: error: {where}: {what}")
 
@@ -160,6 +160,8 @@ def read_puzzles(path, flag, script, need_response=False):
         # Rewards match labels stripped and case-insensitively; a gold answer that is not a permutation
         # of distinct candidates could never be matched by a well-formed response.
         candidates = [reward.norm_label(c) for c in record["candidates"]]
+        if any("|" in c or not c for c in candidates):  # '|' separates the answer's labels (SPEC.md)
+            fail(where, '"candidates" must be non-empty labels without "|" (the answer\'s separator)')
         if len(set(candidates)) != len(candidates):
             fail(where, '"candidates" must be distinct (compared stripped, case-insensitively)')
         if sorted(reward.norm_label(a) for a in record["answer"]) != sorted(candidates):

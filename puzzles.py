@@ -290,6 +290,10 @@ def build(args):
     by_norm = defaultdict(set)  # the reward compares labels stripped and case-insensitively
     for t in set(cell_types) - {None}:
         by_norm[reward.norm_label(t)].add(t)
+    piped = sorted(t for t in set(cell_types) - {None} if "|" in t)
+    if piped:  # the answer separates labels with '|': such a type could never be answered
+        fail(f"--cell-type-key {args.cell_type_key!r}: cell type {piped[0]!r} contains '|', which separates the "
+             "answer's labels: rename it in the file first")
     clashes = sorted(sorted(names) for names in by_norm.values() if len(names) > 1)
     if clashes:
         fail(f"--cell-type-key {args.cell_type_key!r}: cell types {clashes[0]} differ only in case or surrounding "
@@ -437,6 +441,9 @@ def build(args):
     if args.train_blank_cells > 0:  # own generator: the puzzles stay the same whatever the share
         blank_cells(records["train"], args.train_blank_cells, np.random.default_rng([args.seed, 2]))
     total = sum(len(r) for r in records.values())
+    if total == 0 and not usable:
+        fail(f"no usable cell in {args.input}: a cell needs a cell type, a donor and at least --genes {args.genes} "
+             f"expressed genes (cells left out: {skipped_cells})")
     if total == 0:
         fail(f"no puzzle could be built: every group has fewer than --n-min {args.n_min} cell types "
              f"({skipped_groups} group/N pairs skipped; cells left out: {skipped_cells})")

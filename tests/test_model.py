@@ -240,6 +240,10 @@ def test_bad_preset_and_no_records(tmp_path):
      "line 1: a puzzle needs at least one cell"),
     ('{"id": "a", "context": "c", "cells": [["X"], ["Y"]], "candidates": ["A", " a"], "answer": ["A", " a"]}',
      'line 1: "candidates" must be distinct (compared stripped, case-insensitively)'),
+    ('{"id": "a", "context": "c", "cells": [["X"], ["Y"]], "candidates": ["A | B", "C"], "answer": ["A | B", "C"]}',
+     'line 1: "candidates" must be non-empty labels without "|" (the answer\'s separator)'),
+    ('{"id": "a", "context": "c", "cells": [["X"], ["Y"]], "candidates": [" ", "C"], "answer": [" ", "C"]}',
+     'line 1: "candidates" must be non-empty labels without "|" (the answer\'s separator)'),
     # a repeated gold label, or one that is no candidate, could never be matched by a well-formed answer
     ('{"id": "a", "context": "c", "cells": [["X"], ["Y"]], "candidates": ["A", "B"], "answer": ["A", "A"]}',
      'line 1: "answer" must use every candidate exactly once (a permutation of "candidates")'),

@@ -447,6 +447,13 @@ def test_cell_types_that_differ_only_in_case_are_refused(tmp_path):
                  "differ only in case or surrounding spaces")
 
 
+def test_a_cell_type_holding_the_answer_separator_is_refused(tmp_path):
+    types = [f"type {t}, subtype" for d in range(4) for t in range(5) for _ in range(3)]
+    types[:3] = ["Monocyte | CD14+"] * 3
+    path, _ = cellxgene_like(tmp_path / "f.h5ad", obs={"cell_type": types})
+    expect_error(tmp_path, path, FLAGS, "--cell-type-key 'cell_type': cell type 'Monocyte | CD14+' contains '|'")
+
+
 def test_missing_obs_key_lists_keys(tmp_path):
     path, _ = cellxgene_like(tmp_path / "f.h5ad")
     expect_error(tmp_path, path, FLAGS + ["--cell-type-key", "celltype"],
@@ -498,6 +505,12 @@ def test_duplicate_gene_names(tmp_path):
 def test_no_puzzle_at_all(tmp_path):
     path, _ = cellxgene_like(tmp_path / "f.h5ad")
     expect_error(tmp_path, path, ["--n-min", "6", "--n-max", "8", "--genes", "4"], "no puzzle could be built")
+    # no cell shows 12 expressed genes (all genes but the first are zero): the cells are the cause, not --n-min
+    path, counts = cellxgene_like(tmp_path / "g.h5ad")
+    counts[:, 1:] = 0
+    cellxgene_like(tmp_path / "g.h5ad", counts=counts, X=counts)
+    expect_error(tmp_path, path, ["--genes", "2"], "no usable cell in", "at least --genes 2 expressed genes",
+                 "'fewer than 2 expressed genes': 60")
 
 
 @pytest.mark.parametrize("flags, fragment", [
