@@ -1462,7 +1462,19 @@ def demo(argv):
     args = parser.parse_args(argv)
     check_ranges("cello.py demo", args, {"--sft-steps": "an integer >= 1", "--grpo-steps": "an integer >= 1"})
     here = os.path.dirname(os.path.abspath(__file__))
+    if not os.path.isfile(args.data):
+        sys.exit(f"cello.py demo: error: --data {args.data}: no such file")
     make_out_dir(args.out_dir, "cello.py demo")
+    # A finished stage is skipped, so a folder made with other flags would report its old results.
+    flags = {"--data": file_fingerprint(args.data), "--sft-steps": args.sft_steps, "--grpo-steps": args.grpo_steps}
+    flags_path = f"{args.out_dir}/demo_flags.json"
+    before = read_json(flags_path) if os.path.exists(flags_path) else flags
+    changed = [flag for flag in flags if before.get(flag) != flags[flag]]
+    if changed:
+        sys.exit(f"cello.py demo: error: {args.out_dir} was made with {changed[0]} {before.get(changed[0])} (this "
+                 f"run: {flags[changed[0]]}; data by content): its finished stages would be reused; run with its "
+                 "flags, or choose another --out-dir")
+    write_json_atomic(flags_path, flags)
     timings_path = f"{args.out_dir}/timings.json"  # kept across restarts, so a resumed demo reports every stage
     timings = read_json(timings_path) if os.path.exists(timings_path) else {}
     for name, command, done in demo_stages(args.out_dir, args.data, args.sft_steps, args.grpo_steps):

@@ -44,3 +44,22 @@ def test_a_killed_training_stage_is_resumed_not_restarted(tmp_path):
     stages = {name: command for name, command, _ in cello.demo_stages(out, "data.h5ad", 1500, 150)}
     assert stages["SFT the small model"][-1] == "--resume"
     assert "--resume" not in stages["GRPO from the SFT model"]
+
+
+def test_a_demo_folder_made_with_other_flags_is_refused(tmp_path):
+    """Finished stages are skipped: rerun with other steps or data, the folder would report its old results."""
+    import cello
+    out = tmp_path / "demo"
+    os.makedirs(out)
+    data = os.path.join(ROOT, "data", "pbmc68k_reduced.h5ad")
+    flags = {"--data": cello.file_fingerprint(data), "--sft-steps": 1500, "--grpo-steps": 150}
+    cello.write_json_atomic(str(out / "demo_flags.json"), flags)
+    with pytest.raises(SystemExit) as exit_info:
+        cello.demo(["--out-dir", str(out), "--sft-steps", "2000"])
+    assert exit_info.value.code == (f"cello.py demo: error: {out} was made with --sft-steps 1500 (this run: 2000; data "
+                                    "by content): its finished stages would be reused; run with its flags, or choose "
+                                    "another --out-dir")
+    with pytest.raises(SystemExit) as exit_info:
+        cello.demo(["--out-dir", str(tmp_path / "other"), "--data", str(tmp_path / "none.h5ad")])
+    assert exit_info.value.code == f"cello.py demo: error: --data {tmp_path / 'none.h5ad'}: no such file"
+    assert not os.path.exists(tmp_path / "other")
