@@ -139,8 +139,8 @@ def read_puzzles(path, flag, script, need_response=False):
             fail(where, f"not valid JSON ({e.msg})")
         if not isinstance(record, dict):
             fail(where, "expected a JSON object (a puzzle record)")
-        if need_response and not isinstance(record.get("response"), str):
-            fail(where, 'record has no "response" string (expected puzzle records with an accepted '
+        if need_response and not (isinstance(record.get("response"), str) and record["response"].strip()):
+            fail(where, 'record has no "response" text (expected puzzle records with an accepted '
                         'response, as distill.py writes)')
         missing = [key for key in ("id", "context", "cells", "candidates", "answer") if key not in record]
         if missing:

@@ -259,11 +259,10 @@ def main():
         "--price-output": "a number >= 0", "--est-output-tokens": "an integer >= 0"})
     if not os.path.isfile(args.puzzles):
         sys.exit(f"distill.py: error: --puzzles {args.puzzles}: no such file")
-    cello.make_out_dir(args.out_dir, "distill.py")
     args.cache = args.cache or os.path.join(args.out_dir, "api_cache.jsonl")
-
     records = cello.read_puzzles(args.puzzles, "--puzzles", "distill.py")[:args.limit]
     cello.check_unique_ids(records, "--puzzles", args.puzzles, "distill.py")
+    cello.make_out_dir(args.out_dir, "distill.py")  # after the puzzles are read: bad input leaves no folder
     respond = make_teacher(args)
     if args.teacher == "api":
         confirm_cost(args, records, respond)

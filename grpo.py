@@ -492,9 +492,9 @@ def main(argv=None):
                  f"--minibatches {args.minibatches}")
     torch.manual_seed(args.seed)
     resume_dir = cello.run_checkpoint(args.out_dir, args.resume, "grpo.py")  # None for a fresh run
-    cello.make_out_dir(args.out_dir, "grpo.py")
     train = cello.read_puzzles(args.train, "--train", "grpo.py")
     val = cello.read_puzzles(args.val, "--val", "grpo.py")[:args.eval_puzzles or None] if args.val else []
+    cello.make_out_dir(args.out_dir, "grpo.py")  # after the data is read: bad input leaves no folder
 
     # Policy (trained), reference (frozen copy of the starting policy, only when beta > 0). On resume
     # the policy's weights come from last/, but the reference stays the starting model.

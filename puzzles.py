@@ -190,8 +190,11 @@ def excluded_cell_sets(path, barcodes):
     sets = set()
     for line_no, line in enumerate(read_utf8(path, "--exclude-puzzles ").split("\n"), 1):
         try:
-            ids = json.loads(line)["cell_ids"] if line.strip() else []
-        except (ValueError, KeyError, TypeError):
+            record = json.loads(line) if line.strip() else {"cell_ids": []}
+        except ValueError:
+            fail(f"--exclude-puzzles {path} line {line_no}: not valid JSON (a line cut short?)")
+        ids = record.get("cell_ids") if isinstance(record, dict) else None
+        if not isinstance(ids, list) or not all(isinstance(c, str) for c in ids):
             fail(f"--exclude-puzzles {path} line {line_no}: expected a puzzle record with a \"cell_ids\" list")
         missing = [c for c in ids if c not in index]
         if missing:

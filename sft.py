@@ -262,7 +262,6 @@ def main(argv=None):
     rank, world_size, device = cello.setup_distributed()
     torch.manual_seed(args.seed)
     resume_dir = cello.run_checkpoint(args.out_dir, args.resume, "sft.py")  # None for a fresh run
-    cello.make_out_dir(args.out_dir, "sft.py")
 
     # Data: the validation split is drawn with its own seeded generator, the same on every rank.
     train_records = cello.read_puzzles(args.data, "--data", "sft.py", need_response=True)
@@ -274,6 +273,7 @@ def main(argv=None):
         n_val = min(round(len(order) * args.val_fraction), len(order) - 1)  # at least one training record
         val_records = [train_records[i] for i in sorted(order[:n_val])]
         train_records = [train_records[i] for i in sorted(order[n_val:])]
+    cello.make_out_dir(args.out_dir, "sft.py")  # after the data is read: bad input leaves no folder
 
     # Model: a preset is built once by rank 0 (tokenizer trained on the training text, weights
     # seeded) and loaded by every rank from the same folder, so all ranks start from the same weights.

@@ -426,6 +426,8 @@ def test_exclude_puzzles_errors(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"cell_ids": ["AAAGCCTGGCTAAC-1"]}\n{"id": "no cells"}\n')
     expect_error(tmp_path, DATA, SMALL + ["--exclude-puzzles", str(bad)], "bad.jsonl line 2", '"cell_ids"')
+    bad.write_text('{"cell_ids": ["AAAGCCTGGCTAAC-1"]}\n{"cell_ids": ["AAAG')  # cut short by a crash
+    expect_error(tmp_path, DATA, SMALL + ["--exclude-puzzles", str(bad)], "bad.jsonl line 2: not valid JSON")
     bad.write_text('{"cell_ids": ["NOT-A-BARCODE"]}\n')
     expect_error(tmp_path, DATA, SMALL + ["--exclude-puzzles", str(bad)], "line 1", "'NOT-A-BARCODE' is not in")
     bad.write_bytes(b'{"cell_ids": ["\xff"]}\n')

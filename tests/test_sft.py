@@ -385,7 +385,8 @@ def test_two_process_fsdp2_matches_one_process(tmp_path, micro_batch_size):
 @pytest.mark.parametrize("content, message", [
     (None, "--data {path}: no such file"),
     ('{"id": "a"', "{path} line 1: not valid JSON"),
-    ('{"id": "a", "context": "x"}\n', "{path} line 1: record has no \"response\" string"),
+    ('{"id": "a", "context": "x"}\n', "{path} line 1: record has no \"response\" text"),
+    ('{"id": "a", "context": "x", "response": " "}\n', "{path} line 1: record has no \"response\" text"),
     ("\n", "--data {path}: no records"),
 ])
 def test_bad_data_file_exits_with_one_line(tmp_path, content, message):
