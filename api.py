@@ -12,7 +12,7 @@ A library for distill.py and eval.py (through responders.make_responder("api", .
 
 One request per sample (sample k of puzzle p), max_concurrency requests in flight (threads sharing one
 httpx.Client). A request is retried with exponential backoff and jitter on 429, 408, 5xx, timeouts,
-connection errors and broken or malformed bodies, honouring Retry-After; after max_attempts the sample
+connection errors and broken or malformed bodies, honouring Retry-After (or retry-after-ms); after max_attempts the sample
 is recorded as failed (with its error), not lost, and the run goes on. 401/403/404 (wrong key, URL or
 model), 402 (no credit) and redirects (3xx: a moved endpoint; give its new URL) stop the run: every
 other request would fail the same way. A base URL that is not http(s) is refused up front. Other 4xx fail
@@ -215,6 +215,9 @@ def post_once(client, url, headers, body, secret=None):
     if status != 200:
         message = f"HTTP {status}: {server_text(response, secret, 300)}"
         retry_after = parse_retry_after(response.headers.get("retry-after"))
+        milliseconds = parse_retry_after(response.headers.get("retry-after-ms"))  # OpenAI's finer variant
+        if milliseconds is not None:
+            retry_after = milliseconds / 1000
         if status in RETRY_STATUS or status >= 500:
             raise ApiError(message, retryable=True, retry_after=retry_after)
         raise ApiError(message, retryable=False, fatal=status in FATAL_STATUS, refused=status in REFUSED_STATUS)

@@ -244,6 +244,18 @@ def test_an_error_page_is_one_line_and_odd_usage_keeps_the_answer(tmp_path, monk
         assert respond.usage["prompt_tokens"] == 0
 
 
+def test_retry_after_ms_is_honoured(tmp_path, monkeypatch):
+    answers = iter([httpx.Response(429, headers={"retry-after-ms": "250", "retry-after": "9"}),
+                    httpx.Response(200, json={"choices": [{"message": {"content": "ok"}}]})])
+    mock_server(monkeypatch, lambda request: next(answers))
+    waits = []
+    real_delay = api.backoff_delay
+    monkeypatch.setattr(api, "backoff_delay", lambda attempt, retry_after=None, *a, **k: waits.append(retry_after)
+                        or real_delay(attempt, retry_after, *a, **k))
+    respond = api.api_responder("http://server.test/v1", "m", "", str(tmp_path / "c.jsonl"), progress=False)
+    assert respond(toy_puzzles(1), 1) == [["ok"]] and waits == [0.25]
+
+
 def test_pending_reasks_changed_prompts_and_optionally_failures():
     records = toy_puzzles(2)
     sha = [api.prompt_hash(cello.render_messages(r)) for r in records]
