@@ -303,8 +303,9 @@ if "memory" in parts:
             rows[(name, grad)] = peak_mib(run)
         label = "forward + backward" if grad else "forward (no grad)"
         (n_mib, n_s), (c_mib, c_s) = rows[("naive", grad)], rows[("chunked", grad)]
+        ratio = f"{c_mib / n_mib:.3f}" if n_mib > 0 else "- (sizes too small to measure)"
         print(f"  {label:20s} naive {n_mib:8.0f} MiB {n_s:6.2f} s | chunked {c_mib:8.0f} MiB {c_s:6.2f} s | "
-              f"ratio {c_mib / n_mib:.3f}" if n_mib > 0 else "ratio - (sizes too small to measure)")
+              f"ratio {ratio}")
 
 
 # Qwen2.5's published configs (random weights here: memory and time do not depend on their values)
