@@ -9,6 +9,7 @@ import pytest
 import api
 import cello
 import eval as evaluate
+from reward import score as reward_score
 import fault_server
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -217,6 +218,15 @@ def test_cli_api_refused_samples_are_scored_malformed(files, capsys):
         server.server_close()
     assert exit_info.value.code.startswith("eval.py: error: --responder api: ") and "HTTP 402" in exit_info.value.code
     assert not os.path.exists(files / "out402" / "summary.json")
+
+
+def test_pass_at_k_counts_a_puzzle_with_any_exact_sample():
+    def resp(answer):
+        return f"<think>x</think>\n<answer>{answer}</answer>"
+    gold = ["a", "b"]
+    rows = [{"id": "p1", **reward_score(resp("a | b"), gold)}, {"id": "p1", **reward_score(resp("b | a"), gold)},
+            {"id": "p2", **reward_score(resp("b | a"), gold)}, {"id": "p2", **reward_score("junk", gold)}]
+    assert evaluate.summarize(rows, 2)["pass_at_k"] == 0.5  # p1: one exact sample of two; p2: none
 
 
 def test_samples_of_a_deterministic_responder_need_a_temperature(files):

@@ -119,6 +119,8 @@ def test_log_ratio_is_clamped():
     assert rho.item() == pytest.approx(math.exp(20)) and torch.isfinite(loss).all()
     kl = grpo.kl_k3(T([[-1000.0]]), T([[0.0]]))
     assert kl.item() == pytest.approx(math.exp(20) - 21)
+    # and on the other side: d = ref - logp = -1000 is clamped to -20, so k3 = exp(-20) + 20 - 1
+    assert grpo.kl_k3(T([[0.0]]), T([[-1000.0]])).item() == pytest.approx(19.0 + math.exp(-20), abs=1e-5)
 
 
 def test_k3_values():
@@ -743,6 +745,50 @@ def test_minibatches_hold_the_same_puzzles_whatever_the_number_of_ranks(minibatc
             assert positions == expected, (world, m)
             # and each rank has an equal part of it
             assert len(grpo.minibatch_puzzles(share, minibatches, m)) == 8 // world // minibatches
+
+
+def test_pad_rows_masks_padding_only():
+    values, mask = grpo.pad_rows([[-1.0, -2.0, -3.0], [-4.0]])
+    assert values.tolist() == [[-1.0, -2.0, -3.0], [-4.0, 0.0, 0.0]]
+    assert mask.tolist() == [[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]]  # every sampled token (the EOS too) is in the loss
+
+
+def test_minibatches_do_not_accumulate_each_others_gradients(tiny):
+    """--minibatches 2 with the weights held still (SGD, lr 0): each minibatch's gradient norm is that
+    minibatch's alone, so the logged mean equals the mean of two one-minibatch updates (a zero_grad
+    missing between minibatches would add the first's gradient to the second's)."""
+    records, path = tiny
+    tok = cello.load_tokenizer(path)
+    prompts = [cello.prompt_ids(tok, r) for r in records[:2]]
+    g = torch.Generator().manual_seed(7)
+    responses = [torch.randint(10, len(tok), (n,), generator=g).tolist() for n in (3, 5, 2, 4)]
+    model = cello.load_model(path)
+    with torch.no_grad():
+        old, mask = cello.response_logprobs(model, prompts, responses)
+    adv = grpo.group_advantages(T([1.0, 0.0, 0.2, 0.9]), 2)
+
+    def grad_norm(rows, puzzles, minibatches):
+        batch = {"prompts": [prompts[p] for p in puzzles], "responses": [responses[r] for r in rows],
+                 "old_logp": old[rows], "mask": mask[rows], "ref_logp": None, "advantages": adv[rows]}
+        args = update_args(path, "--group-size", "2", "--beta", "0", "--minibatches", str(minibatches))
+        return grpo.policy_update(model, torch.optim.SGD(model.parameters(), lr=0.0), batch, args)["grad_norm"]
+
+    alone = [grad_norm([0, 1], [0], 1), grad_norm([2, 3], [1], 1)]
+    assert grad_norm([0, 1, 2, 3], [0, 1], 2) == pytest.approx(sum(alone) / 2, rel=1e-5)
+
+
+def test_rollout_samples_from_a_generator_seeded_by_seed_step_and_position(tiny):
+    records, path = tiny
+    tok = cello.load_tokenizer(path)
+    model = cello.load_model(path)
+    prompts = [cello.prompt_ids(tok, records[0])]
+    args = update_args(path, "--group-size", "4", "--max-new-tokens", "6", "--sample-batch", "1")
+    step5 = grpo.rollout(model, prompts, 5, 0, args, tok.eos_token_id, tok.pad_token_id, "cpu")
+    step6 = grpo.rollout(model, prompts, 6, 0, args, tok.eos_token_id, tok.pad_token_id, "cpu")
+    assert step5["responses"] != step6["responses"]
+    direct = cello.sample(model, prompts, 4, 6, tok.eos_token_id, tok.pad_token_id,
+                          generator=torch.Generator().manual_seed(grpo.sample_seed(args.seed, 5, 0)))
+    assert step5 == direct
 
 
 def test_score_rollout_pairs_each_group_with_its_puzzle(tiny):

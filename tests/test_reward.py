@@ -67,6 +67,7 @@ def test_case_and_whitespace_insensitive():
     # case-folded, not just lower-cased: "ß" folds to "ss", so these two labels are one label
     assert reward.reward(resp("Strasse cell | b"), ["STRASSE CELL", "B"]) == 1.0
     assert reward.parse_answer(resp("straße cell | STRASSE cell"), 2)["error"] == "repeated label"
+    assert reward.reward(resp("straße cell | b"), ["STRASSE CELL", "B"]) == 1.0  # and in matching the gold
 
 
 def test_labels_with_commas():

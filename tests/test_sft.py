@@ -285,6 +285,21 @@ def test_train_step_clips_the_gradient_norm(tiny):
     assert moved.norm().item() == pytest.approx(1e-3, rel=1e-4)
 
 
+def test_a_step_uses_the_learning_rate_of_its_own_step(tiny):
+    """optimizer.step before scheduler.step: step 0 runs at the schedule's rate for step 0 (here 0, so
+    the weights must not move), not at step 1's."""
+    tokenizer = cello.load_tokenizer(tiny)
+    model = cello.load_model(tiny)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    examples, _ = sft.tokenize(tokenizer, make_records(2, seed=4), 10_000)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.0 if step == 0 else 1.0)
+    sft.train_step(model, optimizer, scheduler, examples, [[0, 1]], sum(sum(m) for _, m in examples),
+                   tokenizer.pad_token_id, "cpu", 1, max_grad_norm=1e9)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert optimizer.param_groups[0]["lr"] == 1.0  # and the scheduler has moved on to step 1
+
+
 # ---- resume ----
 
 def test_resume_continues_at_the_next_step_and_matches_an_uninterrupted_run(tmp_path, monkeypatch):
