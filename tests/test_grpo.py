@@ -791,6 +791,23 @@ def test_rollout_samples_from_a_generator_seeded_by_seed_step_and_position(tiny)
     assert step5 == direct
 
 
+def test_the_update_scores_responses_under_the_sampling_temperature(tiny):
+    """Sampled at T = 0.7, the update's log-probs must be of logits / 0.7 too: then rho is 1 to float
+    rounding (under T = 1 it would be off everywhere, a silent bias)."""
+    records, path = tiny
+    tok = cello.load_tokenizer(path)
+    model = cello.load_model(path)
+    prompts = [cello.prompt_ids(tok, r) for r in records[:2]]
+    args = update_args(path, "--group-size", "4", "--max-new-tokens", "8", "--temperature", "0.7", "--beta", "0")
+    out = grpo.rollout(model, prompts, 0, 0, args, tok.eos_token_id, tok.pad_token_id, "cpu")
+    old, mask = grpo.pad_rows(out["logprobs"])
+    batch = {"prompts": prompts, "responses": out["responses"], "old_logp": old, "mask": mask, "ref_logp": None,
+             "advantages": grpo.group_advantages(T([1.0, 0.0, 0.5, 0.2, 0.3, 0.9, 0.1, 0.0]), 4)}
+    result = grpo.policy_update(model, torch.optim.SGD(model.parameters(), lr=0.0), batch, args)
+    assert result["rho_mean"] == pytest.approx(1.0, abs=1e-5)
+    assert result["clip_frac_low"] == 0.0 and result["clip_frac_high"] == 0.0
+
+
 def test_score_rollout_pairs_each_group_with_its_puzzle(tiny):
     """Responses are group-major: with G = 2, responses 0-1 answer puzzle 0 and 2-3 puzzle 1."""
     _, path = tiny
