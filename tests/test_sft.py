@@ -285,6 +285,14 @@ def test_train_step_clips_the_gradient_norm(tiny):
     assert moved.norm().item() == pytest.approx(1e-3, rel=1e-4)
 
 
+def test_tokenize_keeps_an_example_of_exactly_max_length(tiny):
+    tokenizer = cello.load_tokenizer(tiny)
+    records = make_records(3, seed=2)
+    lengths = [len(cello.example_ids(tokenizer, r, r["response"])[0]) for r in records]
+    kept, skipped = sft.tokenize(tokenizer, records, sorted(lengths)[1])  # the middle length is the limit
+    assert sorted(len(ids) for ids, _ in kept) == sorted(lengths)[:2] and skipped == 1
+
+
 def test_a_step_uses_the_learning_rate_of_its_own_step(tiny):
     """optimizer.step before scheduler.step: step 0 runs at the schedule's rate for step 0 (here 0, so
     the weights must not move), not at step 1's."""
