@@ -440,6 +440,7 @@ def file_fingerprint(path):
 
 
 def _hash_file(h, path):
+    """Feed a file's size and content (whole up to 2 MiB, else its first and last MiB) to the hash h."""
     size = os.path.getsize(path)
     h.update(f"{size}\0".encode())
     with open(path, "rb") as f:

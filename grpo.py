@@ -411,8 +411,8 @@ def policy_update(model, optimizer, batch, args, world_size=1):
     for _ in range(args.mu):
         for m in range(args.minibatches):
             puzzles = minibatch_puzzles(num_local, args.minibatches, m)  # this minibatch's puzzles (local)
-            rows = [p * G + g for p in puzzles for g in range(G)]
-            tokens, seqs = cello.all_reduce([batch["mask"][rows].sum().item(), len(rows)])
+            minibatch_rows = [p * G + g for p in puzzles for g in range(G)]  # their responses
+            tokens, seqs = cello.all_reduce([batch["mask"][minibatch_rows].sum().item(), len(minibatch_rows)])
             divisor = loss_divisor(args.loss_agg, tokens, seqs, args.max_new_tokens)
             optimizer.zero_grad(set_to_none=True)
             mb_loss, finite = 0.0, True
