@@ -9,7 +9,7 @@ Sections, top to bottom:
      schedule, Hugging Face folders, resume state.
   5. The demo: the whole pipeline on the bundled data.
 
-Run the whole pipeline on the bundled data (2-core CPU, under 15 minutes):
+Run the whole pipeline on the bundled data (2-core CPU: 10-15 minutes in most hours, 16 in the slowest seen):
     python cello.py demo
 """
 import contextlib

@@ -37,10 +37,10 @@ The defaults are the CPU demo's recipe (`python cello.py demo`): the "small" pre
 demo's puzzles (N 4-6 cells, ~330-400-token prompts, expert-style responses of ~125-195 tokens), P = 4
 puzzles x G = 8 responses per step, a 240-token budget, lr 1e-4, 150 steps. On the 2-core machine,
 idle: ~1.4-1.6 s per step (rollout 0.6-0.7, reference 0.2, update 0.6; BENCHMARKS.md), 4-5 minutes
-in all with its evaluations (~1.9-2.3 s and 5-6 minutes in slower hours), and the test puzzles go
-from 40.0% to 71.7% well formed, batch-level 10.0% -> 15.0% (6 -> 9 of 60; README). On a
-machine busy with other jobs, set OMP_NUM_THREADS=1 (threads spin-waiting for a busy core slow a
-rollout).
+in all with its evaluations (up to 2.65 s and 7 minutes in the slowest hour seen), and the test
+puzzles go from 40.0% to 71.7% well formed, batch-level 10.0% -> 15.0% (6 -> 9 of 60; README). On
+a machine busy with other jobs, set OMP_NUM_THREADS=1 (threads spin-waiting for a busy core slow a
+rollout); floats then sum in another order, so the samples, and the results, differ from 2 threads'.
 The paper's 7B run (Qwen2.5-7B-Instruct after SFT; 8 GPUs; one pass over the 6,912 released train
 puzzles is 108 steps):
     torchrun --nproc_per_node 8 grpo.py --model runs/sft-7b/final --train train.jsonl --val val.jsonl \\
