@@ -175,7 +175,8 @@ def evaluate(respond, records, num_samples, batch_size, desc, resume_path=None):
     batch whose rows are all there is not asked again, so a killed run goes on where it stopped. Greedy
     rows come out the same; sampled ones are new draws, as the generator starts again at its seed."""
     done = load_partial(resume_path) if resume_path else {}
-    if done:  # a line torn by a kill: end it, so that the next row starts a line of its own
+    if resume_path and os.path.isfile(resume_path) and os.path.getsize(resume_path):
+        # a line torn by a kill (maybe the only line): end it, so that the next row starts a line of its own
         with open(resume_path, "rb+") as f:
             f.seek(-1, os.SEEK_END)
             if f.read(1) != b"\n":
@@ -193,6 +194,7 @@ def evaluate(respond, records, num_samples, batch_size, desc, resume_path=None):
                     rows.append({**row, **score})
             bar.update(len(chunk))
             continue
+        first_row = len(rows)  # this batch's rows: the ones to append (a failed sample has none)
         texts = respond(chunk, num_samples)
         lengths = getattr(respond, "num_tokens", None) or [[None] * num_samples for _ in chunk]
         failed = getattr(respond, "errors", {})
@@ -208,7 +210,7 @@ def evaluate(respond, records, num_samples, batch_size, desc, resume_path=None):
                 rows.append({"id": record["id"], "sample": k, "response": text, "answer": record["answer"], **s})
         if resume_path:
             with open(resume_path, "a", encoding="utf-8") as f:
-                f.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows[-len(keys):]))
+                f.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows[first_row:]))
                 f.flush()
                 os.fsync(f.fileno())
         bar.update(len(chunk))

@@ -254,6 +254,34 @@ def test_a_torn_partial_line_does_not_swallow_the_next_row(files, tmp_path):
     assert set(evaluate.load_partial(partial)) == {("p1", 0), ("p2", 0)}
 
 
+def test_a_partial_file_of_one_torn_line_is_ended_too(files, tmp_path):
+    """Killed while writing the first batch: no whole row yet, and the torn half is still ended."""
+    import responders
+
+    records = cello.read_jsonl(files / "test.jsonl")
+    partial = str(tmp_path / ".model-x.partial.jsonl")
+    with open(partial, "w") as f:
+        f.write('{"id": "p1", "sam')
+    evaluate.evaluate(responders.make_responder("random", seed=0), records[:1], 1, 1, "t", resume_path=partial)
+    assert set(evaluate.load_partial(partial)) == {("p1", 0)}
+
+
+def test_only_a_batch_s_own_rows_are_appended_when_a_sample_failed(files, tmp_path):
+    """An api sample that got no answer has no row: the batch appends its other rows, not a row of the
+    batch before in its place."""
+    records = cello.read_jsonl(files / "test.jsonl")[:2]
+    partial = str(tmp_path / ".model-x.partial.jsonl")
+
+    def respond(chunk, num_samples):
+        respond.errors = {(chunk[0]["id"], 1): "HTTP 503"} if chunk[0]["id"] == records[1]["id"] else {}
+        return [["junk"] * num_samples for _ in chunk]
+
+    evaluate.evaluate(respond, records, 2, 1, "t", resume_path=partial)
+    lines = cello.read_jsonl(partial)
+    first, second = records[0]["id"], records[1]["id"]
+    assert [(r["id"], r["sample"]) for r in lines] == [(first, 0), (first, 1), (second, 0)]
+
+
 def test_cli_api_key_unset(files, monkeypatch):
     monkeypatch.delenv("CELLO_UNSET_KEY", raising=False)
     with pytest.raises(SystemExit) as exit_info:
