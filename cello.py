@@ -68,7 +68,7 @@ MATCH_LINE = "\n\nMatch the cells above to one of the following cell types:\n"
 def render_system(record):
     """The system message for a puzzle: SPEC.md's text with N filled in."""
     layout = record.get("layout") or {}
-    return layout.get("system") or SYSTEM_TEMPLATE.format(n=len(record["cells"]))
+    return layout["system"] if "system" in layout else SYSTEM_TEMPLATE.format(n=len(record["cells"]))
 
 
 def render_user(record):

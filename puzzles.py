@@ -280,6 +280,10 @@ def build(args):
     if not (0 <= args.val_frac < 1 and 0 < args.test_frac < 1 and args.val_frac + args.test_frac < 1):
         fail(f"--val-frac and --test-frac must be fractions with val + test < 1 (got {args.val_frac}, {args.test_frac})")
     adata = load_h5ad(args.input)
+    if not adata.obs_names.is_unique:  # records name cells by obs name: a repeated one would be two cells
+        repeated = adata.obs_names[adata.obs_names.duplicated()]
+        fail(f"{args.input}: obs names are not unique ({len(repeated)} repeated, e.g. {repeated[0]!r}): make them "
+             "unique first (adata.obs_names_make_unique())")
     obs = adata.obs
     stem = os.path.splitext(os.path.basename(args.input))[0]
 
@@ -297,6 +301,10 @@ def build(args):
     if piped:  # the answer separates labels with '|': such a type could never be answered
         fail(f"--cell-type-key {args.cell_type_key!r}: cell type {piped[0]!r} contains '|', which separates the "
              "answer's labels: rename it in the file first")
+    broken = sorted(t for t in set(cell_types) - {None} if "\n" in t or "\r" in t)
+    if broken:  # the prompt lists one candidate per line
+        fail(f"--cell-type-key {args.cell_type_key!r}: cell type {broken[0]!r} contains a line break, which would "
+             "split it over two candidate lines: rename it in the file first")
     clashes = sorted(sorted(names) for names in by_norm.values() if len(names) > 1)
     if clashes:
         fail(f"--cell-type-key {args.cell_type_key!r}: cell types {clashes[0]} differ only in case or surrounding "
@@ -318,18 +326,19 @@ def build(args):
     if args.context is not None:
         contexts = [args.context] * adata.n_obs
     else:
-        fields = []
-        for flag, default in CONTEXT_KEYS.items():
-            key = getattr(args, flag[2:].replace("-", "_"))
-            if key == default and key not in obs.columns:  # a missing default counts as unknown: not every file
-                fields.append([None] * adata.n_obs)        # has every field (a column you name must exist)
-            else:
-                fields.append([present(v) for v in column(key, flag)])
-        contexts = [context_sentence(*values) for values in zip(*fields)]
-        if all(c is None for c in contexts):
+        keys = {flag: getattr(args, flag[2:].replace("-", "_")) for flag in CONTEXT_KEYS}
+        if not any(key in obs.columns for key in keys.values()):
             fail(f"{args.input} has none of the context columns ({args.sex_key}, {args.development_stage_key}, "
                  f"{args.ethnicity_key}, {args.tissue_key}, {args.disease_key}): pass --context TEXT")
-        contexts = [c or "The cell is from an unknown donor." for c in contexts]
+        fields = []
+        for flag, key in keys.items():
+            # A missing default column counts as unknown (not every file has every field); a named one must exist
+            if key == CONTEXT_KEYS[flag] and key not in obs.columns:
+                fields.append([None] * adata.n_obs)
+            else:
+                fields.append([present(v) for v in column(key, flag)])
+        # Cells whose every field is unknown (e.g. a column of "unknown" only) still get a sentence
+        contexts = [context_sentence(*values) or "The cell is from an unknown donor." for values in zip(*fields)]
     for column_key, template in extra_sentences:  # e.g. smoking_status=The patient is a {}.
         values = [present(v) for v in column(column_key, "--context-sentence")]
         contexts = [c if v is None else f"{c} {template.replace('{}', v)}" for c, v in zip(contexts, values)]
@@ -591,7 +600,9 @@ def import_released(args):
     import cello  # the renderer checks each record; imported here so that `build` does not load torch
 
     rows = read_released(args.input)
-    split = args.split or ("test" if "test" in os.path.basename(args.input).lower() else "train")
+    # "test" as a word of the file name (cellpuzzles_test.jsonl, test-00000-of-00001.parquet), not "latest"
+    split = args.split or ("test" if re.search(r"(?<![a-z])test(?![a-z])", os.path.basename(args.input).lower())
+                           else "train")
     stem = os.path.splitext(os.path.basename(args.input))[0]
     records = []
     for number, row in rows:

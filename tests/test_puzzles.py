@@ -456,6 +456,36 @@ def test_a_cell_type_holding_the_answer_separator_is_refused(tmp_path):
     expect_error(tmp_path, path, FLAGS, "--cell-type-key 'cell_type': cell type 'Monocyte | CD14+' contains '|'")
 
 
+def test_a_cell_type_holding_a_line_break_is_refused(tmp_path):
+    """The prompt lists one candidate per line: "T cell\nactivated" would read as two candidates."""
+    types = [f"type {t}, subtype" for d in range(4) for t in range(5) for _ in range(3)]
+    types[:3] = ["T cell\nactivated"] * 3
+    path, _ = cellxgene_like(tmp_path / "f.h5ad", obs={"cell_type": types})
+    expect_error(tmp_path, path, FLAGS, "--cell-type-key 'cell_type': cell type 'T cell\\nactivated' contains a line break")
+
+
+def test_repeated_obs_names_are_refused(tmp_path):
+    """Records name cells by obs name (cell_ids): two cells of one name would defeat --exclude-puzzles."""
+    path, _ = cellxgene_like(tmp_path / "f.h5ad")
+    adata = anndata.read_h5ad(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # anndata warns about the repeats we are making on purpose
+        names = list(adata.obs_names)
+        names[6] = names[0]
+        adata.obs_names = names
+        adata.write_h5ad(path)
+    expect_error(tmp_path, path, FLAGS, "f.h5ad: obs names are not unique (1 repeated, e.g. 'cell0')",
+                 "obs_names_make_unique")
+
+
+def test_context_columns_that_are_all_unknown_give_the_unknown_donor_sentence(tmp_path):
+    n = 4 * 5 * 3
+    unknown = {key: ["unknown"] * n for key in puzzles.CONTEXT_KEYS.values()}
+    path, _ = cellxgene_like(tmp_path / "f.h5ad", obs=unknown)
+    splits = build(tmp_path / "out", *FLAGS, "--puzzles-per-group", "2", data=path)
+    assert {r["context"] for records in splits.values() for r in records} == {"The cell is from an unknown donor."}
+
+
 def test_missing_obs_key_lists_keys(tmp_path):
     path, _ = cellxgene_like(tmp_path / "f.h5ad")
     expect_error(tmp_path, path, FLAGS + ["--cell-type-key", "celltype"],
@@ -605,6 +635,17 @@ def test_import_of_built_records(built, tmp_path):
         assert (back["context"], back["cells"], back["candidates"], back["answer"]) == \
             (r["context"], r["cells"], r["candidates"], r["answer"])
         assert "layout" not in back and back["split"] == "train"
+
+
+def test_import_split_from_the_file_name_is_a_whole_word(tmp_path):
+    assert run_import(tmp_path, ROWS[:1], "test-00000-of-00001.jsonl")[0]["split"] == "test"
+    assert run_import(tmp_path, ROWS[:1], "cellpuzzles_train_latest.jsonl")[0]["split"] == "train"
+
+
+def test_import_empty_system_message_round_trips(tmp_path):
+    row = dict(ROWS[0], system_msg="")
+    record = run_import(tmp_path, [row])[0]
+    assert record["layout"] == {"system": ""} and cello.render_system(record) == ""
 
 
 def test_import_bare_answer_and_split_flag(tmp_path):
