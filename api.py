@@ -14,7 +14,7 @@ One request per sample (sample k of puzzle p), max_concurrency requests in fligh
 httpx.Client). A request is retried with exponential backoff and jitter on 429, 408, 5xx, timeouts,
 connection errors and broken or malformed bodies, honouring Retry-After (or retry-after-ms); after
 max_attempts the sample is recorded as failed (with its error), not lost, and the run goes on.
-401/403/404 (wrong key, URL or model), 402 (no credit) and redirects (3xx: a moved endpoint; give its
+401/403/404 (wrong key, URL or model), 402 or OpenAI's 429 "insufficient_quota" (no credit) and redirects (3xx: a moved endpoint; give its
 new URL) stop the run: every other request would fail the same way. A base URL that is not http(s) is
 refused up front. Other 4xx fail that sample at once, as retrying cannot help; 400, 413 and 422 (say,
 a prompt too long or a content filter) mark it refused: that request is refused, not the server down.
@@ -28,8 +28,10 @@ Cached failures are final by default, so a rerun costs nothing and gives the sam
 retry_failed=True asks those samples again (the new line wins). Its folder is created up front.
 
 The API key is read from the environment variable named by api_key_env (none for local servers when
-api_key_env is empty). It is sent in the Authorization header only and redacted from everything this
-module writes or raises (cache lines, error texts), even when a server echoes it back.
+api_key_env is empty). It is sent in the Authorization header only and redacted from every error text this
+module writes or raises (the cache's errors, messages), as servers echo it back in errors (OpenAI's
+401 does). An answer's content is stored as it came: the key is not in the prompt, and rewriting
+an answer (a dummy key such as "x" for a local server is in many) would change its reward.
 """
 import concurrent.futures
 import email.utils
@@ -198,6 +200,15 @@ def server_text(response, secret, limit):
     return " ".join(redact(response.text, secret).split())[:limit]
 
 
+def quota_exhausted(response):
+    """True for OpenAI's 429 whose error code or type is "insufficient_quota" (no credit left), not a rate limit."""
+    try:
+        error = response.json().get("error")
+    except (ValueError, AttributeError):
+        return False
+    return isinstance(error, dict) and "insufficient_quota" in (error.get("code"), error.get("type"))
+
+
 def post_once(client, url, headers, body, secret=None):
     """Send one request; return (content, usage, finish_reason) or raise ApiError.
     The server's text in an error is redacted (secret) before it is cut short: a key straddling the cut
@@ -208,6 +219,8 @@ def post_once(client, url, headers, body, secret=None):
         raise ApiError(f"timeout ({type(exc).__name__})", retryable=True) from None
     except httpx.TransportError as exc:  # refused connection, reset, body cut short (RemoteProtocolError)
         raise ApiError(f"connection error ({type(exc).__name__}: {exc})", retryable=True) from None
+    except httpx.DecodingError as exc:  # a body that its Content-Encoding does not decode: like a malformed one
+        raise ApiError(f"undecodable body ({exc})", retryable=True) from None
     status = response.status_code
     if 300 <= status < 400:  # a moved endpoint: every request would be redirected the same way
         raise ApiError(f"HTTP {status}: redirected to {response.headers.get('location')!r}; give that URL as the "
@@ -218,6 +231,8 @@ def post_once(client, url, headers, body, secret=None):
         milliseconds = parse_retry_after(response.headers.get("retry-after-ms"))  # OpenAI's finer variant
         if milliseconds is not None:
             retry_after = milliseconds / 1000
+        if status == 429 and quota_exhausted(response):  # OpenAI's "no credit": as 402, asking again never helps
+            raise ApiError(message, retryable=False, fatal=True)
         if status in RETRY_STATUS or status >= 500:
             raise ApiError(message, retryable=True, retry_after=retry_after)
         raise ApiError(message, retryable=False, fatal=status in FATAL_STATUS, refused=status in REFUSED_STATUS)
@@ -262,7 +277,7 @@ def api_responder(base_url, model, api_key_env, cache_path, max_concurrency=8, t
     respond.pending(records, num_samples) is the set of (record index, sample index) a call would ask.
     Raises ValueError when base_url is not an http(s) URL, api_key_env is not a variable name or the
     variable is unset, or the cache cannot be written (all before any request), ApiError on a fatal
-    answer (401/402/403/404, or a redirect).
+    answer (401/402/403/404, a 429 for no credit, or a redirect).
     """
     try:
         parsed = urllib.parse.urlsplit(base_url)
@@ -295,7 +310,7 @@ def api_responder(base_url, model, api_key_env, cache_path, max_concurrency=8, t
     client = httpx.Client(timeout=timeout_s, limits=httpx.Limits(max_connections=max_concurrency))
 
     def save(entry):
-        line = redact(json.dumps(entry, ensure_ascii=False), secret) + "\n"
+        line = json.dumps(entry, ensure_ascii=False) + "\n"  # its error is redacted already (fetch)
         with lock:
             with open(cache_path, "a", encoding="utf-8") as f:
                 f.write(line)

@@ -256,6 +256,43 @@ def test_retry_after_ms_is_honoured(tmp_path, monkeypatch):
     assert respond(toy_puzzles(1), 1) == [["ok"]] and waits == [0.25]
 
 
+def test_an_undecodable_body_is_retried(tmp_path, monkeypatch):
+    """A 200 whose gzip Content-Encoding is not gzip: retried like a malformed body, not a crash of the run."""
+    answers = iter([httpx.Response(200, headers={"content-encoding": "gzip"},
+                                   stream=httpx.ByteStream(b"not gzip at all")),
+                    httpx.Response(200, json={"choices": [{"message": {"content": "ok"}}]})])
+    mock_server(monkeypatch, lambda request: next(answers))
+    respond = api.api_responder("http://server.test/v1", "m", "", str(tmp_path / "c.jsonl"), backoff_s=0,
+                                progress=False)
+    assert respond(toy_puzzles(1), 1) == [["ok"]] and respond.usage["requests"] == 2
+
+
+def test_no_credit_429_stops_the_run(tmp_path, monkeypatch):
+    """OpenAI says "no credit" with a 429 (insufficient_quota): asking again never helps, unlike a rate limit."""
+    calls = []
+    error = {"message": "You exceeded your current quota", "type": "insufficient_quota", "code": "insufficient_quota"}
+    mock_server(monkeypatch, lambda request: calls.append(1) or httpx.Response(429, json={"error": error}))
+    respond = api.api_responder("http://server.test/v1", "m", "", str(tmp_path / "c.jsonl"), max_concurrency=1,
+                                progress=False)
+    with pytest.raises(api.ApiError, match="HTTP 429: .*insufficient_quota") as info:
+        respond(toy_puzzles(3), 2)
+    assert info.value.fatal and len(calls) == 1 and api.load_cache(str(tmp_path / "c.jsonl")) == {}
+
+
+def test_a_short_key_changes_no_answer_and_a_rerun_asks_nothing(tmp_path, monkeypatch):
+    """A dummy key such as "x" (local servers) is inside the model name and the answers: the cache keeps
+    both as they are, so a rerun finds every answer and scores it the same."""
+    calls = []
+    content = "<think>8x more CD8A</think>\n<answer>x | y</answer>"
+    mock_server(monkeypatch, lambda request: calls.append(1) or httpx.Response(
+        200, json={"choices": [{"message": {"content": content}}]}))
+    monkeypatch.setenv("CELLO_TEST_KEY", "x")
+    make = lambda: api.api_responder("http://server.test/v1", "mixtral-8x7b", "CELLO_TEST_KEY",
+                                     str(tmp_path / "c.jsonl"), progress=False)
+    assert make()(toy_puzzles(2), 1) == [[content], [content]] and len(calls) == 2
+    assert make()(toy_puzzles(2), 1) == [[content], [content]] and len(calls) == 2
+
+
 def test_pending_reasks_changed_prompts_and_optionally_failures():
     records = toy_puzzles(2)
     sha = [api.prompt_hash(cello.render_messages(r)) for r in records]
