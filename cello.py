@@ -1348,6 +1348,10 @@ def load_resume(out_dir, model, optimizer=None, scheduler=None, expect=None):
         set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
     if scheduler is not None and resume["scheduler"] is not None:
         scheduler.load_state_dict(resume["scheduler"])
+        # The saved rate came from the saving run's schedule; this run's may differ (a run continued past
+        # its end has a new total), so the next step takes its rate from this run's schedule.
+        for group, base_lr, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["lr"] = base_lr * factor(scheduler.last_epoch)
     rngs = resume["rng"]  # with another number of ranks, each takes rank 0's streams
     set_rng_states(rngs[rank] if len(rngs) == get_world_size() else rngs[0])
     return resume["state"]

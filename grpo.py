@@ -494,20 +494,24 @@ def main(argv=None):
     resume_dir = cello.run_checkpoint(args.out_dir, args.resume, "grpo.py")  # None for a fresh run
     train = cello.read_puzzles(args.train, "--train", "grpo.py")
     val = cello.read_puzzles(args.val, "--val", "grpo.py")[:args.eval_puzzles or None] if args.val else []
-    cello.make_out_dir(args.out_dir, "grpo.py")  # after the data is read: bad input leaves no folder
+    cello.make_out_dir(args.out_dir, "grpo.py")  # after the data is read: a bad data file leaves no folder
 
     # Policy (trained), reference (frozen copy of the starting policy, only when beta > 0). On resume
     # the policy's weights come from last/, but the reference stays the starting model.
     last_dir, final_dir = os.path.join(args.out_dir, "last"), os.path.join(args.out_dir, "final")
     if args.resume and args.model in cello.PRESETS:  # a preset was built by the first run: reuse it
         model_path = os.path.join(args.out_dir, f"{args.model}-init")
+        if not cello.is_model_folder(model_path):
+            sys.exit(f"grpo.py: error: --resume --model {args.model}: {args.out_dir} holds no {args.model}-init "
+                     "folder: this run was started from another --model")
     else:
         model_path = cello.prepare_model(args.model, args.out_dir, train)
     # a resumed run must start from the same model (by content: the folders may have moved), as the
     # reference is rebuilt from it, not saved; without a reference (beta 0) only last/ matters. The
     # data position and the sampling seeds mean something only for the same puzzles, step size and seed.
     run_identity = {"script": "grpo.py", "--train": cello.file_fingerprint(args.train),
-                    "--puzzles-per-step": args.puzzles_per_step, "--group-size": args.group_size, "--seed": args.seed}
+                    "--puzzles-per-step": args.puzzles_per_step, "--group-size": args.group_size, "--seed": args.seed,
+                    "--lr": args.lr, "--weight-decay": args.weight_decay}  # both kept by the optimizer state
     if args.beta > 0:
         run_identity["model"] = cello.model_fingerprint(model_path)
     tokenizer = cello.load_tokenizer(model_path)

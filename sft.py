@@ -307,13 +307,13 @@ def main(argv=None):
         optimizer, lambda step: cello.lr_factor(step, args.warmup_steps, total_steps, args.min_lr_ratio))
 
     # the data position is a function of the step: it means the same batches only for the same examples,
-    # split, batch size and seed (--max-steps may change: a run can be continued past its end)
+    # split, batch size and seed (--max-steps may change: a run can be continued past its end). The
+    # optimizer state keeps its learning rate and weight decay, so those must not change either.
     run_identity = {"script": "sft.py", "--data": cello.file_fingerprint(args.data), "--batch-size": args.batch_size,
-                    "--seed": args.seed, "--max-length": args.max_length, "--bucket-batches": args.bucket_batches}
-    if args.val_data:
-        run_identity["--val-data"] = cello.file_fingerprint(args.val_data)
-    else:
-        run_identity["--val-fraction"] = args.val_fraction
+                    "--seed": args.seed, "--max-length": args.max_length, "--bucket-batches": args.bucket_batches,
+                    "--val-data": cello.file_fingerprint(args.val_data) if args.val_data else None,
+                    "--val-fraction": None if args.val_data else args.val_fraction,
+                    "--lr": args.lr, "--weight-decay": args.weight_decay}
     step = 0
     metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
     if args.resume:

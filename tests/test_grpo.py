@@ -898,10 +898,15 @@ def test_resume_with_another_starting_model_is_refused_a_moved_one_is_not(toy_ru
     fewer = tmp_path / "fewer.jsonl"
     cello.write_jsonl_atomic(str(fewer), cello.read_jsonl(flags[train_at])[:-1])
     for changed, key in ((["--group-size", "2"], "--group-size 4, this run has 2"),
+                         (["--lr", "2e-3"], "--lr 0.001, this run has 0.002"),  # the optimizer state keeps its own
                          (["--train", str(fewer)], "--train " + cello.file_fingerprint(flags[train_at]))):
         with pytest.raises(SystemExit) as stop:
             grpo.main(flags + changed + ["--out-dir", out, "--steps", "2", "--eval-every", "0", "--resume"])
         assert f"{out}/last was saved with {key}" in stop.value.code
+    with pytest.raises(SystemExit) as stop:  # a preset name: the run would look for the folder it built
+        grpo.main(with_model("tiny") + ["--out-dir", out, "--steps", "2", "--eval-every", "0", "--resume"])
+    assert stop.value.code == (f"grpo.py: error: --resume --model tiny: {out} holds no tiny-init folder: this run "
+                               "was started from another --model")
     moved = shutil.copytree(flags[model_at], tmp_path / "moved-model")
     shutil.copytree(out, tmp_path / "moved-run")
     moved_train = shutil.copy(flags[train_at], tmp_path / "moved-train.jsonl")  # the same puzzles elsewhere

@@ -269,6 +269,18 @@ def test_logged_lr_follows_warmup_then_cosine(tmp_path):
     assert lrs == pytest.approx([2e-3 * cello.lr_factor(s, 2, 6, 0.1) for s in range(6)], rel=1e-12)
 
 
+def test_a_run_continued_past_its_end_follows_the_new_schedule_from_its_first_step(tmp_path):
+    """The optimizer state holds the old schedule's last rate; the first resumed step must not use it."""
+    data = write(tmp_path / "sft.jsonl", make_records(4))
+    flags = ["--data", data, "--model", "tiny", "--out-dir", str(tmp_path / "run"), "--batch-size", "2",
+             "--lr", "2e-3", "--warmup-steps", "2", "--min-lr-ratio", "0.1", "--val-fraction", "0"]
+    sft.main(flags + ["--max-steps", "4"])
+    sft.main(flags + ["--max-steps", "8", "--resume"])
+    lrs = [r["lr"] for r in metrics(tmp_path / "run")]
+    assert lrs[:4] == pytest.approx([2e-3 * cello.lr_factor(s, 2, 4, 0.1) for s in range(4)], rel=1e-12)
+    assert lrs[4:] == pytest.approx([2e-3 * cello.lr_factor(s, 2, 8, 0.1) for s in range(4, 8)], rel=1e-12)
+
+
 def test_train_step_clips_the_gradient_norm(tiny):
     # SGD at lr 1 without momentum: the weights move by exactly the clipped gradient, whose global norm
     # is max_grad_norm when the raw gradient is larger; train_step returns the raw norm
@@ -360,10 +372,13 @@ def test_resume_continues_at_the_next_step_and_matches_an_uninterrupted_run(tmp_
     # continued past its end; its batches belong to its data, batch size and seed, so others are refused
     assert torch.load(tmp_path / "a" / "last" / "resume.pt", weights_only=False)["state"]["step"] == 8
     other = write(tmp_path / "other.jsonl", make_records(12, seed=5))
-    for changed, key in ((["--batch-size", "4"], "--batch-size 3, this run has 4"),
-                         (["--data", other], f"--data {cello.file_fingerprint(data)}")):
+    without_val = flags[:2] + flags[4:]  # the validation set from --val-fraction instead: other training examples
+    for run_flags, key in ((flags + ["--batch-size", "4"], "--batch-size 3, this run has 4"),
+                           (flags + ["--data", other], f"--data {cello.file_fingerprint(data)}"),
+                           (flags + ["--lr", "1e-3"], "--lr 0.003, this run has 0.001"),  # the optimizer keeps its own
+                           (without_val, f"--val-data {cello.file_fingerprint(val)}, this run has None")):
         with pytest.raises(SystemExit) as stop:
-            sft.main(flags + changed + ["--out-dir", str(tmp_path / "a"), "--resume"])
+            sft.main(run_flags + ["--out-dir", str(tmp_path / "a"), "--resume"])
         assert f"was saved with {key}" in stop.value.code
     seen.clear()
     moved = shutil.copy(data, tmp_path / "moved.jsonl")  # the same data elsewhere is the same run
