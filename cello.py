@@ -415,7 +415,24 @@ def load_model(path, device="cpu"):
     except Exception as e:  # no weights file, a config transformers cannot read, a truncated safetensors file, ...
         sys.exit(f"cello: error: cannot load the model in {path!r} ({type(e).__name__}: "
                  f"{' '.join(str(e).split())[:300]})")
+    unsupported = unsupported_features(model.config)
+    if unsupported:  # else the sampler and the log-probs would silently compute another distribution
+        sys.exit(f"cello: error: the model in {path!r} uses {unsupported}, which cello's sampler and "
+                 "log-probs do not implement")
     return model.to(device)
+
+
+def unsupported_features(config):
+    """What of a model's config cello's own attention (_shared_prefix_attention) and log-prob head
+    (_chunk_logprobs) leave out, as text ('' when nothing): sliding-window attention (Mistral v0.1,
+    Phi-3-4k; Qwen2.5 has it switched off) and logit soft-capping (Gemma 2)."""
+    found = []
+    if getattr(config, "sliding_window", None) is not None or "sliding_attention" in (getattr(config, "layer_types", None) or []):
+        found.append(f"sliding-window attention (sliding_window {getattr(config, 'sliding_window', None)})")
+    for name in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if getattr(config, name, None) is not None:
+            found.append(f"{name} {getattr(config, name)}")
+    return ", ".join(found)
 
 
 def model_fingerprint(path):
@@ -960,9 +977,9 @@ def response_logprobs(model, prompts, responses, temperature=1.0, shared_prompt=
         predictors = prompt_lengths[rows] - 1 + t
         predicting = hidden[rows, predictors]
     if target_masks is not None:
-        wanted = torch.tensor([bool(m) for r in target_masks for m in r], device=device)  # [N], like targets
+        wanted = torch.tensor([bool(m) for r in target_masks for m in r], dtype=torch.bool, device=device)  # [N]
         mask = torch.zeros_like(mask).masked_scatter(mask, wanted)
-        if not wanted.any():  # the head still runs on one token (dropped below), so that every FSDP2
+        if len(wanted) and not wanted.any():  # the head still runs on one token (dropped below), so that every FSDP2
             wanted[0] = True  # rank makes the same calls
         predicting, targets = predicting[wanted], targets[wanted]
     values = _logprobs_of(model, predicting, targets, temperature, chunk_size)

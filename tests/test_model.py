@@ -217,6 +217,36 @@ def test_bad_path_is_one_clear_error(call, records, tmp_path):
         call(str(tmp_path / "empty"), records)
 
 
+@pytest.mark.parametrize("config_class, options, named", [
+    ("MistralConfig", {"sliding_window": 16}, "sliding-window attention (sliding_window 16)"),
+    ("Qwen2Config", {"use_sliding_window": True, "sliding_window": 16, "max_window_layers": 1},
+     "sliding-window attention (sliding_window 16)"),
+])
+def test_a_model_whose_attention_or_head_cello_does_not_implement_is_refused(tmp_path, config_class, options, named):
+    """Sliding windows and soft-capped logits: the sampler and the log-probs would silently compute
+    another distribution than the model's own forward (the GRPO ratio would be biased)."""
+    import transformers
+
+    config = getattr(transformers, config_class)(vocab_size=64, hidden_size=16, intermediate_size=32,
+                                                 num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                                                 head_dim=8, **options)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "m")
+    with pytest.raises(SystemExit) as stop:
+        cello.load_model(str(tmp_path / "m"))
+    assert stop.value.code == (f"cello: error: the model in {str(tmp_path / 'm')!r} uses {named}, which cello's "
+                               "sampler and log-probs do not implement")
+
+
+def test_unsupported_features_of_known_configs():
+    import transformers
+
+    assert cello.unsupported_features(transformers.Qwen2Config()) == ""  # Qwen2.5's: the window switched off
+    assert cello.unsupported_features(transformers.LlamaConfig()) == ""
+    # (Gemma 2 does not load with sdpa attention at all; its soft-capped logits would be refused too)
+    gemma2 = transformers.Gemma2Config(num_hidden_layers=1, sliding_window=None, layer_types=["full_attention"])
+    assert cello.unsupported_features(gemma2) == "attn_logit_softcapping 50.0, final_logit_softcapping 30.0"
+
+
 def test_bad_preset_and_no_records(tmp_path):
     with pytest.raises(SystemExit, match="unknown preset 'huge'"):
         cello.build_model("huge", str(tmp_path / "m"), [])

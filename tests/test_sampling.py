@@ -270,6 +270,10 @@ def test_target_masks_keep_only_the_masked_tokens(model):
         assert (only[~keep] == 0).all() and (full[keep] != 0).all()
     nothing, kept = cello.response_logprobs(model, prompts, responses[:1], target_masks=[[0] * 9])
     assert kept.sum() == 0 and (nothing == 0).all()
+    for shared in (True, False):  # empty responses: nothing to score, with a mask as without one
+        with torch.no_grad():
+            empty, kept = cello.response_logprobs(model, prompts, [[], []], shared_prompt=shared, target_masks=[[], []])
+        assert empty.shape == kept.shape == (2, 1) and kept.sum() == 0 and (empty == 0).all()
     with pytest.raises(ValueError, match="one 0/1 per response token"):
         cello.response_logprobs(model, prompts, responses, target_masks=[[1] * 9, [1] * 11])
 
