@@ -1505,12 +1505,14 @@ def demo(argv):
             continue
         print(f"== {name}: python {' '.join(command)}", flush=True)
         start = time.time()
-        result = subprocess.run([sys.executable, os.path.join(here, command[0]), *command[1:]])
+        try:
+            result = subprocess.run([sys.executable, os.path.join(here, command[0]), *command[1:]])
+        finally:  # a stage killed and resumed reports the time of every attempt
+            timings[name] = timings.get(name, 0.0) + time.time() - start
+            write_json_atomic(timings_path, timings)
         if result.returncode != 0:
             sys.exit(f"cello.py demo: stage '{name}' failed (exit {result.returncode}); fix it and run the demo "
                      f"again: finished stages are kept")
-        timings[name] = time.time() - start
-        write_json_atomic(timings_path, timings)
     import reward
     rows = read_json(f"{args.out_dir}/eval/baselines/summary.json")
     rows["SFT"] = read_json(f"{args.out_dir}/eval/sft/summary.json")["model"]

@@ -85,6 +85,9 @@ def parse_args(argv=None):
         fail("--responder: a responder is named twice")
     if not os.path.isfile(args.puzzles):
         fail(f"--puzzles: file not found: {args.puzzles}")
+    if args.num_samples > 1 and "independent" in args.responder:  # it has no temperature: always one answer
+        fail(f"--num-samples {args.num_samples} gives independent {args.num_samples} copies of one deterministic "
+             "answer at any temperature: evaluate it with --num-samples 1")
     repeated = [name for name in args.responder if name in ("expert", "model")]  # deterministic at temperature 0
     if args.num_samples > 1 and not args.temperature and repeated:
         fail(f"--num-samples {args.num_samples} at temperature 0 gives {', '.join(repeated)} {args.num_samples} copies "
@@ -154,9 +157,11 @@ def check_answered(respond, total, args):
 def partial_path(args, records):
     """OUT_DIR/.model-<hash>.partial.jsonl: the model responder's rows so far, for a resumed run. The hash
     covers what the rows depend on (the puzzles, the checkpoint's files, the sampling settings), so a
-    changed run starts afresh instead of mixing in stale rows."""
-    settings = [records, cello.model_fingerprint(args.model_path), args.temperature, args.top_p,
-                args.max_new_tokens, args.num_samples, args.seed, args.batch_size]
+    changed run starts afresh instead of mixing in stale rows. Greedy rows (no --temperature, or 0)
+    do not depend on top-p, the seed or the batching, so a rerun with a smaller --batch-size (say,
+    after running out of memory) keeps them."""
+    sampling = [args.temperature, args.top_p, args.seed, args.batch_size] if args.temperature else "greedy"
+    settings = [records, cello.model_fingerprint(args.model_path), args.max_new_tokens, args.num_samples, sampling]
     sha = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     return os.path.join(args.out_dir, f".model-{sha}.partial.jsonl")
 
@@ -172,7 +177,7 @@ def evaluate(respond, records, num_samples, batch_size, desc, resume_path=None):
     A sample in respond.errors (the api responder got no answer) gets no row, as it is not the model's,
     unless it is in respond.refused (the server refused it outright): that one is scored as malformed.
     resume_path: each batch's rows are appended there (flushed and fsync'd) as they are scored, and a
-    batch whose rows are all there is not asked again, so a killed run goes on where it stopped. Greedy
+    puzzle whose rows are all there is not asked again, so a killed run goes on where it stopped. Greedy
     rows come out the same; sampled ones are new draws, as the generator starts again at its seed."""
     done = load_partial(resume_path) if resume_path else {}
     if resume_path and os.path.isfile(resume_path) and os.path.getsize(resume_path):
@@ -185,34 +190,37 @@ def evaluate(respond, records, num_samples, batch_size, desc, resume_path=None):
     bar = tqdm(total=len(records), desc=desc, unit="puzzle", file=sys.stderr)
     for start in range(0, len(records), batch_size):
         chunk = records[start:start + batch_size]
-        keys = [(record["id"], k) for record in chunk for k in range(num_samples)]
-        if all(key in done for key in keys):
-            for record in chunk:  # scored again, so that a fix of the reward reaches rows written before it
-                for k in range(num_samples):
-                    row = done[(record["id"], k)]
-                    score = reward.score(row["response"], record["answer"], num_tokens=row["num_tokens"])
-                    rows.append({**row, **score})
-            bar.update(len(chunk))
-            continue
-        first_row = len(rows)  # this batch's rows: the ones to append (a failed sample has none)
-        texts = respond(chunk, num_samples)
-        lengths = getattr(respond, "num_tokens", None) or [[None] * num_samples for _ in chunk]
-        failed = getattr(respond, "errors", {})
-        refused = getattr(respond, "refused", set())
-        for record, samples, counts in zip(chunk, texts, lengths):
-            for k, (text, count) in enumerate(zip(samples, counts)):
+        # ask only the puzzles without all their rows in the resume file (a greedy rerun may batch differently)
+        todo = [record for record in chunk if not all((record["id"], k) in done for k in range(num_samples))]
+        fresh = {}  # (id, sample) -> row of this call's answers (a failed sample has none)
+        if todo:
+            texts = respond(todo, num_samples)
+            lengths = getattr(respond, "num_tokens", None) or [[None] * num_samples for _ in todo]
+            failed = getattr(respond, "errors", {})
+            refused = getattr(respond, "refused", set())
+            for record, samples, counts in zip(todo, texts, lengths):
+                for k, (text, count) in enumerate(zip(samples, counts)):
+                    key = (record["id"], k)
+                    if key in failed and key not in refused:
+                        continue
+                    s = reward.score(text, record["answer"], num_tokens=count)
+                    if key in refused:
+                        s["error"] = f"refused by the server: {failed[key]}"
+                    fresh[key] = {"id": record["id"], "sample": k, "response": text, "answer": record["answer"], **s}
+            if resume_path:
+                with open(resume_path, "a", encoding="utf-8") as f:
+                    f.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in fresh.values()))
+                    f.flush()
+                    os.fsync(f.fileno())
+        asked = {record["id"] for record in todo}
+        for record in chunk:
+            for k in range(num_samples):
                 key = (record["id"], k)
-                if key in failed and key not in refused:
-                    continue
-                s = reward.score(text, record["answer"], num_tokens=count)
-                if key in refused:
-                    s["error"] = f"refused by the server: {failed[key]}"
-                rows.append({"id": record["id"], "sample": k, "response": text, "answer": record["answer"], **s})
-        if resume_path:
-            with open(resume_path, "a", encoding="utf-8") as f:
-                f.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows[first_row:]))
-                f.flush()
-                os.fsync(f.fileno())
+                if key in fresh:
+                    rows.append(fresh[key])
+                elif record["id"] not in asked:  # from the resume file, scored again so that a fix of the
+                    row = done[key]              # reward reaches rows written before it
+                    rows.append({**row, **reward.score(row["response"], record["answer"], num_tokens=row["num_tokens"])})
         bar.update(len(chunk))
     bar.close()
     return rows

@@ -286,6 +286,8 @@ if __name__ == "__main__":
                         help="Gumbel noise scale (0 = deterministic)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     args = parser.parse_args()
+    cello.check_ranges("responders.py", args, {"--limit": "an integer >= 1", "--num-samples": "an integer >= 1",
+                                               "--temperature": "a number >= 0"})
     respond = make_responder("expert", train_records=cello.read_puzzles(args.train, "--train", "responders.py"),
                              temperature=args.temperature, seed=args.seed)
     puzzles = cello.read_puzzles(args.puzzles, "--puzzles", "responders.py")[:args.limit]

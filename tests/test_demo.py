@@ -63,3 +63,22 @@ def test_a_demo_folder_made_with_other_flags_is_refused(tmp_path):
         cello.demo(["--out-dir", str(tmp_path / "other"), "--data", str(tmp_path / "none.h5ad")])
     assert exit_info.value.code == f"cello.py demo: error: --data {tmp_path / 'none.h5ad'}: no such file"
     assert not os.path.exists(tmp_path / "other")
+
+
+def test_a_stage_killed_twice_reports_the_time_of_both_attempts(tmp_path, monkeypatch):
+    import time
+
+    import cello
+    clock = [1000.0]
+
+    def killed_after_a_minute(*args, **kwargs):
+        clock[0] += 60
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(time, "time", lambda: clock[0])
+    monkeypatch.setattr(subprocess, "run", killed_after_a_minute)
+    out = tmp_path / "demo"
+    for attempts in (1, 2):
+        with pytest.raises(KeyboardInterrupt):
+            cello.demo(["--out-dir", str(out)])
+        assert cello.read_json(str(out / "timings.json")) == {"build puzzles": 60.0 * attempts}

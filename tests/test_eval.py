@@ -236,6 +236,12 @@ def test_samples_of_a_deterministic_responder_need_a_temperature(files):
                            "--out-dir", str(files / "out")])
         assert exit_info.value.code == (f"eval.py: error: --num-samples 4 at temperature 0 gives {responder[0]} 4 copies "
                                         "of one deterministic answer: pass --temperature > 0 (or --num-samples 1)")
+    with pytest.raises(SystemExit) as exit_info:  # independent has no temperature at all
+        evaluate.main(["--puzzles", str(files / "test.jsonl"), "--responder", "independent", "--train",
+                       str(files / "train.jsonl"), "--num-samples", "4", "--temperature", "1", "--out-dir",
+                       str(files / "out")])
+    assert exit_info.value.code == ("eval.py: error: --num-samples 4 gives independent 4 copies of one deterministic "
+                                    "answer at any temperature: evaluate it with --num-samples 1")
     assert not os.path.exists(files / "out")
 
 
@@ -323,15 +329,16 @@ def test_cli_model_responder(files):
             "--batch-size", "1", "--out-dir", str(files / "resumed")]
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(cello, "sample", sample_then_die)
-        for tokens, dies, asked in [("6", True, None), ("5", False, [1, 1]),  # other settings: both asked again
-                                    ("6", True, None), ("6", False, [1])]:    # the same command: only p2
+        # other settings: both asked again; the same command, or greedy with another batch size: only p2
+        for tokens, batch, dies, asked in [("6", "1", True, None), ("5", "1", False, [1, 1]),
+                                           ("6", "1", True, None), ("6", "2", False, [1])]:
             die, calls[:] = dies, []
             if dies:
                 with pytest.raises(KeyboardInterrupt):
-                    evaluate.main(argv + ["--max-new-tokens", tokens])
+                    evaluate.main(argv + ["--max-new-tokens", tokens, "--batch-size", batch])
                 assert not os.path.exists(files / "resumed" / "predictions.jsonl")
             else:
-                evaluate.main(argv + ["--max-new-tokens", tokens])
+                evaluate.main(argv + ["--max-new-tokens", tokens, "--batch-size", batch])
                 assert calls == asked
                 if tokens == "5":
                     os.remove(files / "resumed" / "predictions.jsonl")

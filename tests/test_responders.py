@@ -1,12 +1,16 @@
 """Responders: the expert's learned profile, joint assignment and traces; independent; random; model."""
 import math
+import os
 import random
+import subprocess
+import sys
 
 import pytest
 
 import cello
 import responders
 import reward
+from conftest import ROOT
 
 TYPES = ["B cell", "CD4-positive, alpha-beta T cell", "Monocyte", "NK cell", "Dendritic", "Platelet"]
 
@@ -227,3 +231,13 @@ def test_model_responder_tiny_checkpoint(tmp_path):
     assert respond(train[:3], 2) == texts  # greedy is deterministic across calls
     one_by_one = responders.make_responder("model", path=path, batch_size=1, max_new_tokens=12, temperature=0.0)
     assert one_by_one(train[:3], 2) == texts  # batching changes nothing
+
+
+@pytest.mark.parametrize("flag, value, message", [("--limit", "-1", "expected an integer >= 1, got -1"),
+                                                  ("--num-samples", "0", "expected an integer >= 1, got 0"),
+                                                  ("--temperature", "-1", "expected a number >= 0, got -1.0")])
+def test_cli_numeric_flag_out_of_range(flag, value, message):
+    """--limit -1 once printed all puzzles but the last, silently."""
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "responders.py"), "--train", "x.jsonl", "--puzzles",
+                             "y.jsonl", flag, value], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and result.stderr.strip() == f"responders.py: error: {flag}: {message}"
