@@ -36,7 +36,7 @@ malformed, or all right).
 The defaults are the CPU demo's recipe (`python cello.py demo`): the "small" preset after SFT on the
 demo's puzzles (N 4-6 cells, ~330-400-token prompts, expert-style responses of ~125-195 tokens), P = 4
 puzzles x G = 8 responses per step, a 240-token budget, lr 1e-4, 150 steps. On the 2-core machine,
-idle: ~1.4-1.6 s per step (rollout 0.6-0.7, reference 0.2, update 0.6; BENCHMARKS.md), 4-5 minutes
+idle: ~1.6-1.7 s per step (rollout 0.6-0.7, reference 0.2, update 0.6; BENCHMARKS.md), 4-5 minutes
 in all with its evaluations (up to 2.65 s and 7 minutes in the slowest hour seen), and the test
 puzzles go from 40.0% to 71.7% well formed, batch-level 10.0% -> 15.0% (6 -> 9 of 60; README). On
 a machine busy with other jobs, set OMP_NUM_THREADS=1 (threads spin-waiting for a busy core slow a

@@ -662,8 +662,8 @@ def main(argv=None):
                    help="obs column of experimental batches (default: none); "
                         "'barcode-suffix': the -N lane suffix of obs_names")
     for flag, default in CONTEXT_KEYS.items():
-        g.add_argument(flag, default=default, help="obs column for the context sentence (the default is used "
-                                                   "when present; a column you name must exist)")
+        g.add_argument(flag, default=default, help="obs column for the context sentence (default: %(default)s, "
+                                                   "used when present; a column you name must exist)")
     g.add_argument("--context", default=None, help="context sentence for every puzzle (for files without metadata); "
                                                    "overrides the context columns")
     g.add_argument("--context-sentence", action="append", metavar="COLUMN=SENTENCE",
