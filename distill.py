@@ -84,24 +84,34 @@ def confirm_cost(args, records, respond):
         sys.exit("distill.py: stopped before sending any request")
 
 
-def make_teacher(args):
-    """The teacher's respond(records, num_samples) function, built from the flags."""
+def check_teacher_flags(args):
+    """Exit with one line when the teacher lacks a flag it needs (before any folder is made)."""
     if args.teacher == "expert":
         if not args.train:
             sys.exit("distill.py: error: --teacher expert needs --train (puzzles to learn marker scores from)")
+        if not os.path.isfile(args.train):
+            sys.exit(f"distill.py: error: --train {args.train}: no such file")
+    if args.teacher == "model":
+        if not args.model_path:
+            sys.exit("distill.py: error: --teacher model needs --model-path (a checkpoint folder)")
+        if not cello.is_model_folder(args.model_path):
+            sys.exit(f"distill.py: error: --model-path {args.model_path}: not a Hugging Face model folder (no config.json)")
+        cello.check_device(args.device, "distill.py")
+    if args.teacher == "api" and not args.api_model:
+        sys.exit("distill.py: error: --teacher api needs --api-model (the served model's name)")
+
+
+def make_teacher(args):
+    """The teacher's respond(records, num_samples) function, built from the flags (check_teacher_flags first)."""
+    if args.teacher == "expert":
         train = cello.read_puzzles(args.train, "--train", "distill.py")
         return responders.make_responder("expert", train_records=train,
                                          temperature=args.temperature, seed=args.seed)
     if args.teacher == "model":
-        if not args.model_path:
-            sys.exit("distill.py: error: --teacher model needs --model-path (a checkpoint folder)")
-        cello.check_device(args.device, "distill.py")
         return responders.make_responder("model", path=args.model_path, seed=args.seed,
                                          temperature=1.0 if args.temperature is None else args.temperature,
                                          batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                                          device=args.device)
-    if not args.api_model:
-        sys.exit("distill.py: error: --teacher api needs --api-model (the served model's name)")
     try:
         return responders.make_responder(
             "api", temperature=args.temperature, base_url=args.base_url, model=args.api_model,
@@ -113,12 +123,13 @@ def make_teacher(args):
         sys.exit(f"distill.py: error: {exc}")
 
 
-def ask_teacher(respond, records, num_samples, teacher):
+def ask_teacher(respond, records, num_samples, teacher, batch_size):
     """(responses [puzzle][sample], token counts [puzzle][sample] or None) from the teacher.
 
     The api teacher gets every puzzle at once (its own progress bar, max concurrency); the offline
-    teachers get CHUNK puzzles per call under one progress bar. Token counts come from the responder's
-    num_tokens (model: sampled tokens; api: completion tokens); the expert has none.
+    teachers get about CHUNK puzzles per call under one progress bar: for the model, a whole number of
+    its --batch-size batches, so that it samples the batches eval.py would. Token counts come from the
+    responder's num_tokens (model: sampled tokens; api: completion tokens); the expert has none.
     """
     if teacher == "api":
         try:
@@ -127,8 +138,9 @@ def ask_teacher(respond, records, num_samples, teacher):
             sys.exit(f"distill.py: error: {exc}")
     texts, counts = [], []
     with tqdm(total=len(records), desc=f"{teacher} teacher", unit="puzzle") as bar:
-        for start in range(0, len(records), CHUNK):
-            chunk = records[start:start + CHUNK]
+        step = batch_size * max(1, CHUNK // batch_size) if teacher == "model" else CHUNK
+        for start in range(0, len(records), step):
+            chunk = records[start:start + step]
             texts += respond(chunk, num_samples)
             counts += getattr(respond, "num_tokens", None) or [[None] * num_samples for _ in chunk]
             bar.update(len(chunk))
@@ -262,11 +274,12 @@ def main():
     args.cache = args.cache or os.path.join(args.out_dir, "api_cache.jsonl")
     records = cello.read_puzzles(args.puzzles, "--puzzles", "distill.py")[:args.limit]
     cello.check_unique_ids(records, "--puzzles", args.puzzles, "distill.py")
-    cello.make_out_dir(args.out_dir, "distill.py")  # after the puzzles are read: bad input leaves no folder
+    check_teacher_flags(args)
+    cello.make_out_dir(args.out_dir, "distill.py")  # after the flags and puzzles are checked: bad input leaves no folder
     respond = make_teacher(args)
     if args.teacher == "api":
         confirm_cost(args, records, respond)
-    texts, counts = ask_teacher(respond, records, args.samples, args.teacher)
+    texts, counts = ask_teacher(respond, records, args.samples, args.teacher, args.batch_size)
     rows = judge(records, texts, counts, getattr(respond, "errors", {}))
     failed = [r for r in rows if r["status"] == "failed"]
     if failed:  # the api teacher got no answer (server down, every attempt failed, or a refusal)

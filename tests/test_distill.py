@@ -579,6 +579,43 @@ def test_expert_teacher_rejection_sampling(tmp_path, monkeypatch, capsys):
     assert "| all |" in output
 
 
+@pytest.mark.parametrize("teacher, message", [
+    (["expert"], "--teacher expert needs --train (puzzles to learn marker scores from)"),
+    (["expert", "--train", "nope.jsonl"], "--train nope.jsonl: no such file"),
+    (["model"], "--teacher model needs --model-path (a checkpoint folder)"),
+    (["model", "--model-path", "nope"], "--model-path nope: not a Hugging Face model folder (no config.json)"),
+    (["api"], "--teacher api needs --api-model (the served model's name)"),
+])
+def test_a_teacher_without_what_it_needs_is_one_line_and_leaves_no_folder(tmp_path, monkeypatch, capsys, teacher,
+                                                                          message):
+    puzzles = str(tmp_path / "puzzles.jsonl")
+    cello.write_jsonl_atomic(puzzles, toy_puzzles(2))
+    code, _ = run([sys.executable, "distill.py", "--puzzles", puzzles, "--out-dir", str(tmp_path / "out"),
+                   "--teacher", *teacher], "unused", monkeypatch, capsys)
+    assert code == f"distill.py: error: {message}" and not os.path.exists(tmp_path / "out")
+
+
+def test_model_teacher_samples_whole_batches_of_its_batch_size(tmp_path, monkeypatch, capsys):
+    """--batch-size 6 on 20 puzzles: batches of 6, 6, 6, 2 (as eval.py makes them), not 6, 6, 4, 4 (cut at
+    16-puzzle chunks); --batch-size 20: one batch, not 16 and 4."""
+    import torch
+
+    torch.set_num_threads(1)
+    puzzles = str(tmp_path / "puzzles.jsonl")
+    records = toy_puzzles(20)
+    cello.write_jsonl_atomic(puzzles, records)
+    path = cello.prepare_model("tiny", str(tmp_path / "models"), records)
+    calls, sample = [], cello.sample
+    monkeypatch.setattr(cello, "sample", lambda model, prompts, *a, **k: calls.append(len(prompts)) or
+                        sample(model, prompts, *a, **k))
+    for batch_size, expected in (("6", [6, 6, 6, 2]), ("20", [20])):
+        calls.clear()
+        code, output = run([sys.executable, "distill.py", "--teacher", "model", "--model-path", path, "--puzzles",
+                            puzzles, "--max-new-tokens", "2", "--batch-size", batch_size, "--out-dir",
+                            str(tmp_path / f"out{batch_size}")], "unused", monkeypatch, capsys)
+        assert code == 0 and calls == expected, output
+
+
 def test_model_teacher_self_distillation_plumbing(tmp_path, monkeypatch, capsys):
     """A tiny untrained checkpoint as the teacher: its k sampled responses are scored (all malformed,
     so nothing is accepted and the SFT file is empty), with their token counts in samples.jsonl."""
