@@ -1179,8 +1179,9 @@ def set_rng_states(states):
     random.setstate(states["python"])
     np.random.set_state(states["numpy"])
     torch.set_rng_state(states["torch"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+    if "cuda" in states and torch.cuda.is_available():  # a machine with fewer GPUs than the saving one: theirs only
+        for device, state in enumerate(states["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(state, device)
 
 
 def _tied_weight_names(model):

@@ -83,6 +83,7 @@ import sys
 import time
 
 import torch
+from torch.distributed.fsdp import FSDPModule
 from tqdm import tqdm
 
 import cello
@@ -377,6 +378,8 @@ def reference_logprobs(ref_model, prompts, responses, args):
     with torch.no_grad(), cello.bf16_autocast(ref_model, args.bf16):
         ref_logp, _ = cello.response_logprobs(ref_model, prompts, responses, temperature=args.temperature,
                                               shared_prompt=not args.per_sequence)
+    if isinstance(ref_model, FSDPModule):  # its root stays gathered after forward (the head runs after it), and
+        ref_model.reshard()                # no backward frees it: else every rank holds the whole embedding and head
     return ref_logp.float().cpu()
 
 

@@ -393,3 +393,14 @@ def test_a_damaged_checkpoint_is_a_one_line_error(model_dir, tmp_path):
         f.write('{"eos_token_id": ')
     assert error_of(lambda: cello.stop_token_ids(out, cello.load_tokenizer(out))) == (
         f"cello: error: {out}/generation_config.json is not a JSON object (a copy cut short?)")
+
+
+def test_cuda_rng_states_of_more_gpus_than_this_machine_has_restore_the_ones_it_has(monkeypatch):
+    """A run saved on 8 GPUs per node, resumed where 2 are visible: no index error, GPUs 0 and 1 restored."""
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append((int(state[0]), device)))
+    states = {**cello.rng_states(), "cuda": [torch.tensor([i], dtype=torch.uint8) for i in range(8)]}
+    cello.set_rng_states(states)
+    assert restored == [(0, 0), (1, 1)]

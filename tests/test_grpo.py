@@ -456,6 +456,17 @@ if os.environ.get("ROLLOUT_LOG"):  # what each step scored: lengths, gold answer
             f.write(json.dumps(row) + "\\n")
         return scores, advantages
     grpo.score_rollout = logged_score_rollout
+if os.environ.get("REF_LOG"):  # the reference's parameters each rank still holds whole after its log-probs
+    import json
+    from torch.distributed.tensor import DTensor
+    reference_logprobs = grpo.reference_logprobs
+    def logged_reference_logprobs(ref_model, *args):
+        out = reference_logprobs(ref_model, *args)
+        whole = [n for n, p in ref_model.named_parameters() if not isinstance(p, DTensor)]
+        with open(os.environ["REF_LOG"] + str(grpo.cello.get_rank()), "a") as f:
+            f.write(json.dumps(whole) + "\\n")
+        return out
+    grpo.reference_logprobs = logged_reference_logprobs
 exit_after = int(os.environ.get("EXIT_AFTER_STEP", "0"))
 if exit_after:  # simulate a kill right after that step's metrics line, before its checkpoint
     append = grpo.cello.append_jsonl
@@ -646,8 +657,12 @@ def test_two_process_fsdp2_run_matches_one_process(toy_run, tmp_path):
     assert rows1[1]["grad_norm"] > 0
     # the shared-prompt path (default, here checkpointed) and the per-sequence reference path, 2 processes
     for name, extra in (("two", ["--activation-checkpointing"]), ("two-per-sequence", ["--per-sequence"])):
-        r = run_cli(runner, flags + ["--out-dir", str(tmp_path / name), "--steps", "3", *extra], nproc=2)
+        ref_log = str(tmp_path / f"{name}-ref")
+        r = run_cli(runner, flags + ["--out-dir", str(tmp_path / name), "--steps", "3", *extra], nproc=2,
+                    env={"REF_LOG": ref_log})
         assert r.returncode == 0, r.stderr[-3000:]
+        for rank in (0, 1):  # the frozen reference gives its gathered embedding and head back after each use
+            assert open(ref_log + str(rank)).read().splitlines() == ["[]"] * 3
         rows2 = read_metrics(tmp_path / name)
         assert [row["step"] for row in rows2] == [0, 1, 2, 3]
         for a, b in zip(rows1, rows2):
