@@ -573,6 +573,10 @@ def test_expert_teacher_rejection_sampling(tmp_path, monkeypatch, capsys):
     assert len(rows) == 36 and {r["status"] for r in rows} <= {"accepted", "rejected"}
     assert report["overall"]["accepted"] == sum(r["status"] == "accepted" for r in rows) > 0
     assert report["overall"]["accepted"] + report["overall"]["rejected"] == 36
+    # toy_puzzles(12) has 4 puzzles each of N = 2, 3, 4, so 12 samples each; the acceptances add up
+    assert {n: a["samples"] for n, a in report["by_n"].items()} == {"2": 12, "3": 12, "4": 12}
+    for n, a in report["by_n"].items():
+        assert a["accepted"] == sum(r["status"] == "accepted" for r in rows if r["n"] == int(n))
     sft = cello.read_jsonl(out / "sft.jsonl")
     assert len(sft) == report["overall"]["puzzles_accepted"] == report["sft_rows"]
     assert all(reward.reward(row["response"], row["answer"]) == 1.0 for row in sft)

@@ -446,16 +446,21 @@ def toy_score(text, answer, num_tokens=None):
     s["reward"] = text.count(" ") / (1 + len(text))
     return s
 grpo.reward.score = toy_score
-if os.environ.get("ROLLOUT_LOG"):  # what each step scored: lengths, gold answers, rewards
+if os.environ.get("ROLLOUT_LOG"):  # what each step scored: lengths, gold answers, rewards, finished rows
     import json
-    score_rollout = grpo.score_rollout
+    score_rollout, rollout, finished = grpo.score_rollout, grpo.rollout, []
+    def logged_rollout(*args):
+        out = rollout(*args)
+        finished[:] = out["finished"]
+        return out
     def logged_score_rollout(texts, lengths, answers, args):
         scores, advantages = score_rollout(texts, lengths, answers, args)
-        row = {{"lengths": lengths, "answers": answers, "rewards": [s["reward"] for s in scores]}}
+        row = {{"lengths": lengths, "answers": answers, "rewards": [s["reward"] for s in scores],
+                "finished": finished}}
         with open(os.environ["ROLLOUT_LOG"], "a") as f:
             f.write(json.dumps(row) + "\\n")
         return scores, advantages
-    grpo.score_rollout = logged_score_rollout
+    grpo.rollout, grpo.score_rollout = logged_rollout, logged_score_rollout
 if os.environ.get("REF_LOG"):  # the reference's parameters each rank still holds whole after its log-probs
     import json
     from torch.distributed.tensor import DTensor
@@ -577,6 +582,10 @@ def test_cli_runs_logs_and_checkpoints(toy_run, tmp_path):
         assert row["response_length"] == pytest.approx(sum(logged["lengths"]) / len(logged["lengths"]))
         groups = [logged["rewards"][g:g + G] for g in range(0, len(logged["rewards"]), G)]
         assert row["zero_adv_groups"] == sum(len(set(g)) == 1 for g in groups) / len(groups)
+        assert row["reward_mean"] == pytest.approx(sum(logged["rewards"]) / len(logged["rewards"]), rel=1e-6)
+        assert len(logged["finished"]) == len(logged["rewards"])
+        assert row["truncated_frac"] == sum(not f for f in logged["finished"]) / len(logged["finished"])
+    assert any(row["truncated_frac"] > 0 for row in rows[1:])  # 12 new tokens cut some responses short
     assert [row["step"] for row in rows] == [0, 1, 2, 3]
     assert "val_batch_accuracy" in rows[0] and "val_cell_accuracy" in rows[2] and "val_count" in rows[3]
     train = rows[1:]
@@ -595,7 +604,7 @@ def test_cli_runs_logs_and_checkpoints(toy_run, tmp_path):
     assert torch.load(out / "last" / "resume.pt", weights_only=False)["state"] == {
         "step": 3, "consumed": 6, "script": "grpo.py", "model": cello.model_fingerprint(model_path),
         "--train": cello.file_fingerprint(flags[flags.index("--train") + 1]), "--puzzles-per-step": 2,
-        "--group-size": 4, "--seed": 3}
+        "--group-size": 4, "--seed": 3, "--lr": 1e-3, "--weight-decay": 0.0}
     assert os.path.isfile(out / "final" / "model.safetensors")
 
 
@@ -804,6 +813,10 @@ def test_rollout_samples_from_a_generator_seeded_by_seed_step_and_position(tiny)
     direct = cello.sample(model, prompts, 4, 6, tok.eos_token_id, tok.pad_token_id,
                           generator=torch.Generator().manual_seed(grpo.sample_seed(args.seed, 5, 0)))
     assert step5 == direct
+    # the same puzzle twice in a step: the second group draws from its own position's stream
+    twice = grpo.rollout(model, prompts * 2, 5, 0, args, tok.eos_token_id, tok.pad_token_id, "cpu")
+    assert twice["responses"][:4] == step5["responses"] and twice["responses"][4:] != step5["responses"]
+    assert len({grpo.sample_seed(s, t, p) for s in (0, 1) for t in (5, 6) for p in (0, 1)}) == 8
 
 
 def test_the_update_scores_responses_under_the_sampling_temperature(tiny):

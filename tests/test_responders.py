@@ -62,6 +62,19 @@ def test_fit_expert_log_odds_by_hand():
     assert S[0, 1] == pytest.approx(w1 * math.log(11) / (1 + w1), abs=1e-4)
 
 
+def test_fit_expert_background_is_the_mean_over_the_other_types_by_hand():
+    # Three types, X with two cells: X = [A], [A]; Y = [B]; Z = [C] (one gene each: w = 1, a = 0.1).
+    # p_X(A) = 2.1 / 2.2, p_Y(A) = p_Z(A) = 0.1 / 1.2, so bg_X(A) = 0.1 / 1.2.
+    # p_Y(B) = 1.1 / 1.2, p_X(B) = 0.1 / 2.2, p_Z(B) = 0.1 / 1.2: bg_Y(B) = (0.1 / 2.2 + 0.1 / 1.2) / 2.
+    train = [{"id": "t1", "cells": [["A"], ["B"]], "candidates": ["X", "Y"], "answer": ["X", "Y"]},
+             {"id": "t2", "cells": [["A"], ["C"]], "candidates": ["X", "Z"], "answer": ["X", "Z"]}]
+    profile = responders.fit_expert(train)
+    assert profile["cells"] == {"X": 2, "Y": 1, "Z": 1}
+    assert profile["types"]["X"] == {"A": pytest.approx(math.log((2.1 / 2.2) / (0.1 / 1.2)), abs=1e-4)}
+    assert profile["types"]["Y"] == {"B": pytest.approx(math.log((1.1 / 1.2) / ((0.1 / 2.2 + 0.1 / 1.2) / 2)), abs=1e-4)}
+    assert profile["types"]["Z"] == {"C": pytest.approx(math.log((1.1 / 1.2) / ((0.1 / 2.2 + 0.1 / 1.2) / 2)), abs=1e-4)}
+
+
 def test_expert_trace_and_conflict_by_hand():
     """Both cells point to X on their own; cell 1 fits X better, so cell 2 gets Y (the joint assignment)."""
     train = [{"id": "t", "cells": [["x1", "x2", "h"], ["y1", "y2", "h"]], "candidates": ["X", "Y"], "answer": ["X", "Y"]}]
@@ -179,6 +192,7 @@ def test_random_cell_accuracy_near_one_over_n():
     assert m["format_validity"] == 1.0 and m["uniqueness"] == 1.0
     assert abs(m["cell_accuracy"] - 1 / 5) < 0.03
     assert respond(records[:50], 1) == texts[:50]  # seeded
+    assert len({t[0] for t in texts}) == 120  # keyed by puzzle: all 5! orders come up, not one draw for every puzzle
     assert responders.make_responder("random", seed=1)(records[:50], 1) != texts[:50]
 
 

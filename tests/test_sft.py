@@ -238,6 +238,13 @@ def test_epoch_batches_are_seeded_length_sorted_partitions():
     assert batches == sft.epoch_batches(lengths, 4, 2, seed=0, epoch=0)
     assert batches != sft.epoch_batches(lengths, 4, 2, seed=0, epoch=1)
     assert batches != sft.epoch_batches(lengths, 4, 2, seed=1, epoch=0)
+    # one bucket of 24 >= 23: the batches are consecutive slices of all examples sorted by length
+    # (the lengths are distinct), in shuffled order
+    one_bucket = sft.epoch_batches(lengths, batch_size=4, bucket_batches=6, seed=0, epoch=0)
+    by_length = sorted(range(23), key=lambda i: -lengths[i])
+    assert sorted(one_bucket) == sorted(by_length[i:i + 4] for i in range(0, 23, 4))
+    firsts = [lengths[b[0]] for b in one_bucket]
+    assert firsts != sorted(firsts, reverse=True)
 
 
 def test_rank_micro_batches_split_a_global_batch_evenly():
