@@ -75,6 +75,14 @@ scale.add_argument("--scale-group", type=int, default=5, help="responses to the 
 scale.add_argument("--scale-prompt-len", type=int, default=2800, help="prompt tokens (paper: ~2,800)")
 scale.add_argument("--scale-response-len", type=int, default=900, help="tokens per response (paper: ~900)")
 args = parser.parse_args()
+cello.check_ranges("bench_core.py", args, {
+    **{flag: "an integer >= 1" for flag in (
+        "--threads", "--prompts", "--prompt-len", "--new-tokens", "--shared-prompts", "--samples", "--repeats",
+        "--lp-prompts", "--lp-samples", "--lp-prompt-len", "--lp-response-len", "--sft-batch", "--sft-len",
+        "--sft-response-len", "--memory-vocab", "--memory-batch", "--memory-len", "--scale-group", "--scale-prompt-len",
+        "--scale-response-len")},
+    "--seed": "an integer >= 0", "--sft-prefix-len": "an integer >= 0"})
+cello.check_device(args.device, "bench_core.py")
 parts = set(args.parts.split(","))
 if not parts <= {"speed", "logprobs", "sft", "memory", "scale"}:
     parser.error(f"--parts: expected some of speed, logprobs, sft, memory, scale, got {args.parts!r}")

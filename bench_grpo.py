@@ -59,6 +59,11 @@ parser.add_argument("--issue-group-size", type=int, default=8, help="issue confi
 parser.add_argument("--issue-prompt-len", type=int, default=1200, help="issue config: mean prompt length in tokens")
 parser.add_argument("--issue-new-tokens", type=int, default=64, help="issue config: tokens per response")
 args = parser.parse_args()
+cello.check_ranges("bench_grpo.py", args, {
+    **{flag: "an integer >= 1" for flag in ("--repeats", "--threads", "--issue-puzzles", "--issue-prompt-len",
+                                            "--issue-new-tokens")},
+    "--issue-group-size": "an integer >= 2", "--seed": "an integer >= 0"})
+cello.check_device(args.device, "bench_grpo.py")
 configs = args.configs.split(",")
 if not set(configs) <= {"demo", "issue", "sweep"} or args.repeats < 1:
     parser.error(f"--configs: expected some of demo, issue, sweep (got {args.configs!r}); --repeats must be >= 1")

@@ -40,6 +40,15 @@ parser.add_argument("--grpo-steps", type=int, default=12, help="GRPO steps per r
 parser.add_argument("--warmup", type=int, default=2, help="first steps of each run left out of the mean")
 parser.add_argument("--repeats", type=int, default=2, help="rounds; each runs both modes, one after the other")
 args = parser.parse_args()
+cello.check_ranges("bench_malloc.py", args, {"--sft-steps": "an integer >= 1", "--grpo-steps": "an integer >= 1",
+                                             "--warmup": "an integer >= 0", "--repeats": "an integer >= 1"})
+if args.warmup >= min(args.sft_steps, args.grpo_steps):
+    sys.exit(f"bench_malloc.py: error: --warmup {args.warmup}: expected fewer than --sft-steps and --grpo-steps "
+             "(the mean is over the steps after it)")
+work, demo_root = os.path.realpath(args.work_dir), os.path.realpath(args.demo_dir)
+if work == demo_root or work.startswith(demo_root + os.sep):  # its sft/ and grpo/ would replace the demo's
+    sys.exit(f"bench_malloc.py: error: --work-dir {args.work_dir} is inside --demo-dir {args.demo_dir}: the runs "
+             "would overwrite the demo's models; choose a folder of its own")
 print("command: python " + " ".join(sys.argv))
 
 demo = args.demo_dir
@@ -56,8 +65,11 @@ def run(mode, name):
     out_dir = os.path.join(args.work_dir, name)
     shutil.rmtree(out_dir, ignore_errors=True)
     faults = resource.getrusage(resource.RUSAGE_CHILDREN).ru_minflt
-    subprocess.run([sys.executable, "-c", LAUNCH, mode, *scripts[name], "--out-dir", out_dir], check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    child = subprocess.run([sys.executable, "-c", LAUNCH, mode, *scripts[name], "--out-dir", out_dir],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if child.returncode != 0:  # the child's own last line says why (a missing demo file, ...)
+        last = (child.stderr.strip().splitlines() or ["no output"])[-1]
+        sys.exit(f"bench_malloc.py: {name} ({mode}) failed with exit {child.returncode}: {last}")
     faults = resource.getrusage(resource.RUSAGE_CHILDREN).ru_minflt - faults
     rows = [r for r in cello.read_jsonl(os.path.join(out_dir, "metrics.jsonl")) if "tokens_per_s" in r]
     seconds = [r["time_step"] if name == "grpo" else r["tokens"] / r["tokens_per_s"] for r in rows[args.warmup:]]
