@@ -71,7 +71,7 @@ def test_check_gpu_script_passes_its_cpu_dry_run(model_dir, tmp_path):
                "--prompts", "3", "--new-tokens", "8"]
     run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
-    assert run.stdout.count("PASS") == 8 and "FAIL" not in run.stdout and "all checks passed" in run.stdout
+    assert run.stdout.count("PASS") == 9 and "FAIL" not in run.stdout and "all checks passed" in run.stdout
 
 def test_save_load_gives_identical_logits(model_dir, tmp_path):
     model, optimizer, scheduler = train_setup(model_dir)
