@@ -367,7 +367,7 @@ def build_model(preset, out_dir, records, seed=0):
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     model.generation_config = GenerationConfig(**special)
-    tmp = f"{out_dir}.tmp{os.getpid()}"
+    tmp = f"{out_dir}.tmp"  # a fixed name: a rerun clears what a killed build left (only rank 0 builds)
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     save_tokenizer(tokenizer, tmp)

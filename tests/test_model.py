@@ -192,6 +192,14 @@ def test_small_preset_size():
     assert 1_000_000 < sum(p.numel() for p in model.parameters()) < 2_000_000
 
 
+def test_a_build_killed_half_way_leaves_nothing_after_the_rerun(records, tmp_path):
+    """A kill while the folder is written leaves its temporary folder; the next build clears it."""
+    os.makedirs(tmp_path / "tiny-init.tmp")
+    (tmp_path / "tiny-init.tmp" / "config.json").write_text("{")  # half written
+    cello.build_model("tiny", str(tmp_path / "tiny-init"), records)
+    assert sorted(os.listdir(tmp_path)) == ["tiny-init"] and cello.is_model_folder(str(tmp_path / "tiny-init"))
+
+
 def test_build_is_deterministic_for_a_seed(records, tmp_path):
     a = cello.load_model(cello.build_model("tiny", str(tmp_path / "a"), records[:3], seed=1))
     b = cello.load_model(cello.build_model("tiny", str(tmp_path / "b"), records[:3], seed=1))
