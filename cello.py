@@ -382,6 +382,13 @@ def is_model_folder(path):
     return os.path.isfile(os.path.join(path, "config.json"))
 
 
+def check_model_name(name_or_path, script, flag="--model"):
+    """Exit with one line unless name_or_path is a preset or a Hugging Face folder (before any output is made)."""
+    if name_or_path not in PRESETS and not is_model_folder(name_or_path):
+        sys.exit(f"{script}: error: {flag} {name_or_path!r}: neither a preset ({', '.join(PRESETS)}) nor a Hugging "
+                 "Face model folder (no config.json)")
+
+
 def prepare_model(name_or_path, work_dir, records, seed=0):
     """A preset name builds a fresh model folder work_dir/<preset>-init from the records (the
     tokenizer learns their text) and returns its path; an existing HF folder is returned unchanged.

@@ -101,10 +101,10 @@ def check_teacher_flags(args):
         sys.exit("distill.py: error: --teacher api needs --api-model (the served model's name)")
 
 
-def make_teacher(args):
-    """The teacher's respond(records, num_samples) function, built from the flags (check_teacher_flags first)."""
+def make_teacher(args, train):
+    """The teacher's respond(records, num_samples) function, built from the flags (check_teacher_flags
+    first); train: the expert's train puzzles."""
     if args.teacher == "expert":
-        train = cello.read_puzzles(args.train, "--train", "distill.py")
         return responders.make_responder("expert", train_records=train,
                                          temperature=args.temperature, seed=args.seed)
     if args.teacher == "model":
@@ -275,8 +275,9 @@ def main():
     records = cello.read_puzzles(args.puzzles, "--puzzles", "distill.py")[:args.limit]
     cello.check_unique_ids(records, "--puzzles", args.puzzles, "distill.py")
     check_teacher_flags(args)
-    cello.make_out_dir(args.out_dir, "distill.py")  # after the flags and puzzles are checked: bad input leaves no folder
-    respond = make_teacher(args)
+    train = cello.read_puzzles(args.train, "--train", "distill.py") if args.teacher == "expert" else None
+    cello.make_out_dir(args.out_dir, "distill.py")  # after the flags and files are checked: bad input leaves no folder
+    respond = make_teacher(args, train)
     if args.teacher == "api":
         confirm_cost(args, records, respond)
     texts, counts = ask_teacher(respond, records, args.samples, args.teacher, args.batch_size)

@@ -294,6 +294,7 @@ def parse_args(argv=None):
     cello.check_ranges("grpo.py", args, {
         **{flag: "an integer >= 1" for flag in at_least_1},
         "--group-size": "an integer >= 2",  # a group of one has advantage 0: nothing would be learnt
+        "--seed": "an integer >= 0",
         "--temperature": "a number > 0", "--clip-low": "a number >= 0 (inf: no limit)",
         "--clip-high": "a number >= 0 (inf: no limit)",
         "--beta": "a number >= 0", "--eval-every": "an integer >= 0", "--eval-puzzles": "an integer >= 0",
@@ -497,6 +498,7 @@ def main(argv=None):
     resume_dir = cello.run_checkpoint(args.out_dir, args.resume, "grpo.py")  # None for a fresh run
     train = cello.read_puzzles(args.train, "--train", "grpo.py")
     val = cello.read_puzzles(args.val, "--val", "grpo.py")[:args.eval_puzzles or None] if args.val else []
+    cello.check_model_name(args.model, "grpo.py")
     cello.make_out_dir(args.out_dir, "grpo.py")  # after the data is read: a bad data file leaves no folder
 
     # Policy (trained), reference (frozen copy of the starting policy, only when beta > 0). On resume

@@ -277,6 +277,9 @@ def build(args):
         fail(f"--seed must be >= 0 (got {args.seed})")
     if min(args.puzzles_per_group, args.val_puzzles_per_group, args.test_puzzles_per_group) < 0:
         fail("--puzzles-per-group, --val-puzzles-per-group and --test-puzzles-per-group must be >= 0")
+    if max(args.puzzles_per_group, args.val_puzzles_per_group, args.test_puzzles_per_group) > 10 ** 7:
+        fail("--puzzles-per-group, --val-puzzles-per-group and --test-puzzles-per-group must be <= 10,000,000 "
+             "(each puzzle is drawn and kept in memory)")
     if not (0 <= args.val_frac < 1 and 0 < args.test_frac < 1 and args.val_frac + args.test_frac < 1):
         fail(f"--val-frac and --test-frac must be fractions with val + test < 1 (got {args.val_frac}, {args.test_frac})")
     adata = load_h5ad(args.input)
@@ -418,10 +421,9 @@ def build(args):
     seen = excluded_cell_sets(args.exclude_puzzles, barcodes) if args.exclude_puzzles else set()
     drawn = []   # (group key, n, puzzle), in drawing order
     for key in sorted(groups):
-        for n in range(args.n_min, args.n_max + 1):
-            if len(groups[key]) < n:
-                skipped_groups += 1
-                continue
+        types = len(groups[key])
+        skipped_groups += max(0, args.n_max - max(types, args.n_min - 1))  # the Ns above its number of types
+        for n in range(args.n_min, min(args.n_max, types) + 1):  # (a loop to a huge --n-max would never end)
             drawn += [(key, n, puzzle) for puzzle in draw_puzzles(groups[key], n, per_group[key[0]], rng, seen)]
     if args.max_puzzles_per_n is not None:  # own generator: without the flag the files stay the same
         drawn = cap_per_n(drawn, args.max_puzzles_per_n, np.random.default_rng([args.seed, 3]))

@@ -291,6 +291,7 @@ if __name__ == "__main__":
     respond = make_responder("expert", train_records=cello.read_puzzles(args.train, "--train", "responders.py"),
                              temperature=args.temperature, seed=args.seed)
     puzzles = cello.read_puzzles(args.puzzles, "--puzzles", "responders.py")[:args.limit]
+    cello.check_unique_ids(puzzles, "--puzzles", args.puzzles, "responders.py")  # samples are seeded by id
     for record, responses in zip(puzzles, respond(puzzles, args.num_samples)):
         for text in responses:
             print(f"# {record['id']}  gold: {' | '.join(record['answer'])}\n{text}\n")

@@ -253,7 +253,7 @@ def parse_args(argv=None):
         "--min-lr-ratio": "a number in [0, 1]",  # below 0 the cosine would end in a negative rate: ascent
         "--warmup-steps": "an integer >= 0", "--epochs": "an integer >= 1", "--max-steps": "an integer >= 0",
         "--weight-decay": "a number >= 0", "--max-grad-norm": "a number > 0 (inf: no limit)",
-        "--eval-every": "an integer >= 1", "--save-every": "an integer >= 1"})
+        "--eval-every": "an integer >= 1", "--save-every": "an integer >= 1", "--seed": "an integer >= 0"})
     return args
 
 
@@ -273,7 +273,8 @@ def main(argv=None):
         n_val = min(round(len(order) * args.val_fraction), len(order) - 1)  # at least one training record
         val_records = [train_records[i] for i in sorted(order[:n_val])]
         train_records = [train_records[i] for i in sorted(order[n_val:])]
-    cello.make_out_dir(args.out_dir, "sft.py")  # after the data is read: bad input leaves no folder
+    cello.check_model_name(args.model, "sft.py")
+    cello.make_out_dir(args.out_dir, "sft.py")  # after the data and model are checked: bad input leaves no folder
 
     # Model: a preset is built once by rank 0 (tokenizer trained on the training text, weights
     # seeded) and loaded by every rank from the same folder, so all ranks start from the same weights.

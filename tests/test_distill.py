@@ -599,6 +599,15 @@ def test_a_teacher_without_what_it_needs_is_one_line_and_leaves_no_folder(tmp_pa
     assert code == f"distill.py: error: {message}" and not os.path.exists(tmp_path / "out")
 
 
+def test_an_empty_train_file_is_one_line_and_leaves_no_folder(tmp_path, monkeypatch, capsys):
+    puzzles, train = str(tmp_path / "puzzles.jsonl"), tmp_path / "train.jsonl"
+    cello.write_jsonl_atomic(puzzles, toy_puzzles(2))
+    train.write_text("")
+    code, _ = run([sys.executable, "distill.py", "--puzzles", puzzles, "--out-dir", str(tmp_path / "out"),
+                   "--teacher", "expert", "--train", str(train)], "unused", monkeypatch, capsys)
+    assert code == f"distill.py: error: --train {train}: no records" and not os.path.exists(tmp_path / "out")
+
+
 def test_model_teacher_samples_whole_batches_of_its_batch_size(tmp_path, monkeypatch, capsys):
     """--batch-size 6 on 20 puzzles: batches of 6, 6, 6, 2 (as eval.py makes them), not 6, 6, 4, 4 (cut at
     16-puzzle chunks); --batch-size 20: one batch, not 16 and 4."""

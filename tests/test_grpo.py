@@ -258,6 +258,7 @@ def test_bad_flags_exit_with_clear_messages(capsys):
                         (["--eval-puzzles", "-2"], "grpo.py: error: --eval-puzzles: expected an integer >= 0, got -2"),
                         (["--beta", "nan"], "grpo.py: error: --beta: expected a number >= 0, got nan"),
                         (["--max-grad-norm", "nan"], "--max-grad-norm: expected a number > 0 (inf: no limit), got nan"),
+                        (["--seed", "-1"], "grpo.py: error: --seed: expected an integer >= 0, got -1"),
                         (["--loss-agg", "mean"], "invalid choice")]:
         with pytest.raises(SystemExit) as exit_info:
             grpo.parse_args(base + extra)

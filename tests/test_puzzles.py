@@ -713,3 +713,16 @@ def test_import_parquet(tmp_path):
     puzzles.main(["import", str(src), "--out", str(tmp_path / "out.jsonl")])
     records = cello.read_jsonl(tmp_path / "out.jsonl")
     assert [cello.render_user(r) for r in records] == [row["user_msg"] for row in ROWS]
+
+
+def test_a_huge_n_max_is_capped_at_the_groups_types_not_looped_to(tmp_path):
+    """--n-max 10**20 once never finished (a loop over every N); no group has more than 10 types here."""
+    flags = ["--cell-type-key", "bulk_labels", "--donor-key", "none", "--context", "X.", "--n-min", "9",
+             "--genes", "5", "--puzzles-per-group", "2", "--val-puzzles-per-group", "1", "--test-puzzles-per-group", "1"]
+    huge = build(tmp_path / "huge", *flags, "--n-max", str(10 ** 20))
+    ten = build(tmp_path / "ten", *flags, "--n-max", "10")
+    assert huge == ten and {len(r["cells"]) for r in huge["train"]} == {9, 10}
+    skipped = json.load(open(tmp_path / "huge" / "summary.json"))["skipped_group_n_pairs_with_too_few_types"]
+    assert skipped == json.load(open(tmp_path / "ten" / "summary.json"))["skipped_group_n_pairs_with_too_few_types"] \
+        + 3 * (10 ** 20 - 10)  # each split's one group, for every N from 11 on
+    expect_error(tmp_path, DATA, SMALL + ["--puzzles-per-group", str(10 ** 20)], "must be <= 10,000,000")

@@ -255,3 +255,13 @@ def test_cli_numeric_flag_out_of_range(flag, value, message):
     result = subprocess.run([sys.executable, os.path.join(ROOT, "responders.py"), "--train", "x.jsonl", "--puzzles",
                              "y.jsonl", flag, value], capture_output=True, text=True, timeout=120)
     assert result.returncode == 1 and result.stderr.strip() == f"responders.py: error: {flag}: {message}"
+
+
+def test_cli_duplicate_ids_are_refused(tmp_path):
+    """The expert's samples are seeded by puzzle id: two puzzles of one id would get the same noise."""
+    records = synthetic_records(2, seed=1)
+    path = tmp_path / "p.jsonl"
+    cello.write_jsonl_atomic(str(path), [records[0], {**records[1], "id": records[0]["id"]}])
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "responders.py"), "--train", str(path), "--puzzles",
+                             str(path)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and result.stderr.strip().startswith(f"responders.py: error: --puzzles {path}: duplicate id")
