@@ -14,10 +14,11 @@ One request per sample (sample k of puzzle p), max_concurrency requests in fligh
 httpx.Client). A request is retried with exponential backoff and jitter on 429, 408, 5xx, timeouts,
 connection errors and broken or malformed bodies, honouring Retry-After (or retry-after-ms); after
 max_attempts the sample is recorded as failed (with its error), not lost, and the run goes on.
-401/403/404 (wrong key, URL or model), 402 or OpenAI's 429 "insufficient_quota" (no credit) and redirects (3xx: a moved endpoint; give its
-new URL) stop the run: every other request would fail the same way. A base URL that is not http(s) is
-refused up front. Other 4xx fail that sample at once, as retrying cannot help; 400, 413 and 422 (say,
-a prompt too long or a content filter) mark it refused: that request is refused, not the server down.
+401/403/404 (wrong key, URL or model), 402 or OpenAI's 429 "insufficient_quota" (no credit) and
+redirects (3xx: a moved endpoint; give its new URL) stop the run: every other request would fail the
+same way. A base URL that is not http(s) is refused up front. Other 4xx fail that sample at once, as
+retrying cannot help; 400, 413 and 422 (say, a prompt too long or a content filter) mark it refused:
+that request is refused, not the server down.
 
 The cache is an append-only JSONL file, one line per finished sample (ok or failed), flushed and
 fsync'd, keyed by (puzzle id, sample index, model) plus a hash of the prompt and of the sampling

@@ -434,7 +434,8 @@ def unsupported_features(config):
     (_chunk_logprobs) leave out, as text ('' when nothing): sliding-window attention (Mistral v0.1,
     Phi-3-4k; Qwen2.5 has it switched off) and logit soft-capping (Gemma 2)."""
     found = []
-    if getattr(config, "sliding_window", None) is not None or "sliding_attention" in (getattr(config, "layer_types", None) or []):
+    layer_types = getattr(config, "layer_types", None) or []
+    if getattr(config, "sliding_window", None) is not None or "sliding_attention" in layer_types:
         found.append(f"sliding-window attention (sliding_window {getattr(config, 'sliding_window', None)})")
     for name in ("attn_logit_softcapping", "final_logit_softcapping"):
         if getattr(config, name, None) is not None:

@@ -95,7 +95,8 @@ def check_teacher_flags(args):
         if not args.model_path:
             sys.exit("distill.py: error: --teacher model needs --model-path (a checkpoint folder)")
         if not cello.is_model_folder(args.model_path):
-            sys.exit(f"distill.py: error: --model-path {args.model_path}: not a Hugging Face model folder (no config.json)")
+            sys.exit(f"distill.py: error: --model-path {args.model_path}: not a Hugging Face model folder "
+                     "(no config.json)")
         cello.check_device(args.device, "distill.py")
     if args.teacher == "api" and not args.api_model:
         sys.exit("distill.py: error: --teacher api needs --api-model (the served model's name)")

@@ -461,7 +461,8 @@ def test_a_cell_type_holding_a_line_break_is_refused(tmp_path):
     types = [f"type {t}, subtype" for d in range(4) for t in range(5) for _ in range(3)]
     types[:3] = ["T cell\nactivated"] * 3
     path, _ = cellxgene_like(tmp_path / "f.h5ad", obs={"cell_type": types})
-    expect_error(tmp_path, path, FLAGS, "--cell-type-key 'cell_type': cell type 'T cell\\nactivated' contains a line break")
+    expect_error(tmp_path, path, FLAGS,
+                 "--cell-type-key 'cell_type': cell type 'T cell\\nactivated' contains a line break")
 
 
 def test_repeated_obs_names_are_refused(tmp_path):

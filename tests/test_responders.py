@@ -264,4 +264,5 @@ def test_cli_duplicate_ids_are_refused(tmp_path):
     cello.write_jsonl_atomic(str(path), [records[0], {**records[1], "id": records[0]["id"]}])
     result = subprocess.run([sys.executable, os.path.join(ROOT, "responders.py"), "--train", str(path), "--puzzles",
                              str(path)], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 1 and result.stderr.strip().startswith(f"responders.py: error: --puzzles {path}: duplicate id")
+    assert result.returncode == 1
+    assert result.stderr.strip().startswith(f"responders.py: error: --puzzles {path}: duplicate id")
