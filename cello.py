@@ -403,9 +403,7 @@ def prepare_model(name_or_path, work_dir, records, seed=0):
         if dist.is_initialized():
             dist.barrier()
         return out_dir
-    if not is_model_folder(name_or_path):
-        sys.exit(f"cello: error: model {name_or_path!r} is neither a preset ({', '.join(PRESETS)}) "
-                 "nor a Hugging Face model folder (no config.json)")
+    check_model_name(name_or_path, "cello", "model")
     return name_or_path
 
 
