@@ -235,7 +235,9 @@ def is_str_list(value):
 
 def write_text_atomic(path, text):
     """Write text to a temporary name, then rename: a crash never leaves half a file."""
-    tmp = f"{path}.tmp{os.getpid()}"
+    # A fixed name (one writer per file: rank 0 of one job), so a rerun overwrites what a killed
+    # write left; a pid in the name would leave it for good.
+    tmp = f"{path}.tmp"
     try:
         with open(tmp, "w", encoding="utf-8") as f:  # UTF-8 whatever the locale: the readers expect it
             f.write(text)

@@ -500,7 +500,8 @@ def make_dir(path, flag):
 
 def write_all_atomic(out_dir, outputs):
     """Write every file to a temporary name first, then rename them all: an error leaves no output."""
-    tmp = {name: os.path.join(out_dir, f".{name}.tmp{os.getpid()}") for name in outputs}
+    # fixed names (one build per folder), so a rerun overwrites what a killed build left behind
+    tmp = {name: os.path.join(out_dir, f".{name}.tmp") for name in outputs}
     try:
         for name, text in outputs.items():
             with open(tmp[name], "w", encoding="utf-8") as f:

@@ -364,6 +364,24 @@ def test_atomic_writes_are_utf8_whatever_the_locale(tmp_path):
     assert all((tmp_path / name).read_text(encoding="utf-8") == text for name in ("a.txt", "b.txt"))
 
 
+def test_a_rerun_clears_what_a_killed_atomic_write_left(tmp_path):
+    """A SIGKILL between the temporary file and the rename leaves the temporary file; the next write of
+    the same file must take it over, not leave it for good (as a pid in its name did)."""
+    code = ("import os, signal, cello, puzzles\n"
+            "os.replace = lambda *a: os.kill(os.getpid(), signal.SIGKILL)\n"  # killed just before the rename
+            "cello.write_text_atomic('a.txt', 'x') if ARG == 'a' else puzzles.write_all_atomic('.', {'b.txt': 'x'})")
+    for arg in ("a", "b"):
+        killed = subprocess.run([sys.executable, "-c", code.replace("ARG", repr(arg))], cwd=tmp_path,
+                                env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True)
+        assert killed.returncode == -9
+    assert sorted(os.listdir(tmp_path)) == [".b.txt.tmp", "a.txt.tmp"]
+    cello.write_text_atomic(str(tmp_path / "a.txt"), "whole")
+    import puzzles
+    puzzles.write_all_atomic(str(tmp_path), {"b.txt": "whole"})
+    assert sorted(os.listdir(tmp_path)) == ["a.txt", "b.txt"]
+    assert (tmp_path / "a.txt").read_text() == (tmp_path / "b.txt").read_text() == "whole"
+
+
 def test_a_damaged_checkpoint_is_a_one_line_error(model_dir, tmp_path):
     """An interrupted copy: cut weights, a cut resume/optimizer file, a broken generation config."""
     model = cello.load_model(model_dir)
