@@ -81,7 +81,7 @@ cello.check_ranges("bench_core.py", args, {
         "--lp-prompts", "--lp-samples", "--lp-prompt-len", "--lp-response-len", "--sft-batch", "--sft-len",
         "--sft-response-len", "--memory-vocab", "--memory-batch", "--memory-len", "--scale-group", "--scale-prompt-len",
         "--scale-response-len")},
-    "--seed": "an integer >= 0", "--sft-prefix-len": "an integer >= 0"})
+    "--seed": "an integer in [0, 2^63)", "--sft-prefix-len": "an integer >= 0"})
 cello.check_device(args.device, "bench_core.py")
 parts = set(args.parts.split(","))
 if not parts <= {"speed", "logprobs", "sft", "memory", "scale"}:

@@ -62,7 +62,7 @@ args = parser.parse_args()
 cello.check_ranges("bench_grpo.py", args, {
     **{flag: "an integer >= 1" for flag in ("--repeats", "--threads", "--issue-puzzles", "--issue-prompt-len",
                                             "--issue-new-tokens")},
-    "--issue-group-size": "an integer >= 2", "--seed": "an integer >= 0"})
+    "--issue-group-size": "an integer >= 2", "--seed": "an integer in [0, 2^63)"})
 cello.check_device(args.device, "bench_grpo.py")
 configs = args.configs.split(",")
 if not set(configs) <= {"demo", "issue", "sweep"} or args.repeats < 1:

@@ -177,6 +177,7 @@ RANGES = {
     "an integer >= 2": lambda v: v >= 2,
     "an integer >= 1": lambda v: v >= 1,
     "an integer >= 0": lambda v: v >= 0,
+    "an integer in [0, 2^63)": lambda v: 0 <= v < 2**63,  # seeds: torch's generators take 64 bits
     "a number >= 0": lambda v: 0 <= v < math.inf,
     "a number > 0": lambda v: 0 < v < math.inf,
     "a number > 0 (inf: no limit)": lambda v: v > 0,

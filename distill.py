@@ -218,7 +218,7 @@ def main():
     group.add_argument("--temperature", type=float, default=None,
                        help=f"sampling temperature (default: expert {responders.DEFAULT_TEMPERATURE} (Gumbel noise "
                             "on its marker scores), model 1.0, api the server's; never sent to reasoning models)")
-    group.add_argument("--seed", type=int, default=0, help="sampling seed (expert, model; >= 0)")
+    group.add_argument("--seed", type=int, default=0, help="sampling seed (expert, model; 0 to 2^63 - 1)")
     group.add_argument("--train", default=None, help="expert: train puzzles JSONL it learns marker scores from")
     group.add_argument("--model-path", default=None, help="model: checkpoint folder (Hugging Face format)")
     group.add_argument("--max-new-tokens", type=int, default=1024, help="model: response length limit in tokens")
@@ -262,7 +262,7 @@ def main():
     group.add_argument("--yes", action="store_true", help="send without asking (needed when stdin is not a terminal)")
     args = parser.parse_args()
     cello.check_ranges("distill.py", args, {
-        "--samples": "an integer >= 1", "--limit": "an integer >= 1", "--seed": "an integer >= 0",
+        "--samples": "an integer >= 1", "--limit": "an integer >= 1", "--seed": "an integer in [0, 2^63)",
         "--temperature": "a number >= 0", "--max-new-tokens": "an integer >= 1", "--batch-size": "an integer >= 1",
         "--max-concurrency": "an integer >= 1", "--timeout": "a number > 0", "--max-attempts": "an integer >= 1",
         "--backoff": "a number >= 0", "--max-tokens": "an integer >= 1", "--price-input": "a number >= 0",

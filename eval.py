@@ -54,7 +54,7 @@ def parse_args(argv=None):
                      help="expert: Gumbel noise scale (default 0 = deterministic); model: sampling temperature "
                           "(default 0 = greedy); api: sent as given (default: none sent, the server's default; "
                           "never sent to reasoning models)")
-    who.add_argument("--seed", type=int, default=0, help="seed of random, expert and model sampling (>= 0)")
+    who.add_argument("--seed", type=int, default=0, help="seed of random, expert and model sampling (0 to 2^63 - 1)")
     model = parser.add_argument_group("model responder (a Hugging Face checkpoint folder)")
     model.add_argument("--model-path", help="checkpoint folder (config.json, weights, tokenizer)")
     model.add_argument("--batch-size", type=int, default=8, help="puzzles per responder call (and per sampler batch)")
@@ -76,7 +76,7 @@ def parse_args(argv=None):
     cello.check_ranges("eval.py", args, {
         "--limit": "an integer >= 1", "--num-samples": "an integer >= 1", "--batch-size": "an integer >= 1",
         "--max-new-tokens": "an integer >= 1", "--max-concurrency": "an integer >= 1",
-        "--seed": "an integer >= 0", "--temperature": "a number >= 0", "--top-p": "a number in (0, 1]"})
+        "--seed": "an integer in [0, 2^63)", "--temperature": "a number >= 0", "--top-p": "a number in (0, 1]"})
 
     for name in args.responder:
         if name not in responders.NAMES:

@@ -294,7 +294,7 @@ def parse_args(argv=None):
     cello.check_ranges("grpo.py", args, {
         **{flag: "an integer >= 1" for flag in at_least_1},
         "--group-size": "an integer >= 2",  # a group of one has advantage 0: nothing would be learnt
-        "--seed": "an integer >= 0",
+        "--seed": "an integer in [0, 2^63)",
         "--temperature": "a number > 0", "--clip-low": "a number >= 0 (inf: no limit)",
         "--clip-high": "a number >= 0 (inf: no limit)",
         "--beta": "a number >= 0", "--eval-every": "an integer >= 0", "--eval-puzzles": "an integer >= 0",
@@ -325,8 +325,9 @@ def step_puzzles(num_puzzles, consumed, count, seed):
 
 
 def sample_seed(seed, step, position):
-    """One integer per (run seed, step, puzzle position in the step): sampling does not depend on ranks."""
-    return (seed * 1_000_003 + step) * 100_003 + position
+    """One integer per (run seed, step, puzzle position in the step): sampling does not depend on ranks.
+    Taken mod 2^63, which torch's generators accept (a large --seed would overflow them otherwise)."""
+    return ((seed * 1_000_003 + step) * 100_003 + position) % 2**63
 
 
 def pad_rows(rows):

@@ -287,7 +287,7 @@ if __name__ == "__main__":
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     args = parser.parse_args()
     cello.check_ranges("responders.py", args, {"--limit": "an integer >= 1", "--num-samples": "an integer >= 1",
-                                               "--temperature": "a number >= 0"})
+                                               "--temperature": "a number >= 0", "--seed": "an integer in [0, 2^63)"})
     respond = make_responder("expert", train_records=cello.read_puzzles(args.train, "--train", "responders.py"),
                              temperature=args.temperature, seed=args.seed)
     puzzles = cello.read_puzzles(args.puzzles, "--puzzles", "responders.py")[:args.limit]

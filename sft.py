@@ -253,7 +253,7 @@ def parse_args(argv=None):
         "--min-lr-ratio": "a number in [0, 1]",  # below 0 the cosine would end in a negative rate: ascent
         "--warmup-steps": "an integer >= 0", "--epochs": "an integer >= 1", "--max-steps": "an integer >= 0",
         "--weight-decay": "a number >= 0", "--max-grad-norm": "a number > 0 (inf: no limit)",
-        "--eval-every": "an integer >= 1", "--save-every": "an integer >= 1", "--seed": "an integer >= 0"})
+        "--eval-every": "an integer >= 1", "--save-every": "an integer >= 1", "--seed": "an integer in [0, 2^63)"})
     return args
 
 

@@ -258,7 +258,8 @@ def test_bad_flags_exit_with_clear_messages(capsys):
                         (["--eval-puzzles", "-2"], "grpo.py: error: --eval-puzzles: expected an integer >= 0, got -2"),
                         (["--beta", "nan"], "grpo.py: error: --beta: expected a number >= 0, got nan"),
                         (["--max-grad-norm", "nan"], "--max-grad-norm: expected a number > 0 (inf: no limit), got nan"),
-                        (["--seed", "-1"], "grpo.py: error: --seed: expected an integer >= 0, got -1"),
+                        (["--seed", "-1"], "grpo.py: error: --seed: expected an integer in [0, 2^63), got -1"),
+                        (["--seed", str(2**63)], f"--seed: expected an integer in [0, 2^63), got {2**63}"),
                         (["--loss-agg", "mean"], "invalid choice")]:
         with pytest.raises(SystemExit) as exit_info:
             grpo.parse_args(base + extra)
@@ -818,6 +819,9 @@ def test_rollout_samples_from_a_generator_seeded_by_seed_step_and_position(tiny)
     twice = grpo.rollout(model, prompts * 2, 5, 0, args, tok.eos_token_id, tok.pad_token_id, "cpu")
     assert twice["responses"][:4] == step5["responses"] and twice["responses"][4:] != step5["responses"]
     assert len({grpo.sample_seed(s, t, p) for s in (0, 1) for t in (5, 6) for p in (0, 1)}) == 8
+    assert grpo.sample_seed(1, 5, 2) == (1_000_003 + 5) * 100_003 + 2  # small seeds: the formula itself
+    # the largest --seed still gives a seed torch's generators take (unreduced, it overflowed them)
+    torch.Generator().manual_seed(grpo.sample_seed(2**63 - 1, 10**6, 10**3))
 
 
 def test_the_update_scores_responses_under_the_sampling_temperature(tiny):

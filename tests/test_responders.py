@@ -249,7 +249,8 @@ def test_model_responder_tiny_checkpoint(tmp_path):
 
 @pytest.mark.parametrize("flag, value, message", [("--limit", "-1", "expected an integer >= 1, got -1"),
                                                   ("--num-samples", "0", "expected an integer >= 1, got 0"),
-                                                  ("--temperature", "-1", "expected a number >= 0, got -1.0")])
+                                                  ("--temperature", "-1", "expected a number >= 0, got -1.0"),
+                                                  ("--seed", "-1", "expected an integer in [0, 2^63), got -1")])
 def test_cli_numeric_flag_out_of_range(flag, value, message):
     """--limit -1 once printed all puzzles but the last, silently."""
     result = subprocess.run([sys.executable, os.path.join(ROOT, "responders.py"), "--train", "x.jsonl", "--puzzles",

@@ -487,7 +487,8 @@ def test_a_non_finite_loss_stops_before_the_weights_change(tiny):
     (["--max-grad-norm", "-1"], "--max-grad-norm: expected a number > 0 (inf: no limit), got -1.0"),
     (["--val-fraction", "1"], "--val-fraction: expected a number in [0, 1), got 1.0"),
     (["--min-lr-ratio", "-1"], "--min-lr-ratio: expected a number in [0, 1], got -1.0"),
-    (["--seed", "-1"], "--seed: expected an integer >= 0, got -1"),
+    (["--seed", "-1"], "--seed: expected an integer in [0, 2^63), got -1"),
+    (["--seed", str(2**63)], f"--seed: expected an integer in [0, 2^63), got {2**63}"),
     (["--model", "bogus"], "--model 'bogus': neither a preset (tiny, small) nor a Hugging Face model folder "
                            "(no config.json)"),
 ])
