@@ -109,6 +109,14 @@ def read_jsonl(path, skip_broken=False):
     return rows
 
 
+def check_file(path, script, flag, expected):
+    """Exit with one line unless path is a file: "no such file", or "is a folder (expected ...)"."""
+    if os.path.isdir(path):
+        sys.exit(f"{script}: error: {flag} {path}: is a folder (expected {expected})")
+    if not os.path.isfile(path):
+        sys.exit(f"{script}: error: {flag} {path}: no such file")
+
+
 def read_puzzles(path, flag, script, need_response=False):
     """The puzzle records of a JSONL file, checked. Bad input exits with one line naming the script,
     the flag or file and line, and what was expected: a missing file, a line that is not JSON, a
@@ -120,8 +128,7 @@ def read_puzzles(path, flag, script, need_response=False):
     def fail(where, what):
         sys.exit(f"{script}: error: {where}: {what}")
 
-    if not os.path.isfile(path):
-        fail(f"{flag} {path}", "no such file")
+    check_file(path, script, flag, "a JSONL file of puzzle records")
     with open(path, "rb") as f:
         data = f.read()
     try:
@@ -1494,8 +1501,7 @@ def demo(argv):
     args = parser.parse_args(argv)
     check_ranges("cello.py demo", args, {"--sft-steps": "an integer >= 1", "--grpo-steps": "an integer >= 1"})
     here = os.path.dirname(os.path.abspath(__file__))
-    if not os.path.isfile(args.data):
-        sys.exit(f"cello.py demo: error: --data {args.data}: no such file")
+    check_file(args.data, "cello.py demo", "--data", "an .h5ad file")
     make_out_dir(args.out_dir, "cello.py demo")
     # A finished stage is skipped, so a folder made with other flags would report its old results.
     flags = {"--data": file_fingerprint(args.data), "--sft-steps": args.sft_steps, "--grpo-steps": args.grpo_steps}

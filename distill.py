@@ -267,8 +267,6 @@ def main():
         "--max-concurrency": "an integer >= 1", "--timeout": "a number > 0", "--max-attempts": "an integer >= 1",
         "--backoff": "a number >= 0", "--max-tokens": "an integer >= 1", "--price-input": "a number >= 0",
         "--price-output": "a number >= 0", "--est-output-tokens": "an integer >= 0"})
-    if not os.path.isfile(args.puzzles):
-        sys.exit(f"distill.py: error: --puzzles {args.puzzles}: no such file")
     args.cache = args.cache or os.path.join(args.out_dir, "api_cache.jsonl")
     records = cello.read_puzzles(args.puzzles, "--puzzles", "distill.py")[:args.limit]
     cello.check_unique_ids(records, "--puzzles", args.puzzles, "distill.py")

@@ -83,8 +83,7 @@ def parse_args(argv=None):
             fail(f"--responder: unknown responder {name!r} (expected one of {', '.join(responders.NAMES)})")
     if len(set(args.responder)) != len(args.responder):
         fail("--responder: a responder is named twice")
-    if not os.path.isfile(args.puzzles):
-        fail(f"--puzzles: file not found: {args.puzzles}")
+    cello.check_file(args.puzzles, "eval.py", "--puzzles", "a JSONL file of puzzle records")
     if args.num_samples > 1 and "independent" in args.responder:  # it has no temperature: always one answer
         fail(f"--num-samples {args.num_samples} gives independent {args.num_samples} copies of one deterministic "
              "answer at any temperature: evaluate it with --num-samples 1")
@@ -95,8 +94,8 @@ def parse_args(argv=None):
     needs_train = sorted({"independent", "expert"} & set(args.responder))
     if needs_train and not args.train:
         fail(f"--responder {' '.join(needs_train)} needs --train (train puzzles to learn marker scores from)")
-    if args.train and not os.path.isfile(args.train):
-        fail(f"--train: file not found: {args.train}")
+    if args.train:
+        cello.check_file(args.train, "eval.py", "--train", "a JSONL file of puzzle records")
     if "model" in args.responder:
         if not args.model_path:
             fail("--responder model needs --model-path (a checkpoint folder)")

@@ -74,6 +74,14 @@ def fail(message):
     sys.exit(f"puzzles.py: error: {message}")
 
 
+def check_file(path, what, expected):
+    """fail() unless path is a file (cello.check_file's twin: importing cello would load torch)."""
+    if os.path.isdir(path):
+        fail(f"{what}: is a folder (expected {expected})")
+    if not os.path.isfile(path):
+        fail(f"{what}: no such file")
+
+
 def present(value):
     """A metadata value as a string, or None when it means "not known"."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -185,8 +193,7 @@ def blank_cells(records, share, rng):
 def excluded_cell_sets(path, barcodes):
     """The cell sets (frozensets of row indices) of the puzzles in a JSONL file built from this input."""
     index = {b: i for i, b in enumerate(barcodes)}
-    if not os.path.isfile(path):
-        fail(f"--exclude-puzzles {path}: no such file")
+    check_file(path, f"--exclude-puzzles {path}", "a JSONL file of puzzles")
     sets = set()
     for line_no, line in enumerate(read_utf8(path, "--exclude-puzzles ").split("\n"), 1):
         try:
@@ -217,8 +224,7 @@ def read_utf8(path, what=""):
 def load_h5ad(path):
     import anndata  # imported here so that `import` and --help do not pay for it
 
-    if not os.path.isfile(path):
-        fail(f"{path}: no such file")
+    check_file(path, path, "an .h5ad file")
     try:
         with warnings.catch_warnings():  # old files trigger anndata's warnings about moved or old fields
             warnings.simplefilter("ignore")
@@ -573,8 +579,7 @@ def parse_released(system_msg, user_msg, assistant_msg):
 
 def read_released(path):
     """Rows of a released file as (row number, dict): JSONL (or a JSON array), or parquet via pandas."""
-    if not os.path.isfile(path):
-        fail(f"{path}: no such file")
+    check_file(path, path, "a released CellPuzzles file: JSONL, JSON or parquet")
     if path.endswith(".parquet"):
         import pandas
 

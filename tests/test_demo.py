@@ -63,6 +63,10 @@ def test_a_demo_folder_made_with_other_flags_is_refused(tmp_path):
         cello.demo(["--out-dir", str(tmp_path / "other"), "--data", str(tmp_path / "none.h5ad")])
     assert exit_info.value.code == f"cello.py demo: error: --data {tmp_path / 'none.h5ad'}: no such file"
     assert not os.path.exists(tmp_path / "other")
+    with pytest.raises(SystemExit) as exit_info:
+        cello.demo(["--out-dir", str(tmp_path / "other"), "--data", str(tmp_path)])
+    assert exit_info.value.code == f"cello.py demo: error: --data {tmp_path}: is a folder (expected an .h5ad file)"
+    assert not os.path.exists(tmp_path / "other")
 
 
 def test_a_stage_killed_twice_reports_the_time_of_both_attempts(tmp_path, monkeypatch):

@@ -563,6 +563,9 @@ def test_bad_train_file_and_duplicate_ids(tmp_path, monkeypatch, capsys):
     os.remove(puzzles)  # one line, as for --train (not argparse's usage block and status 2)
     code, output = run(cmd, "unused", monkeypatch, capsys)
     assert code == f"distill.py: error: --puzzles {puzzles}: no such file" and "usage:" not in output
+    os.makedirs(puzzles)
+    code, output = run(cmd, "unused", monkeypatch, capsys)
+    assert code == f"distill.py: error: --puzzles {puzzles}: is a folder (expected a JSONL file of puzzle records)"
 
 
 def test_expert_teacher_rejection_sampling(tmp_path, monkeypatch, capsys):

@@ -79,7 +79,9 @@ def test_cli_samples_and_pass_at_k(files, capsys):
 
 
 @pytest.mark.parametrize("case, message", [
-    ("missing", "eval.py: error: --puzzles: file not found: "),
+    ("missing", "/nope.jsonl: no such file"),
+    ("folder", ": is a folder (expected a JSONL file of puzzle records)"),
+    ("train-folder", ": is a folder (expected a JSONL file of puzzle records)"),
     ("no-train", "eval.py: error: --responder expert needs --train (train puzzles to learn marker scores from)"),
     ("unknown", "eval.py: error: --responder: unknown responder 'oracle' (expected one of random, independent, expert, model, api)"),
     ("not-a-model", "eval.py: error: --model-path: not a Hugging Face model folder (no config.json): "),
@@ -91,6 +93,8 @@ def test_cli_bad_input(files, case, message):
     out = files / "out"
     (files / "bad.jsonl").write_text('{"id": "x"}\n')
     args = {"missing": ["--puzzles", str(files / "nope.jsonl"), "--responder", "random"],
+            "folder": ["--puzzles", str(files), "--responder", "random"],
+            "train-folder": ["--puzzles", str(files / "test.jsonl"), "--responder", "expert", "--train", str(files)],
             "no-train": ["--puzzles", str(files / "test.jsonl"), "--responder", "random", "expert"],
             "unknown": ["--puzzles", str(files / "test.jsonl"), "--responder", "oracle"],
             "not-a-model": ["--puzzles", str(files / "test.jsonl"), "--responder", "model", "--model-path", str(files)],
@@ -104,7 +108,7 @@ def test_cli_bad_input(files, case, message):
     with pytest.raises(SystemExit) as exit_info:  # sys.exit("...") prints that one line, exit status 1
         evaluate.main([*args, "--out-dir", str(out)])
     assert isinstance(exit_info.value.code, str) and "\n" not in exit_info.value.code
-    assert message in exit_info.value.code
+    assert message in exit_info.value.code and exit_info.value.code.startswith("eval.py: error: ")
     assert not os.path.exists(out)
 
 

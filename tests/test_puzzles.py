@@ -579,6 +579,11 @@ def test_command_line_exit_code(tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip() == f"puzzles.py: error: {tmp_path / 'x.h5ad'}: no such file"
     assert not (tmp_path / "out").exists()
+    (tmp_path / "x.h5ad").mkdir()  # a folder where the file should be: said so, not "no such file"
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "puzzles.py"), "build", str(tmp_path / "x.h5ad"),
+                             "--out-dir", str(tmp_path / "out")], capture_output=True, text=True)
+    assert result.returncode == 1 and not (tmp_path / "out").exists()
+    assert result.stderr.strip() == f"puzzles.py: error: {tmp_path / 'x.h5ad'}: is a folder (expected an .h5ad file)"
 
 
 # ---------------------------------------------------------------------------------------------

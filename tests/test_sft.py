@@ -431,6 +431,7 @@ def test_two_process_fsdp2_matches_one_process(tmp_path, micro_batch_size):
 
 @pytest.mark.parametrize("content, message", [
     (None, "--data {path}: no such file"),
+    ("folder", "--data {path}: is a folder (expected a JSONL file of puzzle records)"),
     ('{"id": "a"', "{path} line 1: not valid JSON"),
     ('{"id": "a", "context": "x"}\n', "{path} line 1: record has no \"response\" text"),
     ('{"id": "a", "context": "x", "response": " "}\n', "{path} line 1: record has no \"response\" text"),
@@ -438,7 +439,9 @@ def test_two_process_fsdp2_matches_one_process(tmp_path, micro_batch_size):
 ])
 def test_bad_data_file_exits_with_one_line(tmp_path, content, message):
     path = tmp_path / "sft.jsonl"
-    if content is not None:
+    if content == "folder":
+        path.mkdir()
+    elif content is not None:
         path.write_text(content)
     with pytest.raises(SystemExit) as exit_info:
         sft.main(["--data", str(path), "--model", "tiny", "--out-dir", str(tmp_path / "out")])
