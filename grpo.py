@@ -512,14 +512,13 @@ def main(argv=None):
                      "folder: this run was started from another --model")
     else:
         model_path = cello.prepare_model(args.model, args.out_dir, train)
-    # a resumed run must start from the same model (by content: the folders may have moved), as the
-    # reference is rebuilt from it, not saved; without a reference (beta 0) only last/ matters. The
+    # a resumed run must start from the same model (by content: the folders may have moved): the
+    # reference is rebuilt from it, not saved, and the tokenizer comes from it even at beta 0. The
     # data position and the sampling seeds mean something only for the same puzzles, step size and seed.
     run_identity = {"script": "grpo.py", "--train": cello.file_fingerprint(args.train),
                     "--puzzles-per-step": args.puzzles_per_step, "--group-size": args.group_size, "--seed": args.seed,
-                    "--lr": args.lr, "--weight-decay": args.weight_decay}  # both kept by the optimizer state
-    if args.beta > 0:
-        run_identity["model"] = cello.model_fingerprint(model_path)
+                    "--lr": args.lr, "--weight-decay": args.weight_decay,  # both kept by the optimizer state
+                    "model": cello.model_fingerprint(model_path)}
     tokenizer = cello.load_tokenizer(model_path)
     stop_ids = cello.stop_token_ids(model_path, tokenizer)
     model = cello.load_model(model_path, device)

@@ -926,6 +926,12 @@ def test_resume_with_another_starting_model_is_refused_a_moved_one_is_not(toy_ru
     assert stop.value.code == (f"cello: error: --resume: {out}/last was saved with model "
                                f"{cello.model_fingerprint(flags[model_at])}, this run has {cello.model_fingerprint(other)}: "
                                "resume with the run's own flags, or start afresh in another --out-dir")
+    # without a reference (--beta 0) too: the tokenizer and the prompts' ids come from --model
+    grpo.main(flags + ["--beta", "0", "--out-dir", out + "-beta0", "--steps", "1", "--eval-every", "0"])
+    with pytest.raises(SystemExit) as stop:
+        grpo.main(with_model(other) + ["--beta", "0", "--out-dir", out + "-beta0", "--steps", "2", "--eval-every", "0",
+                                       "--resume"])
+    assert stop.value.code.startswith(f"cello: error: --resume: {out}-beta0/last was saved with model ")
     # the data position and the sampling seeds belong to the run's puzzles, step size and seed
     train_at = flags.index("--train") + 1
     fewer = tmp_path / "fewer.jsonl"
