@@ -224,7 +224,9 @@ def make_out_dir(path, script, flag="--out-dir"):
 
 
 def check_device(device, script, flag="--device"):
-    """Exit with one line unless device is cpu, or a cuda device this machine and torch build have."""
+    """The device to use: device (None: default_device()), or exit with one line unless it is cpu or a
+    cuda device this machine and torch build have."""
+    device = device or default_device()
     try:
         parsed = torch.device(device)
     except RuntimeError:
@@ -235,6 +237,7 @@ def check_device(device, script, flag="--device"):
         sys.exit(f"{script}: error: {flag} {device}: no CUDA device here (or a CPU-only torch build)")
     if parsed.type == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():
         sys.exit(f"{script}: error: {flag} {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def is_str_list(value):
@@ -1032,6 +1035,11 @@ def keep_freed_memory():
                 mallopt(-2, 256 << 20) == 1])  # M_TOP_PAD: grow the heap 256 MiB at a time, not page by page
 
 
+def default_device():
+    """"cuda" when this machine has a GPU (and torch a CUDA build), else "cpu"."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def setup_distributed():
     """Start the process group under torchrun (RANK / WORLD_SIZE set): nccl on this rank's GPU, gloo
     on CPU (where freed memory is kept first: keep_freed_memory). Returns (rank, world_size, device);
@@ -1040,7 +1048,7 @@ def setup_distributed():
     if not torch.cuda.is_available():
         keep_freed_memory()
     if world_size == 1:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return 0, 1, torch.device(default_device())
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)

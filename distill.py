@@ -94,7 +94,7 @@ def check_teacher_flags(args):
         if not cello.is_model_folder(args.model_path):
             sys.exit(f"distill.py: error: --model-path {args.model_path}: not a Hugging Face model folder "
                      "(no config.json)")
-        cello.check_device(args.device, "distill.py")
+        args.device = cello.check_device(args.device, "distill.py")
     if args.teacher == "api" and not args.api_model:
         sys.exit("distill.py: error: --teacher api needs --api-model (the served model's name)")
 
@@ -223,7 +223,8 @@ def main():
     group.add_argument("--model-path", default=None, help="model: checkpoint folder (Hugging Face format)")
     group.add_argument("--max-new-tokens", type=int, default=1024, help="model: response length limit in tokens")
     group.add_argument("--batch-size", type=int, default=8, help="model: puzzles sampled together")
-    group.add_argument("--device", default="cpu", help="model: torch device")
+    group.add_argument("--device", default=None,
+                       help="model: torch device (default: cuda when there is a GPU, else cpu)")
     group = parser.add_argument_group("api teacher")
     group.add_argument("--base-url", default="https://api.openai.com/v1",
                        help="OpenAI-compatible base URL (vLLM: http://localhost:8000/v1, "

@@ -60,7 +60,8 @@ def parse_args(argv=None):
     model.add_argument("--batch-size", type=int, default=8, help="puzzles per responder call (and per sampler batch)")
     model.add_argument("--max-new-tokens", type=int, default=1024, help="response length limit in tokens")
     model.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (1 = off)")
-    model.add_argument("--device", default="cpu", help="torch device for the model responder")
+    model.add_argument("--device", default=None,
+                       help="torch device for the model responder (default: cuda when there is a GPU, else cpu)")
     api = parser.add_argument_group("api responder (an OpenAI-compatible endpoint)")
     api.add_argument("--base-url", help="endpoint base URL, e.g. https://api.openai.com/v1")
     api.add_argument("--api-model", help="model name the endpoint serves")
@@ -101,7 +102,7 @@ def parse_args(argv=None):
             fail("--responder model needs --model-path (a checkpoint folder)")
         if not os.path.isfile(os.path.join(args.model_path, "config.json")):
             fail(f"--model-path: not a Hugging Face model folder (no config.json): {args.model_path}")
-        cello.check_device(args.device, "eval.py")
+        args.device = cello.check_device(args.device, "eval.py")
     if "api" in args.responder and not (args.base_url and args.api_model):
         fail("--responder api needs --base-url and --api-model")
     return args

@@ -112,6 +112,19 @@ def test_cli_bad_input(files, case, message):
     assert not os.path.exists(out)
 
 
+def test_model_responder_device_defaults_to_the_gpu_when_there_is_one(files, monkeypatch):
+    """As sft.py and grpo.py do: `eval.py --responder model` on a GPU machine must not run on the CPU."""
+    (files / "m").mkdir()
+    (files / "m" / "config.json").write_text("{}")
+    argv = ["--puzzles", str(files / "test.jsonl"), "--responder", "model", "--model-path", str(files / "m"),
+            "--out-dir", str(files / "out")]
+    assert evaluate.parse_args(argv).device == "cpu"  # this machine has no GPU
+    monkeypatch.setattr(cello.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cello.torch.cuda, "device_count", lambda: 1)
+    assert evaluate.parse_args(argv).device == "cuda"
+    assert evaluate.parse_args([*argv, "--device", "cpu"]).device == "cpu"
+
+
 def test_cli_out_dir_that_is_a_file(files):
     (files / "taken").write_text("")
     with pytest.raises(SystemExit) as exit_info:
