@@ -215,8 +215,8 @@ def parse_args(argv=None):
                       help="longest example in tokens (prompt + response + EOS); longer ones are skipped")
     model = parser.add_argument_group("model and output")
     model.add_argument("--model", default="small",
-                       help="a preset name (tiny, small: a fresh model with a tokenizer trained on --data) "
-                            "or a Hugging Face model folder")
+                       help="a preset name (tiny, small: a fresh model with a tokenizer trained on --data's "
+                            "train part) or a Hugging Face model folder")
     model.add_argument("--out-dir", required=True, help="folder for metrics.jsonl, last/ and final/")
     model.add_argument("--resume", action="store_true", help="continue from OUT_DIR/last (same flags)")
     batching = parser.add_argument_group("batching")
