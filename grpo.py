@@ -112,10 +112,8 @@ def group_advantages(rewards, group_size, scale_by_std=True, eps=ADV_EPS):
     """
     r = rewards.view(-1, group_size).to(torch.float64)  # [P, G]; float64 so that equal rewards give exactly 0
     centred = r - r.mean(dim=1, keepdim=True)  # [P, G]
-    if scale_by_std and group_size > 1:
+    if scale_by_std and group_size > 1:  # a group of one is centred to 0 already (its std would be NaN)
         centred = centred / (r.std(dim=1, keepdim=True) + eps)
-    if group_size == 1:
-        centred = torch.zeros_like(centred)
     return centred.view(-1).to(rewards.dtype)
 
 

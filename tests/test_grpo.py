@@ -48,12 +48,14 @@ def test_advantage_equal_rewards_and_group_of_one_are_zero():
     assert grpo.group_advantages(T([0.3] * 8), 8).tolist() == [0.0] * 8
     # a group of one has no spread: defined as 0 (unbiased std would be NaN)
     assert grpo.group_advantages(T([0.7, -1.0]), 1).tolist() == [0.0, 0.0]
+    assert grpo.group_advantages(T([1.0, 0.0]), 2).dtype == torch.float32  # computed in float64, returned as given
 
 
 def test_zero_advantage_share_counts_groups_of_equal_rewards_exactly():
     # one group of 8 x 0.1 (1 of 5 cells right): its float32 std is ~8e-9, not 0, yet A is exactly 0
     assert T([0.1] * 8).view(-1, 8).std(dim=1).item() != 0
     assert grpo.zero_advantage_share(T([0.1] * 8), 8) == 1.0
+    assert grpo.zero_advantage_share(T([0.0, 0.5, 1.0]), 3) == 0.0  # one A is 0 (the middle), not all
     assert grpo.zero_advantage_share(T([0.3] * 4 + [0.3, 0.3, 1.0, -1.0] + [-1.0] * 4), 4) == pytest.approx(2 / 3)
 
 
@@ -135,13 +137,14 @@ def test_policy_equal_to_reference_gives_kl_zero_and_rho_one():
     logp = (-torch.rand(3, 5, generator=g) * 4).requires_grad_()
     same = logp.detach().clone()
     mask = torch.ones(3, 5)
-    loss, stats = grpo.grpo_loss(logp, same, same, T([0.0, 0.0, 0.0]), mask, "token-mean", 15.0, beta=1.0)
-    assert stats["kl"] == 0.0 and stats["rho"] == pytest.approx(15.0)
+    adv = T([1.0, -2.0, 0.5])
+    loss, stats = grpo.grpo_loss(logp, same, same, adv, mask, "token-mean", 15.0, beta=1.0)
+    assert stats["kl"] == 0.0 and stats["rho"] == 15.0  # rho exactly 1 on each of the 15 tokens
     assert stats["clipped_low"] == stats["clipped_high"] == 0
-    _, rho, _ = grpo.clipped_surrogate(logp, same, T([1.0, 1.0, 1.0]))
-    assert (rho == 1.0).all()
+    assert loss.item() == pytest.approx(-adv.sum().item() * 5 / 15)
     loss.backward()
-    assert (logp.grad == 0).all()  # k3's gradient vanishes at policy == reference
+    # the policy term alone: -A / 15 per token; k3's gradient (1 - exp(ref - logp)) vanishes at ref = logp
+    assert torch.equal(logp.grad, (-adv / 15)[:, None].expand(3, 5))
 
 
 def test_aggregation_modes():
@@ -157,6 +160,9 @@ def test_aggregation_modes():
     # a NaN or inf in padding stays out (0 * NaN would be NaN)
     for mode in grpo.LOSS_AGG_MODES:
         assert agg(T([[1.0, math.nan, math.inf]]), T([[1.0, 0.0, 0.0]]), mode, 1.0).item() == 1.0
+    # a response that is all padding adds 0 to seq-mean (not NaN); an empty batch divides by 1, not 0
+    assert agg(T([[1.0, 2.0], [5.0, 5.0]]), T([[1.0, 1.0], [0.0, 0.0]]), "seq-mean", 2.0).item() == 0.75
+    assert grpo.loss_divisor("token-mean", 0, 0, 5) == grpo.loss_divisor("seq-mean", 0, 0, 5) == 1.0
     with pytest.raises(ValueError, match="unknown loss aggregation"):
         grpo.loss_divisor("mean", 4, 2, 3)
 
@@ -186,6 +192,10 @@ def test_grpo_loss_hand_case_with_kl():
     assert loss.item() == pytest.approx((-1.0 + 0.1 * (1 - math.log(2))) / 3, abs=1e-6)
     assert stats == {"tokens": 3, "clipped_low": 0, "clipped_high": 0, "kl": pytest.approx(1 - math.log(2)),
                      "rho": pytest.approx(3.0)}
+    # d loss / d logp = (-A * rho + beta * (1 - exp(ref - logp))) / 3 per token: the KL term pulls the
+    # first token (ref above it by log 2) up by beta / 3 besides the policy term; padding gets none
+    loss.backward()
+    assert logp.grad.tolist() == [[pytest.approx(-1.1 / 3), pytest.approx(-1 / 3)], [pytest.approx(1 / 3), 0.0]]
 
 
 def test_equal_rewards_give_zero_policy_gradient():
@@ -861,27 +871,30 @@ def test_score_rollout_pairs_each_group_with_its_puzzle(tiny):
 
 
 def test_policy_update_applies_the_clip_flags_and_reports_the_per_token_kl(tiny):
-    """rho and ref are set by hand: rho = 1.5 on the response with A > 0 (inside 1 + clip_high = 1.6,
-    outside the default 1.2) and 0.7 on the one with A < 0 (below 1 - clip_low = 0.8); ref = logp + 0.1
-    on every token, so k3 = exp(0.1) - 0.1 - 1 per token."""
+    """rho and ref are set by hand: rho = 1.5 on the response with A > 0 (3 tokens; inside 1 + clip_high
+    = 1.6, outside the default 1.2) and 0.7 on the one with A < 0 (1 token and padding; below 1 - clip_low
+    = 0.8); ref = logp + 0.1 on every token, so k3 = exp(0.1) - 0.1 - 1 per token. The metrics are per
+    response token: padding and the number of update passes (--mu) must not enter them."""
     records, path = tiny
     tok = cello.load_tokenizer(path)
     model = cello.load_model(path)
     prompts = [cello.prompt_ids(tok, records[6])]
-    responses = [[100, 101, 102], [103, 104, 105]]
+    responses = [[100, 101, 102], [103]]
     with torch.no_grad():
         logp, mask = cello.response_logprobs(model, prompts, responses)
+    assert mask.tolist() == [[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]]
     old = logp - torch.tensor([[math.log(1.5)], [math.log(0.7)]])
     batch = {"prompts": prompts, "responses": responses, "old_logp": old, "mask": mask, "ref_logp": logp + 0.1,
              "advantages": T([1.0, -1.0])}
-    args = update_args(path, "--group-size", "2", "--clip-low", "0.2", "--clip-high", "0.6")
-    metrics = grpo.policy_update(model, torch.optim.SGD(model.parameters(), lr=0.0), batch, args)
-    assert metrics["clip_frac_high"] == 0.0 and metrics["clip_frac_low"] == 0.5  # 3 of the 6 tokens
-    assert metrics["rho_mean"] == pytest.approx((1.5 + 0.7) / 2, rel=1e-5)
-    assert metrics["kl"] == pytest.approx(math.exp(0.1) - 0.1 - 1, rel=1e-4)
+    for mu in ("1", "2"):
+        args = update_args(path, "--group-size", "2", "--clip-low", "0.2", "--clip-high", "0.6", "--mu", mu)
+        metrics = grpo.policy_update(model, torch.optim.SGD(model.parameters(), lr=0.0), batch, args)
+        assert metrics["clip_frac_high"] == 0.0 and metrics["clip_frac_low"] == 0.25  # 1 of the 4 tokens
+        assert metrics["rho_mean"] == pytest.approx((3 * 1.5 + 0.7) / 4, rel=1e-5)
+        assert metrics["kl"] == pytest.approx(math.exp(0.1) - 0.1 - 1, rel=1e-4)
     args = update_args(path, "--group-size", "2")  # symmetric 0.2: now 1.5 is clipped too
     metrics = grpo.policy_update(model, torch.optim.SGD(model.parameters(), lr=0.0), batch, args)
-    assert metrics["clip_frac_high"] == 0.5 and metrics["clip_frac_low"] == 0.5
+    assert metrics["clip_frac_high"] == 0.75 and metrics["clip_frac_low"] == 0.25
 
 
 def test_eos_is_a_trained_token(tiny):

@@ -23,6 +23,7 @@ def resp(answer, think="reasoning", sep="\n"):
     ("<answer>A|B|C|D</answer>\n<think>x</think>", "tags out of order"),                 # wrong order
     ("</think>x<think>\n<answer>A|B|C|D</answer>", "tags out of order"),
     ("Sure! <think>x</think>\n<answer>A|B|C|D</answer>", "text before <think>"),
+    ("x<think>x</think>\n<answer>A|B|C|D</answer>", "text before <think>"),              # one character
     ("<think>x</think>\n<answer>A|B|C|D</answer> Hope this helps", "text after </answer>"),
     ("<think>x</think><answer>A|B|C|D</answer>", "exactly one newline"),                 # missing newline
     ("<think>x</think>\n\n<answer>A|B|C|D</answer>", "exactly one newline"),
@@ -33,6 +34,7 @@ def resp(answer, think="reasoning", sep="\n"):
     (resp("A | B | a | D"), "repeated label"),                                           # repeat (case-insensitive)
     (resp("A | B |  | D"), "empty label"),
     (resp("A | B | C |"), "empty label"),
+    (resp("A | B | \n\t | D"), "empty label"),                                           # whitespace only
 ])
 def test_malformed(text, reason):
     parsed = reward.parse_answer(text, 4)
@@ -45,6 +47,9 @@ def test_valid_with_surrounding_whitespace_and_multiline_think():
     text = "\n  <think>line 1\nline 2 | with a bar</think>\n<answer> A |B|  C | D </answer>\n\n"
     parsed = reward.parse_answer(text, 4)
     assert parsed == {"valid": True, "labels": ["A", "B", "C", "D"], "error": None}
+    # labels are stripped of any whitespace, not only spaces
+    assert reward.parse_answer("<think>x</think>\n<answer>\nA |\tB\n</answer>", 2) == \
+        {"valid": True, "labels": ["A", "B"], "error": None}
 
 
 # ---- exact reward values ----
@@ -82,6 +87,9 @@ def test_lenient_labels_for_malformed():
     assert reward.parse_answer("<answer>x</answer><answer> P|Q </answer>", 2)["labels"] == ["P", "Q"]
     assert reward.parse_answer("no answer at all", 2)["labels"] is None
     assert reward.parse_answer("<think></think>\n<answer> </answer>", 2)["labels"] == []
+    # an <answer> left open after the last </answer> does not hide the answer before it
+    assert reward.parse_answer("<answer>A | B</answer><answer>", 2)["labels"] == ["A", "B"]
+    assert reward.score("<answer>A | B</answer><answer>", ["A", "B"])["uniqueness"] == 1.0
 
 
 def test_score_fields():
@@ -115,13 +123,18 @@ def test_metrics_hand_computed():
     assert m["uniqueness"] == pytest.approx((1 + 1 + 1 + 0.5) / 4)
     assert m["mean_length"] == 20.0                                 # over the 3 responses with a length
     assert m["mean_reward"] == pytest.approx((1 + 1 / 6 + 1 - 1) / 4)
-    assert sorted(m["by_n"]) == [3, 4]
+    assert list(m["by_n"]) == [3, 4]
+    assert list(reward.metrics(scores[::-1])["by_n"]) == [3, 4]  # by N, whatever the order of the scores
     n3, n4 = m["by_n"][3], m["by_n"][4]
     assert (n3["cell_accuracy"], n3["batch_accuracy"], n3["format_validity"], n3["count"]) == \
         (pytest.approx(4 / 6), 0.5, 1.0, 2)
     assert (n4["cell_accuracy"], n4["batch_accuracy"], n4["format_validity"], n4["uniqueness"]) == \
         (0.5, 0.5, 0.5, 0.75)
     assert n4["mean_length"] == 30.0
+    # a response of 0 tokens has a length: it counts in the mean (only a missing length is left out)
+    zero = [reward.score(resp("a"), ["a"], num_tokens=0), reward.score(resp("a"), ["a"], num_tokens=10)]
+    assert reward.metrics(zero)["mean_length"] == 5.0
+    assert reward.format_table({"x": m}).splitlines()[2] == "| x | 57.1% | 50.0% | 75.0% | 87.5% | 20.0 | 4 |"
 
 
 def test_metrics_empty_and_table():
