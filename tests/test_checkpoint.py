@@ -6,6 +6,7 @@ Run as a script under torchrun, this file is also the worker of the 2-process FS
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 
@@ -348,6 +349,75 @@ def test_run_checkpoint_resumes_last_or_last_old_and_a_fresh_run_refuses_an_old_
     assert cello.load_resume(f"{run}/last.old", model, optimizer) == {"step": 4}
     cello.save_checkpoint(f"{run}/last", model, cello.load_tokenizer(model_dir), optimizer, state={"step": 5})
     assert sorted(os.listdir(run)) == ["last"] and cello.load_resume(f"{run}/last", model, optimizer) == {"step": 5}
+
+
+def test_a_save_killed_at_its_rename_keeps_the_previous_checkpoint(model_dir, tmp_path):
+    """save_checkpoint moves last/ aside (last.old) before renaming last.tmp into place, and drops
+    last.old only after: a kill at any point leaves one whole checkpoint, and --resume takes the newest."""
+    model, tok = cello.load_model(model_dir), cello.load_tokenizer(model_dir)
+    optimizer = torch.optim.AdamW(model.parameters())
+    run = str(tmp_path / "run")
+    os.makedirs(run)
+    cello.save_checkpoint(f"{run}/last", model, tok, optimizer, state={"step": 1})
+    real_replace = os.replace
+
+    def killed_at_the_rename(src, dst):
+        if src.endswith("last.tmp"):
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    with pytest.MonkeyPatch.context() as m, pytest.raises(KeyboardInterrupt):
+        m.setattr(cello.os, "replace", killed_at_the_rename)
+        cello.save_checkpoint(f"{run}/last", model, tok, optimizer, state={"step": 2})
+    assert sorted(os.listdir(run)) == ["last.old", "last.tmp"]  # step 1 moved aside, not deleted
+    assert cello.load_resume(cello.run_checkpoint(run, True, "sft.py"), model, optimizer) == {"step": 1}
+    cello.save_checkpoint(f"{run}/last", model, tok, optimizer, state={"step": 3})
+    with pytest.MonkeyPatch.context() as m:  # killed after the rename, before last.old is dropped
+        m.setattr(cello, "_remove_folder", lambda path: None)
+        cello.save_checkpoint(f"{run}/last", model, tok, optimizer, state={"step": 4})
+    assert sorted(os.listdir(run)) == ["last", "last.old"]
+    assert cello.run_checkpoint(run, True, "sft.py") == f"{run}/last"  # the newer one
+    # an empty folder may be saved into; a killed save's leftover .tmp is cleared, not merged
+    (tmp_path / "empty").mkdir()
+    cello.save_checkpoint(str(tmp_path / "empty"), model, tok)
+    assert cello.is_checkpoint_complete(str(tmp_path / "empty"))
+    os.makedirs(tmp_path / "ckpt.tmp")
+    (tmp_path / "ckpt.tmp" / "optimizer.pt").write_text("stale")
+    cello.save_checkpoint(str(tmp_path / "ckpt"), model, tok, state={"step": 1})
+    assert "optimizer.pt" not in os.listdir(tmp_path / "ckpt")
+
+
+def test_a_folder_is_renamed_before_it_is_deleted(tmp_path):
+    """A kill half-way through deleting last.old must not leave a half folder under a name resume reads."""
+    victim = tmp_path / "last.old"
+    victim.mkdir()
+    (victim / "config.json").write_text("{}")
+    real_rmtree = shutil.rmtree
+
+    def killed(path, *args, **kwargs):
+        if os.path.exists(path):
+            raise KeyboardInterrupt
+        real_rmtree(path, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as m, pytest.raises(KeyboardInterrupt):
+        m.setattr(cello.shutil, "rmtree", killed)
+        cello._remove_folder(str(victim))
+    assert not victim.exists() and (tmp_path / "last.old.trash").exists()
+
+
+def test_write_text_atomic_syncs_the_whole_text_before_the_rename_and_cleans_up(tmp_path):
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(cello.os, "fsync", lambda fd: events.append(("fsync", os.fstat(fd).st_size)) or real_fsync(fd))
+        m.setattr(cello.os, "replace", lambda a, b: events.append(("replace", os.path.basename(b))) or real_replace(a, b))
+        cello.write_text_atomic(str(tmp_path / "a.txt"), "\u00e9" * 10)
+    assert events == [("fsync", 20), ("replace", "a.txt")]  # all 20 UTF-8 bytes on disk, then the name
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(IsADirectoryError):  # the rename fails: no temporary file stays
+        cello.write_text_atomic(str(tmp_path / "folder"), "x")
+    assert sorted(os.listdir(tmp_path)) == ["a.txt", "folder"]
+    cello.write_jsonl_atomic(str(tmp_path / "r.jsonl"), [{"a": "\u00e9\u2192"}])
+    assert (tmp_path / "r.jsonl").read_text(encoding="utf-8") == '{"a": "\u00e9\u2192"}\n'  # the characters, not JSON escapes
 
 
 def test_atomic_writes_are_utf8_whatever_the_locale(tmp_path):

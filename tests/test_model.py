@@ -76,6 +76,22 @@ def test_scored_text_keeps_special_tokens_inside_and_drops_the_stop_token(tiny_d
     hidden = cello.response_text(tokenizer, think + [pad] + answer + [eos], [eos])
     assert hidden == "<think>x</think>\n" + tokenizer.pad_token + "<answer>A | B</answer>"
     assert reward.parse_answer(hidden, 2)["error"] == "expected exactly one newline between </think> and <answer>"
+    # whichever stop token ended the response (Qwen's EOS or its pad) is left out of the text
+    for stop in (eos, pad):
+        assert cello.response_text(tokenizer, think + answer + [stop], sorted({eos, pad})) == finished
+
+
+def test_prompt_ids_add_no_bos_to_the_template_s_text():
+    """The chat template already holds every special token: a tokenizer that would prepend a BOS on
+    encode (Llama-style) must not get one more."""
+    class BosTokenizer:
+        def apply_chat_template(self, messages, tokenize, add_generation_prompt):
+            return "T"
+
+        def encode(self, text, add_special_tokens):
+            return ([100] if add_special_tokens else []) + [ord(c) for c in text]
+
+    assert cello.prompt_ids(BosTokenizer(), {"context": "c", "cells": [["X"]], "candidates": ["A"]}) == [ord("T")]
 
 
 @pytest.mark.parametrize("folder", ["tiny_dir", "small_dir"])

@@ -49,7 +49,8 @@ def test_qwen2_gqa_sampled_logprobs_and_shared_prompt_gradients(qwen):
     with torch.no_grad():
         for shared in (True, False):
             logprobs, _ = cello.response_logprobs(qwen, PROMPTS, out["responses"], 0.8, shared_prompt=shared)
-            assert torch.allclose(logprobs, padded(out["logprobs"]), atol=1e-5, rtol=0)
+            # decoding sums in another order than one forward: float32 noise reached 1.4e-5 in some seeds
+            assert torch.allclose(logprobs, padded(out["logprobs"]), atol=5e-5, rtol=0)
     responses = random_tokens([5, 0, 9, 1, 4, 4, 7, 2, 6, 3, 8, 1], seed=2, vocab=97)  # G = 3, one empty
     weights = torch.randn(12, 9, generator=torch.Generator().manual_seed(1))
 

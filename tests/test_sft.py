@@ -259,6 +259,7 @@ def test_lr_factor_warmup_then_cosine():
     assert [cello.lr_factor(s, 2, 11, 0.1) for s in (0, 1, 2)] == [0.5, 1.0, 1.0]
     assert cello.lr_factor(6, 2, 11, 0.1) == pytest.approx(0.55)  # halfway through the cosine
     assert cello.lr_factor(10, 2, 11, 0.1) == pytest.approx(0.1)  # the last step
+    assert cello.lr_factor(12, 2, 11, 0.1) == pytest.approx(0.1)  # past the end (a run continued): stays there
     assert cello.lr_factor(0, 0, 5, 0.0) == 1.0
     assert [cello.lr_factor(s, 2, 3, 0.1) for s in (0, 1, 2)] == [0.5, 1.0, 1.0]  # one step after warm-up: the peak
     assert [cello.lr_factor(s, 2, 11) for s in (0, 1, 5, 10)] == [0.5, 1.0, 1.0, 1.0]  # GRPO's: constant after warm-up
