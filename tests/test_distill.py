@@ -1,6 +1,7 @@
 """distill.py and api.py: the request body, the backoff schedule, the cache, and whole distill runs
 against a real chat-completions server on 127.0.0.1 that injects faults (tests/fault_server.py),
 including a run killed with SIGKILL and restarted."""
+import argparse
 import json
 import os
 import random
@@ -671,3 +672,53 @@ def test_reasoning_model_requests_on_the_wire(setup, monkeypatch, capsys):
     assert {(line["id"], line["sample"]) for line in log} == {(r["id"], k) for r in cello.read_jsonl(puzzles)[:2]
                                                              for k in range(SAMPLES)}
     assert all(line["body_keys"] == ["max_completion_tokens", "messages", "model"] for line in log)
+
+
+# ---- found by mutation testing: report counts, the cost gate, partial failures ----
+
+def test_a_puzzle_whose_samples_all_failed_still_counts_as_a_puzzle():
+    """puzzles counts every puzzle distilled; puzzle_acceptance = puzzles with an accepted sample / all."""
+    rows = [{"id": "a", "status": "accepted", "reward": 1.0}, {"id": "b", "status": "failed", "reward": None}]
+    a = distill.acceptance(rows)
+    assert (a["puzzles"], a["puzzles_accepted"], a["puzzle_acceptance"]) == (2, 1, 0.5)
+
+
+def test_a_free_run_needs_no_confirmation(monkeypatch, capsys):
+    """An estimate of $0 (a local server, --price-input 0 --price-output 0) is sent without --yes."""
+    respond = lambda records, k: None
+    respond.pending = lambda records, k: {(0, 0), (1, 0)}
+    args = argparse.Namespace(samples=1, est_output_tokens=2000, price_input=0.0, price_output=0.0, reasoning="no",
+                              api_model="m", yes=False)
+    monkeypatch.setattr(sys.stdin, "isatty", lambda: False, raising=False)
+    distill.confirm_cost(args, toy_puzzles(2), respond)  # no SystemExit
+    assert "2 requests to send" in capsys.readouterr().out
+
+
+def test_a_run_with_half_its_samples_failed_still_writes_its_files(tmp_path, monkeypatch, capsys):
+    """Only a run whose every sample failed stops; otherwise the answers received are distilled."""
+    records = toy_puzzles(2)
+    puzzles = str(tmp_path / "p.jsonl")
+    cello.write_jsonl_atomic(puzzles, records)
+
+    def respond(recs, k):
+        return [[f"<think>x</think>\n<answer>{' | '.join(r['answer'])}</answer>"] * k for r in recs]
+    respond.errors = {(records[0]["id"], 0): "HTTP 500", (records[0]["id"], 1): "HTTP 500"}
+    respond.num_tokens = [[10, 10], [10, 10]]
+    respond.pending = lambda recs, k: set()
+    respond.usage = None
+    monkeypatch.setattr(distill, "make_teacher", lambda args, train: respond)
+    code, output = run([sys.executable, "distill.py", "--teacher", "api", "--api-model", "m", "--puzzles", puzzles, "--samples", "2",
+                        "--out-dir", str(tmp_path / "out")], "unused", monkeypatch, capsys)
+    assert code == 0, output
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert (report["overall"]["failed"], report["overall"]["accepted"], report["sft_rows"]) == (2, 2, 1)
+
+
+def test_keep_all_reports_every_sft_row(tmp_path, monkeypatch, capsys):
+    """report.json's sft_rows is the number of rows in sft.jsonl, also with --keep-all."""
+    code, output = run(expert_cmd(tmp_path, "--samples", "3", "--temperature", "2.0", "--keep-all"), "unused",
+                       monkeypatch, capsys)
+    assert code == 0, output
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    rows = cello.read_jsonl(tmp_path / "out" / "sft.jsonl")
+    assert report["sft_rows"] == len(rows) == report["overall"]["accepted"] > report["overall"]["puzzles_accepted"]

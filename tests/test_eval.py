@@ -1,4 +1,5 @@
 """eval.py end to end on tiny hand-made puzzles: files written, numbers checked by hand, bad input."""
+import argparse
 import json
 import os
 import subprocess
@@ -11,6 +12,8 @@ import cello
 import eval as evaluate
 from reward import score as reward_score
 import fault_server
+import reward
+from test_distill import toy_puzzles
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -430,3 +433,58 @@ def test_cli_api_failures_are_reported_not_scored(files, monkeypatch):
         server.shutdown()
         server.server_close()
     assert key not in cache.read_text()
+
+
+# ---- found by mutation testing: resume, re-scoring, pass@k, the partial file's key ----
+
+def test_a_puzzle_with_only_some_samples_in_the_partial_file_is_asked_again(tmp_path):
+    """Resume skips a puzzle only when all its --num-samples rows are in the partial file."""
+    records = [dict(r, split="test") for r in toy_puzzles(2)]
+    partial = str(tmp_path / ".model-x.partial.jsonl")
+    cello.write_jsonl_atomic(partial, [{"id": records[0]["id"], "sample": 0, "response": "junk",
+                                        "answer": records[0]["answer"], "num_tokens": None}])
+    asked = []
+
+    def respond(recs, k):
+        asked.extend(r["id"] for r in recs)
+        return [["junk"] * k for _ in recs]
+    rows = evaluate.evaluate(respond, records, 2, 2, "t", resume_path=partial)
+    assert asked == [records[0]["id"], records[1]["id"]] and len(rows) == 4
+
+
+def test_rows_from_the_partial_file_are_scored_again(tmp_path):
+    """A resumed row's score fields come from reward.score now, not from the file."""
+    record = dict(toy_puzzles(1)[0], split="test")
+    text = f"<think>x</think>\n<answer>{' | '.join(record['answer'])}</answer>"
+    partial = str(tmp_path / ".model-x.partial.jsonl")
+    cello.write_jsonl_atomic(partial, [{"id": record["id"], "sample": 0, "response": text, "answer": record["answer"],
+                                        "num_tokens": 7, "reward": 0.25, "exact": False, "valid": False}])
+    rows = evaluate.evaluate(lambda recs, k: pytest.fail("asked again"), [record], 1, 1, "t", resume_path=partial)
+    assert rows[0]["reward"] == 1.0 and rows[0]["exact"] and rows[0]["valid"]
+    assert {k: rows[0][k] for k in reward.score(text, record["answer"], 7)} == reward.score(text, record["answer"], 7)
+
+
+def test_pass_at_k_only_when_k_is_above_1():
+    """summary has pass_at_k and k only for --num-samples > 1."""
+    rows = [{"id": "p1", **reward.score("<think>x</think>\n<answer>a | b</answer>", ["a", "b"])}]
+    assert "pass_at_k" not in evaluate.summarize(rows, 1) and "k" not in evaluate.summarize(rows, 1)
+    assert evaluate.summarize(rows, 2)["pass_at_k"] == 1.0
+
+
+def test_partial_path_covers_what_the_rows_depend_on(tmp_path):
+    """Greedy (no --temperature or 0): one hash for any batch size; sampled: seed, top-p and batch size
+    change it; the puzzles' content (not only their ids) changes it."""
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    records = [dict(r, split="test") for r in toy_puzzles(2)]
+
+    def path(recs=records, **kw):
+        args = dict(out_dir=str(tmp_path), model_path=str(tmp_path / "m"), max_new_tokens=8, num_samples=1,
+                    temperature=None, top_p=1.0, seed=0, batch_size=8)
+        return evaluate.partial_path(argparse.Namespace(**{**args, **kw}), recs)
+    assert path(temperature=0.0, batch_size=1) == path() == path(batch_size=2)
+    sampled = path(temperature=1.0)
+    assert len({sampled, path(temperature=1.0, seed=1), path(temperature=1.0, top_p=0.9),
+                path(temperature=1.0, batch_size=4)}) == 4
+    changed = [dict(records[0], cells=records[0]["cells"][::-1]), records[1]]
+    assert path(changed) != path()

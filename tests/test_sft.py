@@ -518,3 +518,104 @@ def test_the_validation_split_leaves_at_least_one_training_record(tmp_path, caps
     sft.main(["--data", data, "--model", "tiny", "--out-dir", str(tmp_path / "out"), "--val-fraction", "0.9",
               "--max-steps", "1"])
     assert "sft.py: 1 training / 2 validation examples" in capsys.readouterr().out
+
+
+# ---- found by mutation testing: empty micro-batches, the gradient check, the val split, metrics, epochs, identity ----
+
+def sgd_step(tiny, micro_batches):
+    tokenizer, model = cello.load_tokenizer(tiny), cello.load_model(tiny)
+    examples, _ = sft.tokenize(tokenizer, make_records(2, seed=4), 10_000)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    loss, norm = sft.train_step(model, optimizer, scheduler, examples, micro_batches,
+                                sum(sum(m) for _, m in examples), tokenizer.pad_token_id, "cpu", 1, max_grad_norm=1e9)
+    return loss, norm, model.state_dict()
+
+
+def test_an_empty_micro_batch_adds_no_loss_and_no_gradient(tiny):
+    """An empty micro-batch (a rank with nothing left) runs a dummy row that carries no loss."""
+    loss, norm, weights = sgd_step(tiny, [[0, 1]])
+    loss_e, norm_e, weights_e = sgd_step(tiny, [[0, 1], []])
+    assert loss_e == pytest.approx(loss, rel=1e-6) and norm_e == pytest.approx(norm, rel=1e-6)
+    for name in weights:
+        torch.testing.assert_close(weights_e[name], weights[name], rtol=1e-6, atol=1e-7)
+
+
+def test_a_non_finite_gradient_with_a_finite_loss_stops_before_the_weights_change(tiny):
+    """The stop checks the gradient norm too, not only the loss."""
+    tokenizer, model = cello.load_tokenizer(tiny), cello.load_model(tiny)
+    examples, _ = sft.tokenize(tokenizer, make_records(2), 10_000)
+    model.lm_head.weight.register_hook(lambda g: g.index_fill(0, torch.tensor([0]), float("inf")))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    with pytest.raises(SystemExit, match="non-finite loss or gradient"):
+        sft.train_step(model, optimizer, scheduler, examples, [[0, 1]], sum(sum(m) for _, m in examples),
+                       tokenizer.pad_token_id, "cpu", 1, max_grad_norm=1.0)
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, before[name], rtol=0, atol=0)
+
+
+def val_ids(tmp_path, monkeypatch, seed, fraction):
+    """The ids of the validation records sft.main holds out of 10 records."""
+    seen = []
+    real = sft.tokenize
+    monkeypatch.setattr(sft, "tokenize", lambda tok, records, n: seen.append([r["id"] for r in records])
+                        or real(tok, records, n))
+    data = write(tmp_path / "sft.jsonl", make_records(10))
+    sft.main(["--data", data, "--model", "tiny", "--out-dir", str(tmp_path / f"out-{seed}-{fraction}"),
+              "--val-fraction", fraction, "--seed", str(seed), "--max-steps", "1", "--batch-size", "2"])
+    return seen[1]  # tokenize(train), then tokenize(val)
+
+
+def test_the_validation_split_is_a_seeded_shuffle_rounded_to_the_nearest_count(tmp_path, monkeypatch):
+    """--val-fraction 0.29 of 10 holds out round(2.9) = 3 records, drawn by --seed (not the first ones)."""
+    assert val_ids(tmp_path, monkeypatch, 0, "0.29") == ["syn/1", "syn/4", "syn/5"]
+    assert val_ids(tmp_path, monkeypatch, 1, "0.29") == ["syn/1", "syn/5", "syn/8"]
+
+
+def test_the_last_step_gets_a_validation_loss(tmp_path):
+    """val_loss every --eval-every steps and on the last step."""
+    data, val = write(tmp_path / "sft.jsonl", make_records(4)), write(tmp_path / "val.jsonl", make_records(2, seed=9))
+    sft.main(["--data", data, "--val-data", val, "--model", "tiny", "--out-dir", str(tmp_path / "run"),
+              "--batch-size", "2", "--max-steps", "3", "--eval-every", "2"])
+    assert [r["step"] for r in metrics(tmp_path / "run") if "val_loss" in r] == [2, 3]
+
+
+def test_metrics_rows_log_the_0_based_epoch_and_all_tokens_of_the_batch(tmp_path):
+    """epoch counts from 0; tokens are every token of the batch (prompt included), not response tokens."""
+    records = make_records(4)
+    out = tmp_path / "run"
+    sft.main(["--data", write(tmp_path / "sft.jsonl", records), "--model", "tiny", "--out-dir", str(out),
+              "--batch-size", "4", "--epochs", "2", "--val-fraction", "0"])
+    tokenizer = cello.load_tokenizer(str(out / "tiny-init"))
+    total = sum(len(cello.example_ids(tokenizer, r, r["response"])[0]) for r in records)
+    assert [(r["epoch"], r["tokens"]) for r in metrics(out)] == [(0, total), (1, total)]
+
+
+def test_each_epoch_uses_its_own_batch_order(tmp_path, monkeypatch):
+    """Epoch e's steps take epoch_batches(..., epoch=e), also within one uninterrupted run."""
+    records = make_records(12)
+    seen, real = [], sft.train_step
+    monkeypatch.setattr(sft, "train_step", lambda *a, **k: seen.append(sorted(i for m in a[4] for i in m))
+                        or real(*a, **k))
+    out = tmp_path / "run"
+    sft.main(["--data", write(tmp_path / "sft.jsonl", records), "--model", "tiny", "--out-dir", str(out),
+              "--batch-size", "3", "--epochs", "2", "--val-fraction", "0"])
+    tokenizer = cello.load_tokenizer(str(out / "tiny-init"))
+    lengths = [len(cello.example_ids(tokenizer, r, r["response"])[0]) for r in records]
+    expected = [sorted(b) for e in (0, 1) for b in sft.epoch_batches(lengths, 3, 8, 0, e)]
+    assert seen == expected and expected[:4] != expected[4:]
+
+
+@pytest.mark.parametrize("flag, value, key", [("--seed", "1", "--seed 0"), ("--max-length", "4096", "--max-length 2048"),
+                                              ("--bucket-batches", "2", "--bucket-batches 8"),
+                                              ("--val-fraction", "0.5", "--val-fraction 0.25")])
+def test_resume_refuses_a_changed_seed_length_limit_bucket_or_split(tmp_path, flag, value, key):
+    """Every flag that decides the data position is in the run identity that --resume checks."""
+    flags = ["--data", write(tmp_path / "sft.jsonl", make_records(8)), "--model", "tiny", "--out-dir",
+             str(tmp_path / "run"), "--batch-size", "2", "--val-fraction", "0.25", "--max-steps", "1"]
+    sft.main(flags)
+    with pytest.raises(SystemExit) as stop:
+        sft.main(flags + [flag, value, "--resume", "--max-steps", "2"])
+    assert f"was saved with {key}" in str(stop.value.code)
