@@ -360,9 +360,18 @@ def build(args):
     if duplicated:
         fail(f"duplicate gene names in {name_source} of {args.input}: {', '.join(duplicated[:5])}")
     symbols = [ENSG_SUFFIX.sub("", name) for name in names]
-    if args.genes > len(symbols):
-        fail(f"--genes {args.genes} is more than the {len(symbols)} genes in {args.input}")
-    expressed = np.asarray((matrix > 0).sum(axis=1)).ravel()
+    distinct = sorted(set(symbols))  # fewer than the columns when symbols collide after the suffix strip
+    if args.genes > len(distinct):
+        fail(f"--genes {args.genes} is more than the {len(distinct)} distinct genes in {args.input}")
+    # Genes expressed per cell, counted by symbol (a cell lists each symbol once: top_genes)
+    if len(distinct) == len(symbols):
+        expressed = np.asarray((matrix > 0).sum(axis=1)).ravel()
+    else:
+        import scipy.sparse  # only for colliding symbols: a [columns, symbols] 0/1 matrix merges their columns
+        column_of = {symbol: k for k, symbol in enumerate(distinct)}
+        merge = scipy.sparse.csr_matrix((np.ones(len(symbols)), (np.arange(len(symbols)),
+                                                                 [column_of[x] for x in symbols])))
+        expressed = np.asarray(((matrix > 0).astype(np.float32) @ merge > 0).sum(axis=1)).ravel()
     print(f"expression: {which} ({matrix.shape[0]} cells x {matrix.shape[1]} genes), gene symbols: {name_source}")
 
     # Eligible cells, by group.

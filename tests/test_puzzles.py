@@ -552,7 +552,7 @@ def test_no_puzzle_at_all(tmp_path):
     (["--genes", "0"], "--genes must be >= 1"),
     (["--train-gene-dropout", "1"], "--train-gene-dropout must be in [0, 1)"),
     (["--train-blank-cells", "1.5"], "--train-blank-cells must be in [0, 1]"),
-    (["--genes", "13"], "--genes 13 is more than the 12 genes"),
+    (["--genes", "13"], "--genes 13 is more than the 12 distinct genes"),
     (["--test-frac", "0"], "--val-frac and --test-frac"),
     (["--test-puzzles-per-group", "-1"], "must be >= 0"),
     (["--seed", "-1"], "--seed must be >= 0 (got -1)"),
@@ -732,3 +732,105 @@ def test_a_huge_n_max_is_capped_at_the_groups_types_not_looped_to(tmp_path):
     assert skipped == json.load(open(tmp_path / "ten" / "summary.json"))["skipped_group_n_pairs_with_too_few_types"] \
         + 3 * (10 ** 20 - 10)  # each split's one group, for every N from 11 on
     expect_error(tmp_path, DATA, SMALL + ["--puzzles-per-group", str(10 ** 20)], "must be <= 10,000,000")
+
+
+# ---- found by mutation testing: absent values, suffixes, gene ranking, splits, candidate order, import layout ----
+
+def test_present_treats_none_null_and_n_slash_a_as_absent():
+    """Every value in SPEC.md's "absent" list (and its spellings) counts as not known."""
+    assert [puzzles.present(v) for v in ("None", "none", "NULL", "n/a", "<NA>")] == [None] * 5
+
+
+def test_ensg_suffix_with_a_version_is_stripped():
+    """A feature_name such as 'MT-CO1_ENSG00000198804.2' gives the symbol 'MT-CO1'."""
+    assert puzzles.ENSG_SUFFIX.sub("", "MT-CO1_ENSG00000198804.2") == "MT-CO1"
+
+
+def test_disease_normal_is_healthy_whatever_its_case():
+    """'Normal' (capitalised) gives the healthy sentence, as the code's case-insensitive test intends."""
+    assert puzzles.context_sentence(None, None, None, "lung", "Normal") == (
+        "The cell is from, originating from the lung. The patient is healthy with no diagnosed disease.")
+
+
+def test_top_genes_never_lists_an_unexpressed_gene():
+    """A row with fewer than m expressed genes lists only those (zeros are no genes)."""
+    assert puzzles.top_genes(np.array([3.0, 0.0, 1.0]), ["A", "B", "C"], 3) == ["A", "C"]
+
+
+def test_top_genes_lists_a_colliding_symbol_once_at_its_best_rank():
+    """Two columns whose symbols collide after the suffix strip appear once, and the next gene fills the slot."""
+    assert puzzles.top_genes(np.array([1.0, 5.0, 4.0, 3.0]), ["X", "A", "A", "B"], 3) == ["A", "B", "X"]
+
+
+def test_split_counts_round_half_up():
+    """split_counts rounds half up (0.5 -> 1, 2.5 -> 3), not to even as round() does."""
+    assert puzzles.split_counts(5, 0.1, 0.1) == (1, 1)
+    assert puzzles.split_counts(10, 0.0, 0.25) == (3, 0)
+
+
+def test_a_small_test_fraction_still_gets_one_test_donor(tmp_path):
+    """4 donors with --test-frac 0.1 (0.4 donors) still give one test donor rather than an error."""
+    path, _ = cellxgene_like(tmp_path / "f.h5ad", donors=4)
+    build(tmp_path / "out", *FLAGS, "--val-frac", "0.25", "--test-frac", "0.1", data=path)
+    summary = json.load(open(tmp_path / "out" / "summary.json"))
+    assert [len(summary["splits"][s]["donors"]) for s in puzzles.SPLITS] == [2, 1, 1]
+
+
+def test_counts_layer_wins_over_raw(tmp_path):
+    """With both layers['counts'] and .raw present, genes are ranked by layers['counts'] (docstring order)."""
+    path, counts = cellxgene_like(tmp_path / "f.h5ad", raw=np.ascontiguousarray(cellxgene_like(
+        tmp_path / "g.h5ad", seed=1)[1]))
+    build(tmp_path / "out", *FLAGS, "--val-frac", "0.25", "--test-frac", "0.25", data=path)
+    assert json.load(open(tmp_path / "out" / "summary.json"))["expression"] == "layers['counts']"
+
+
+def test_a_cell_with_exactly_m_expressed_genes_is_usable(tmp_path):
+    """'at least M genes with expression > 0': a cell with exactly M expressed genes makes puzzles."""
+    path, _ = cellxgene_like(tmp_path / "f.h5ad")  # 12 genes, all expressed in every cell
+    splits = build(tmp_path / "out", "--n-min", "3", "--n-max", "4", "--genes", "12", "--val-frac", "0.25",
+                   "--test-frac", "0.25", data=path)
+    assert splits["train"] and all(len(g) == 12 for r in splits["train"] for g in r["cells"])
+
+
+def test_candidates_are_in_python_default_string_order(tmp_path):
+    """SPEC.md: candidates sorted by Python's default order, so 'B cell' comes before 'alpha cell'."""
+    names = ["B cell", "alpha cell", "T cell", "beta cell", "NK cell"]
+    types = [names[t] for d in range(4) for t in range(5) for _ in range(3)]
+    path, _ = cellxgene_like(tmp_path / "f.h5ad", obs={"cell_type": types})
+    splits = build(tmp_path / "out", *FLAGS, "--val-frac", "0.25", "--test-frac", "0.25", data=path)
+    records = [r for rs in splits.values() for r in rs]
+    assert all(r["candidates"] == sorted(r["answer"]) for r in records)
+    both = [r for r in records if {"B cell", "alpha cell"} <= set(r["candidates"])]
+    assert both and all(r["candidates"].index("B cell") < r["candidates"].index("alpha cell") for r in both)
+
+
+def test_import_keeps_a_context_that_starts_with_a_space(tmp_path):
+    """'Context:  X' (two spaces) imports with the space in the context and renders back byte for byte."""
+    row = released(CELLS, sorted(COMMA), [COMMA[1], COMMA[2], COMMA[0]], context=" The cell is from a donor.")
+    record = run_import(tmp_path, [row])[0]
+    assert record["context"] == " The cell is from a donor." and cello.render_user(record) == row["user_msg"]
+
+
+def test_import_tail_of_spaces_is_layout_not_part_of_the_last_candidate(tmp_path):
+    """A user_msg ending in ' \\n' keeps the candidates clean and stores ' \\n' as its tail."""
+    row = released(CELLS, sorted(COMMA), [COMMA[1], COMMA[2], COMMA[0]], tail=" \n")
+    record = run_import(tmp_path, [row])[0]
+    assert record["candidates"] == sorted(COMMA) and record["layout"] == {"tail": " \n"}
+
+
+def test_a_cell_needs_m_distinct_expressed_symbols(tmp_path):
+    """Columns whose symbols collide after the suffix strip count once: a cell with 12 expressed columns
+    but 11 distinct symbols cannot show --genes 12 genes, so it is left out (it was kept, with 11)."""
+    names = ["G0", "G0_ENSG00000000001"] + [f"G{j}" for j in range(2, 13)]  # 13 columns, 12 symbols
+    counts = np.arange(1, 60 * 13 + 1, dtype=np.float32).reshape(60, 13)  # distinct, all > 0
+    type0 = [d * 15 + k for d in range(4) for k in range(3)]  # the cells of "type 0, subtype"
+    counts[type0, 12] = 0
+    path, _ = cellxgene_like(tmp_path / "f.h5ad", genes=13, feature_name=names, counts=counts, X=-counts)
+    splits = build(tmp_path / "out", "--n-min", "3", "--n-max", "4", "--genes", "12", "--val-frac", "0.25",
+                   "--test-frac", "0.25", data=path)
+    records = [r for rs in splits.values() for r in rs]
+    assert records and all(len(g) == 12 for r in records for g in r["cells"])
+    assert all("type 0, subtype" not in r["answer"] for r in records)
+    with pytest.raises(SystemExit) as stop:
+        build(tmp_path / "out2", "--genes", "13", data=path)
+    assert stop.value.code == f"puzzles.py: error: --genes 13 is more than the 12 distinct genes in {path}"
