@@ -722,3 +722,65 @@ def test_keep_all_reports_every_sft_row(tmp_path, monkeypatch, capsys):
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     rows = cello.read_jsonl(tmp_path / "out" / "sft.jsonl")
     assert report["sft_rows"] == len(rows) == report["overall"]["accepted"] > report["overall"]["puzzles_accepted"]
+
+
+# ---- found by mutation testing: which HTTP answers stop, which are retried, how fast a stop is ----
+
+OK = {"choices": [{"message": {"content": "ok"}}]}
+
+
+def test_402_stops_the_run_and_caches_nothing(tmp_path, monkeypatch):
+    """HTTP 402 (no credit) is fatal: one request, an ApiError, no failure cached for a rerun to trust."""
+    calls = []
+    mock_server(monkeypatch, lambda request: calls.append(1) or httpx.Response(402, json={"error": {}}))
+    respond = api.api_responder("http://server.test/v1", "m", "", str(tmp_path / "c.jsonl"), max_concurrency=1,
+                                progress=False)
+    with pytest.raises(api.ApiError, match="HTTP 402") as info:
+        respond(toy_puzzles(3), 2)
+    assert info.value.fatal and len(calls) == 1 and api.load_cache(str(tmp_path / "c.jsonl")) == {}
+
+
+def test_insufficient_quota_in_the_error_type_alone_stops_the_run(tmp_path, monkeypatch):
+    """A 429 whose error *type* (code absent) is insufficient_quota is no credit: fatal, not retried."""
+    calls = []
+    mock_server(monkeypatch, lambda request: calls.append(1) or httpx.Response(
+        429, json={"error": {"message": "quota", "type": "insufficient_quota", "code": None}}))
+    respond = api.api_responder("http://server.test/v1", "m", "", str(tmp_path / "c.jsonl"), max_concurrency=1,
+                                backoff_s=0, progress=False)
+    with pytest.raises(api.ApiError) as info:
+        respond(toy_puzzles(1), 1)
+    assert info.value.fatal and len(calls) == 1
+
+
+def test_408_is_retried(tmp_path, monkeypatch):
+    """HTTP 408 (request timeout) is retried like a 429, and the retry's answer is kept."""
+    answers = iter([httpx.Response(408, text="timeout"), httpx.Response(200, json=OK)])
+    mock_server(monkeypatch, lambda request: next(answers))
+    respond = api.api_responder("http://server.test/v1", "m", "", str(tmp_path / "c.jsonl"), backoff_s=0,
+                                progress=False)
+    assert respond(toy_puzzles(1), 1) == [["ok"]] and respond.usage["requests"] == 2
+
+
+def test_status_300_is_a_redirect_that_stops_the_run(tmp_path, monkeypatch):
+    """Every 3xx, 300 included, stops the run as a moved endpoint."""
+    mock_server(monkeypatch, lambda request: httpx.Response(300, headers={"location": "https://x.test/v1"}))
+    respond = api.api_responder("http://server.test/v1", "m", "", str(tmp_path / "c.jsonl"), progress=False)
+    with pytest.raises(api.ApiError, match="HTTP 300: redirected") as info:
+        respond(toy_puzzles(1), 1)
+    assert info.value.fatal
+
+
+def test_a_fatal_error_wakes_a_worker_waiting_out_a_retry_after(tmp_path, monkeypatch):
+    """A worker sleeping on Retry-After 20 s gives up at once when another gets a 401: the run stops fast."""
+    def handler(request):
+        if request.headers["X-Cello-Sample"] == "0":
+            return httpx.Response(429, headers={"retry-after": "20"}, json={"error": {"message": "slow down"}})
+        time.sleep(0.5)  # sample 0 is waiting out its Retry-After by now
+        return httpx.Response(401, json={"error": {"message": "bad key"}})
+    mock_server(monkeypatch, handler)
+    respond = api.api_responder("http://server.test/v1", "m", "", str(tmp_path / "c.jsonl"), max_concurrency=2,
+                                progress=False)
+    start = time.monotonic()
+    with pytest.raises(api.ApiError, match="HTTP 401"):
+        respond(toy_puzzles(1), 2)
+    assert time.monotonic() - start < 8

@@ -267,3 +267,53 @@ def test_cli_duplicate_ids_are_refused(tmp_path):
                              str(path)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     assert result.stderr.strip().startswith(f"responders.py: error: --puzzles {path}: duplicate id")
+
+
+# ---- found by mutation testing: the one-type background, noise scale, trace genes, ties, defaults ----
+
+def test_fit_expert_with_one_type_scores_against_a_type_that_lacks_the_gene():
+    """One train type: its gene's score is log 11, as against one other type of one cell without it."""
+    profile = responders.fit_expert([{"id": "t", "cells": [["A"]], "candidates": ["X"], "answer": ["X"]}])
+    assert profile["types"]["X"] == {"A": pytest.approx(math.log(11), abs=1e-4)}
+
+
+def test_gumbel_noise_is_scaled_by_the_temperature():
+    """A tiny temperature adds tiny noise: the samples' answers are the greedy ones."""
+    train = synthetic_records(60, seed=7, noise=0.2)
+    test = synthetic_records(20, seed=8, split="test", noise=0.3)
+    greedy = responders.make_responder("expert", train_records=train, temperature=0.0)(test, 1)
+    tiny = responders.make_responder("expert", train_records=train, temperature=1e-7)(test, 4)
+    assert all(set(texts) == {g[0]} for g, texts in zip(greedy, tiny))
+
+
+def test_expert_trace_line_restates_exactly_the_top_eight_genes():
+    """The trace's 'Cell k:' line copies the cell's first 8 genes (TRACE_GENES), not 7 or all 10."""
+    genes = [f"g{i}" for i in range(10)]
+    record = {"id": "p", "cells": [genes, ["y"]], "candidates": ["X", "Y"], "answer": ["X", "Y"]}
+    profile = {"types": {"X": {"g0": 1.0}, "Y": {"y": 1.0}}, "cells": {"X": 1, "Y": 1}}
+    text = responders.expert_response(record, profile, None, temperature=0.0)
+    assert "\nCell 1: g0, g1, g2, g3, g4, g5, g6, g7 -> X\n" in text
+
+
+def test_independent_breaks_ties_to_the_first_candidate():
+    """Cells with no marker evidence (all scores 0) take the first candidate, as the docstring says."""
+    profile = {"types": {"X": {"a": 1.0}, "Y": {"b": 1.0}}, "cells": {"X": 1, "Y": 1}}
+    record = {"id": "p", "cells": [["h1"], ["h2"]], "candidates": ["X", "Y"], "answer": ["X", "Y"]}
+    assert responders.independent_response(record, profile).endswith("<answer>X | X</answer>")
+
+
+def test_expert_default_temperature_is_default_temperature():
+    """make_responder('expert') without a temperature samples at DEFAULT_TEMPERATURE, not greedily."""
+    train = synthetic_records(60, seed=7, noise=0.2)
+    test = synthetic_records(20, seed=8, split="test", noise=0.3)
+    default = responders.make_responder("expert", train_records=train)(test, 4)
+    explicit = responders.make_responder("expert", train_records=train,
+                                         temperature=responders.DEFAULT_TEMPERATURE)(test, 4)
+    greedy = responders.make_responder("expert", train_records=train, temperature=0.0)(test, 4)
+    assert default == explicit and default != greedy
+
+
+def test_type_markers_match_labels_case_insensitively_and_stripped():
+    """A candidate 'b cell ' finds the markers learned for 'B cell'."""
+    profile = {"types": {"B cell": {"MS4A1": 1.0}}, "cells": {"B cell": 1}}
+    assert responders.type_markers(profile, "b cell ") == {"MS4A1": 1.0}
