@@ -268,14 +268,18 @@ def test_an_undecodable_body_is_retried(tmp_path, monkeypatch):
     assert respond(toy_puzzles(1), 1) == [["ok"]] and respond.usage["requests"] == 2
 
 
-def test_no_credit_429_stops_the_run(tmp_path, monkeypatch):
-    """OpenAI says "no credit" with a 429 (insufficient_quota): asking again never helps, unlike a rate limit."""
+@pytest.mark.parametrize("status, error, message", [
+    (429, {"message": "You exceeded your current quota", "type": "insufficient_quota", "code": "insufficient_quota"},
+     "HTTP 429: .*insufficient_quota"),
+    (402, {}, "HTTP 402")])
+def test_no_credit_stops_the_run_and_caches_nothing(tmp_path, monkeypatch, status, error, message):
+    """No credit (OpenAI's 429 insufficient_quota, or 402): asking again never helps, unlike a rate limit, and
+    no failure is cached for a rerun to trust."""
     calls = []
-    error = {"message": "You exceeded your current quota", "type": "insufficient_quota", "code": "insufficient_quota"}
-    mock_server(monkeypatch, lambda request: calls.append(1) or httpx.Response(429, json={"error": error}))
+    mock_server(monkeypatch, lambda request: calls.append(1) or httpx.Response(status, json={"error": error}))
     respond = api.api_responder("http://server.test/v1", "m", "", str(tmp_path / "c.jsonl"), max_concurrency=1,
                                 progress=False)
-    with pytest.raises(api.ApiError, match="HTTP 429: .*insufficient_quota") as info:
+    with pytest.raises(api.ApiError, match=message) as info:
         respond(toy_puzzles(3), 2)
     assert info.value.fatal and len(calls) == 1 and api.load_cache(str(tmp_path / "c.jsonl")) == {}
 
@@ -727,17 +731,6 @@ def test_keep_all_reports_every_sft_row(tmp_path, monkeypatch, capsys):
 # ---- found by mutation testing: which HTTP answers stop, which are retried, how fast a stop is ----
 
 OK = {"choices": [{"message": {"content": "ok"}}]}
-
-
-def test_402_stops_the_run_and_caches_nothing(tmp_path, monkeypatch):
-    """HTTP 402 (no credit) is fatal: one request, an ApiError, no failure cached for a rerun to trust."""
-    calls = []
-    mock_server(monkeypatch, lambda request: calls.append(1) or httpx.Response(402, json={"error": {}}))
-    respond = api.api_responder("http://server.test/v1", "m", "", str(tmp_path / "c.jsonl"), max_concurrency=1,
-                                progress=False)
-    with pytest.raises(api.ApiError, match="HTTP 402") as info:
-        respond(toy_puzzles(3), 2)
-    assert info.value.fatal and len(calls) == 1 and api.load_cache(str(tmp_path / "c.jsonl")) == {}
 
 
 def test_insufficient_quota_in_the_error_type_alone_stops_the_run(tmp_path, monkeypatch):
