@@ -100,7 +100,7 @@ def parse_args(argv=None):
     if "model" in args.responder:
         if not args.model_path:
             fail("--responder model needs --model-path (a checkpoint folder)")
-        if not os.path.isfile(os.path.join(args.model_path, "config.json")):
+        if not cello.is_model_folder(args.model_path):
             fail(f"--model-path: not a Hugging Face model folder (no config.json): {args.model_path}")
         args.device = cello.check_device(args.device, "eval.py")
     if "api" in args.responder and not (args.base_url and args.api_model):
