@@ -160,6 +160,93 @@ def test_every_checkpoint_file_is_on_disk_before_the_rename_names_it(model_dir, 
     assert ("fsync", str(tmp_path)) in events[rename:]
 
 
+def test_checkpoint_weights_are_stored_as_save_pretrained_stores_them(model_dir, tmp_path):
+    """The same tensor names as save_pretrained: the tied head once, under the input embedding's name
+    (the name from_pretrained and vLLM read). A weight that is a view into a larger storage (an FSDP2
+    shard gathered with its padding) is stored as its own values, not refused as shared memory."""
+    from safetensors.torch import load_file
+
+    model = cello.load_model(model_dir)
+    norm = model.model.norm.weight.detach().clone()
+    padded = torch.cat([norm, torch.full((7,), 5.0)])
+    model.model.norm.weight = torch.nn.Parameter(padded[:len(norm)])  # storage 7 floats longer than the weight
+    cello.save_checkpoint(str(tmp_path / "ckpt"), model, cello.load_tokenizer(model_dir))
+    model.save_pretrained(tmp_path / "hf")
+    saved, reference = cello._read_weights(str(tmp_path / "ckpt")), load_file(tmp_path / "hf" / "model.safetensors")
+    assert sorted(saved) == sorted(reference) and "model.embed_tokens.weight" in saved and "lm_head.weight" not in saved
+    assert all(torch.equal(saved[name], reference[name]) for name in saved) and torch.equal(saved["model.norm.weight"], norm)
+
+
+def test_a_sharded_checkpoint_resumes_whole(model_dir, tmp_path):
+    """A model over 5 GB is saved as shards and model.safetensors.index.json: resume reads every shard."""
+    from huggingface_hub import save_torch_state_dict
+
+    model, optimizer, scheduler = train_setup(model_dir)
+    train_step(model, optimizer, scheduler, BATCH)  # weights now differ from the initial ones
+    out = str(tmp_path / "ckpt")
+    cello.save_checkpoint(out, model, cello.load_tokenizer(model_dir), state={"step": 1})
+    weights = cello._read_weights(out)
+    os.remove(os.path.join(out, "model.safetensors"))
+    save_torch_state_dict(weights, out, max_shard_size=40_000)
+    assert len([f for f in os.listdir(out) if f.endswith(".safetensors")]) >= 3
+    resumed = cello.load_model(model_dir)
+    assert cello.load_resume(out, resumed) == {"step": 1}
+    assert torch.equal(resumed(BATCH).logits, model(BATCH).logits)
+
+
+def test_each_rank_resumes_its_own_random_streams(model_dir, tmp_path, monkeypatch):
+    """resume.pt holds every rank's generators: rank 1 of 2 takes the second; with another number of
+    ranks, every rank takes rank 0's."""
+    model = cello.load_model(model_dir)
+    out = str(tmp_path / "ckpt")
+    cello.save_checkpoint(out, model, cello.load_tokenizer(model_dir), state={"step": 1})
+    resume = torch.load(os.path.join(out, "resume.pt"), weights_only=False)
+    streams = []
+    for seed in (10, 11):
+        torch.manual_seed(seed)
+        streams.append(cello.rng_states())
+    resume["rng"] = streams
+    torch.save(resume, os.path.join(out, "resume.pt"))
+    monkeypatch.setattr(cello, "get_rank", lambda: 1)
+    for world_size, seed in ((2, 11), (3, 10)):
+        monkeypatch.setattr(cello, "get_world_size", lambda: world_size)
+        cello.load_resume(out, model)
+        drawn = torch.rand(2)
+        torch.manual_seed(seed)
+        assert torch.equal(drawn, torch.rand(2)), world_size
+
+
+def test_a_checkpoint_with_only_some_resume_parts(model_dir, tmp_path):
+    """An optimizer without a state saves the state {}; a checkpoint without a scheduler leaves this run's
+    scheduler as it is; resuming an optimizer from a checkpoint that has none is one clear line."""
+    model, optimizer, scheduler = train_setup(model_dir)
+    tokenizer = cello.load_tokenizer(model_dir)
+    cello.save_checkpoint(str(tmp_path / "optimizer_only"), model, tokenizer, optimizer)
+    assert cello.load_resume(str(tmp_path / "optimizer_only"), model, optimizer, scheduler, expect={"step": 3}) == {}
+    assert scheduler.last_epoch == 0
+    cello.save_checkpoint(str(tmp_path / "state_only"), model, tokenizer, state={"step": 2})
+    with pytest.raises(SystemExit) as stop:
+        cello.load_resume(str(tmp_path / "state_only"), model, optimizer)
+    assert stop.value.code == f"cello: error: {tmp_path}/state_only has no optimizer state (optimizer.pt)"
+
+
+def test_resume_skips_a_folder_that_lacks_resume_pt_or_config_json(model_dir, tmp_path):
+    """A half-copied last/ (resume.pt without config.json) or a model-only folder (config.json without
+    resume.pt) is not resumable: --resume takes last.old, and load_resume refuses the folder in one line."""
+    model = cello.load_model(model_dir)
+    run = tmp_path / "run"
+    cello.save_checkpoint(str(run / "last.old"), model, cello.load_tokenizer(model_dir), state={"step": 1})
+    for missing in ("config.json", "resume.pt"):
+        shutil.rmtree(run / "last", ignore_errors=True)
+        shutil.copytree(run / "last.old", run / "last")
+        os.remove(run / "last" / missing)
+        assert cello.run_checkpoint(str(run), True, "sft.py") == f"{run}/last.old"
+        with pytest.raises(SystemExit) as stop:
+            cello.load_resume(str(run / "last"), model)
+        assert stop.value.code == (f"cello: error: {run}/last is not a resumable checkpoint "
+                                   "(needs config.json and resume.pt)")
+
+
 def test_refuses_to_replace_a_folder_that_is_not_a_checkpoint(model_dir, tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "metrics.jsonl").write_text("{}\n")

@@ -72,6 +72,7 @@ def test_scored_text_keeps_special_tokens_inside_and_drops_the_stop_token(tiny_d
     finished = cello.response_text(tokenizer, think + answer + [eos], [eos])
     assert finished == "<think>x</think>\n<answer>A | B</answer>" and reward.parse_answer(finished, 2)["valid"]
     assert cello.response_text(tokenizer, think + answer, [eos]) == finished  # cut off at the budget: as sampled
+    assert cello.response_text(tokenizer, [], [eos]) == ""  # a budget of 0 tokens
     # a pad token the policy wrote mid-response stays in the text, so the format check sees it
     hidden = cello.response_text(tokenizer, think + [pad] + answer + [eos], [eos])
     assert hidden == "<think>x</think>\n" + tokenizer.pad_token + "<answer>A | B</answer>"
@@ -85,13 +86,18 @@ def test_prompt_ids_add_no_bos_to_the_template_s_text():
     """The chat template already holds every special token: a tokenizer that would prepend a BOS on
     encode (Llama-style) must not get one more."""
     class BosTokenizer:
+        eos_token_id = 1
+
         def apply_chat_template(self, messages, tokenize, add_generation_prompt):
             return "T"
 
         def encode(self, text, add_special_tokens):
             return ([100] if add_special_tokens else []) + [ord(c) for c in text]
 
-    assert cello.prompt_ids(BosTokenizer(), {"context": "c", "cells": [["X"]], "candidates": ["A"]}) == [ord("T")]
+    record = {"context": "c", "cells": [["X"]], "candidates": ["A"]}
+    assert cello.prompt_ids(BosTokenizer(), record) == [ord("T")]
+    # nor the response, which follows the prompt mid-sequence
+    assert cello.example_ids(BosTokenizer(), record, "R") == ([ord("T"), ord("R"), 1], [0, 1, 1])
 
 
 @pytest.mark.parametrize("folder", ["tiny_dir", "small_dir"])

@@ -50,7 +50,7 @@ def padded(rows):
 def test_left_and_right_padding_exact():
     ids, mask, positions = cello.left_pad([[5, 6, 7], [8]], 0, "cpu")
     assert ids.tolist() == [[5, 6, 7], [0, 0, 8]]
-    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]] and mask.dtype == torch.long
     assert positions.tolist() == [[0, 1, 2], [0, 0, 0]]  # each real token at its unpadded position
     values, real = cello.right_pad([[5, 6, 7], [8], []], fill=9)
     assert values.tolist() == [[5, 6, 7], [8, 9, 9], [9, 9, 9]] and values.dtype == torch.long
@@ -100,6 +100,11 @@ def test_a_row_stops_at_any_of_several_stop_ids_as_generate_does(model, tmp_path
     assert cello.stop_token_ids(str(tmp_path), Tokenizer()) == [3, 5, 7]
     (tmp_path / "generation_config.json").write_text('{"eos_token_id": 7}')  # one id, not a list (Llama's)
     assert cello.stop_token_ids(str(tmp_path), Tokenizer()) == [5, 7]
+    (tmp_path / "generation_config.json").write_text('{"bos_token_id": 2}')  # no EOS listed: the tokenizer's
+    assert cello.stop_token_ids(str(tmp_path), Tokenizer()) == [5]
+    (tmp_path / "generation_config.json").write_text('[7]')  # JSON, but not an object: one line, no traceback
+    with pytest.raises(SystemExit, match="generation_config.json is not a JSON object"):
+        cello.stop_token_ids(str(tmp_path), Tokenizer())
     model.generation_config.eos_token_id = EOS
 
 
@@ -179,6 +184,24 @@ def test_inverse_cdf_at_the_ends_of_the_uniform_draw(r, token, monkeypatch):
     logits = torch.tensor([[0.0, 0.5, 0.5, 0.0]]).log()
     monkeypatch.setattr(cello.torch, "rand", lambda *a, **k: torch.full((1, 1), r, dtype=torch.float64))
     assert cello._next_token(logits, 1.0, 1.0, None)[0].tolist() == [token]
+
+
+def test_a_low_temperature_draws_and_scores_under_that_temperature():
+    """Odds 1 : 3 at T = 0.25 become 1 : 81: token 0 is drawn about once in 82 (not 1 in 4, the T = 1 draw;
+    not never, greedy's), and the log-probs are log(1/82) and log(81/82), not greedy's T = 1 values."""
+    logits = torch.tensor([[0.0, math.log(3.0)]]).expand(8200, -1).clone()
+    tokens, logprobs = cello._next_token(logits, 0.25, 1.0, torch.Generator().manual_seed(0))
+    assert 70 <= (tokens == 0).sum() <= 130  # 100 expected (sd 10); T = 1 would draw ~2,050, greedy 0
+    expected = torch.tensor([math.log(1 / 82), math.log(81 / 82)])[tokens]
+    assert torch.allclose(logprobs, expected, atol=1e-6, rtol=0)
+
+
+def test_top_p_1_keeps_the_tokens_behind_a_mass_that_rounds_to_1_in_float32(monkeypatch):
+    """p = [1 - 1.9e-13, 9.4e-14, 9.4e-14]: in float32 the first is 1.0, so the mass before the other two is
+    1.0 too. top_p = 1 is no nucleus at all: they stay drawable, and u = total (r = 0) draws the last one."""
+    logits = torch.tensor([[0.0, -30.0, -30.0]])
+    monkeypatch.setattr(cello.torch, "rand", lambda *a, **k: torch.zeros((1, 1), dtype=torch.float64))
+    assert cello._next_token(logits, 1.0, 1.0, None)[0].tolist() == [2]
 
 
 def test_tokens_below_float32_resolution_behind_a_likely_one_are_drawn():
@@ -330,7 +353,7 @@ def test_shared_prompt_equals_per_sequence_values_and_gradients(attn):
     with torch.no_grad():
         a, mask_a = cello.response_logprobs(model, prompts, responses, 0.7, shared_prompt=True)
         b, mask_b = cello.response_logprobs(model, prompts, responses, 0.7, shared_prompt=False)
-    assert torch.equal(mask_a, mask_b) and mask_a.sum() == 38 and a.shape == (9, 9)
+    assert torch.equal(mask_a, mask_b) and mask_a.sum() == 38 and a.shape == (9, 9) and mask_a.dtype == torch.float32
     assert torch.allclose(a, b, atol=1e-5, rtol=0)
     assert_grads_close(grads_of(model, lambda: loss(True)), grads_of(model, lambda: loss(False)))
 
@@ -365,6 +388,10 @@ def test_bad_input_is_rejected_with_a_clear_message(model):
         cello.sample(model, [[3], []], 1, 4, stop_ids=EOS, pad_id=PAD)
     with pytest.raises(ValueError, match="top_p"):
         cello.sample(model, [[3]], 1, 4, stop_ids=EOS, pad_id=PAD, top_p=0)
+    with pytest.raises(ValueError, match="num_samples=0"):  # else [] rows, silently
+        cello.sample(model, [[3]], 0, 4, stop_ids=EOS, pad_id=PAD)
+    with pytest.raises(ValueError, match="temperature=-0.5"):  # else a draw from the inverted distribution
+        cello.sample(model, [[3]], 1, 4, stop_ids=EOS, pad_id=PAD, temperature=-0.5)
     with pytest.raises(ValueError, match="multiple of P"):
         cello.response_logprobs(model, [[3], [4]], [[5], [6], [7]])
     for shared in (True, False):  # an empty prompt would wrap round to the last position, silently
