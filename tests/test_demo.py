@@ -86,3 +86,71 @@ def test_a_stage_killed_twice_reports_the_time_of_both_attempts(tmp_path, monkey
         with pytest.raises(KeyboardInterrupt):
             cello.demo(["--out-dir", str(out)])
         assert cello.read_json(str(out / "timings.json")) == {"build puzzles": 60.0 * attempts}
+
+
+# ---- found by mutation testing (round 2): last.old, how the stages connect, skipping and stopping, the data ----
+
+def test_a_training_stage_killed_between_a_checkpoint_s_renames_is_resumed(tmp_path):
+    """A kill between save_checkpoint's renames leaves only last.old, which --resume takes."""
+    import cello
+    out = str(tmp_path / "demo")
+    os.makedirs(os.path.join(out, "grpo", "last.old"))
+    stages = {name: command for name, command, _ in cello.demo_stages(out, "data.h5ad", 1500, 150)}
+    assert stages["GRPO from the SFT model"][-1] == "--resume"
+    assert "--resume" not in stages["SFT the small model"]
+
+
+def test_each_stage_reads_what_the_stages_before_it_wrote(tmp_path):
+    """SFT on the distilled file; GRPO from the SFT model, validated on val (never test); each model
+    evaluated on test."""
+    import cello
+    stages = {name: (command, done) for name, command, done in cello.demo_stages(str(tmp_path), "d.h5ad", 1500, 150)}
+
+    def flag(name, option):
+        command = stages[name][0]
+        return command[command.index(option) + 1]
+
+    def made_by(name):
+        return os.path.dirname(stages[name][1])
+    train, val, test = (os.path.join(made_by("build puzzles"), f"{s}.jsonl") for s in ("train", "val", "test"))
+    assert flag("distill from the expert", "--puzzles") == flag("distill from the expert", "--train") == train
+    assert flag("SFT the small model", "--data") == os.path.join(made_by("distill from the expert"), "sft.jsonl")
+    assert flag("GRPO from the SFT model", "--model") == made_by("SFT the small model")
+    assert (flag("GRPO from the SFT model", "--train"), flag("GRPO from the SFT model", "--val")) == (train, val)
+    assert flag("evaluate SFT", "--model-path") == made_by("SFT the small model")
+    assert flag("evaluate SFT+GRPO", "--model-path") == made_by("GRPO from the SFT model")
+    for name in ("evaluate the baselines", "evaluate SFT", "evaluate SFT+GRPO"):
+        assert flag(name, "--puzzles") == test
+
+
+def test_a_demo_skips_finished_stages_and_stops_at_a_failed_one(tmp_path, monkeypatch):
+    import cello
+    from conftest import DATA
+    out = tmp_path / "demo"
+    (out / "puzzles").mkdir(parents=True)
+    (out / "puzzles" / "summary.json").write_text("{}")  # the first stage is done
+    ran = []
+    monkeypatch.setattr(subprocess, "run", lambda command, *a, **k: ran.append(os.path.basename(command[1])) or
+                        subprocess.CompletedProcess(command, 3))
+    with pytest.raises(SystemExit) as exit_info:
+        cello.demo(["--out-dir", str(out), "--sft-steps", "2"])
+    assert ran == ["distill.py"]
+    assert exit_info.value.code == ("cello.py demo: stage 'distill from the expert' failed (exit 3); fix it and run "
+                                    "the demo again: finished stages are kept")
+    # the flags are recorded, so that a rerun with others is refused
+    assert cello.read_json(str(out / "demo_flags.json")) == {"--data": cello.file_fingerprint(DATA), "--sft-steps": 2,
+                                                             "--grpo-steps": 150}
+
+
+def test_a_demo_folder_made_from_other_data_is_refused(tmp_path):
+    import cello
+    from conftest import DATA
+    out = tmp_path / "demo"
+    os.makedirs(out)
+    cello.write_json_atomic(str(out / "demo_flags.json"), {"--data": cello.file_fingerprint(DATA), "--sft-steps": 1500,
+                                                            "--grpo-steps": 150})
+    other = tmp_path / "other.h5ad"
+    other.write_bytes(b"other data")
+    with pytest.raises(SystemExit) as exit_info:
+        cello.demo(["--out-dir", str(out), "--data", str(other)])
+    assert exit_info.value.code.startswith(f"cello.py demo: error: {out} was made with --data ")

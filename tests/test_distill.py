@@ -777,3 +777,46 @@ def test_a_fatal_error_wakes_a_worker_waiting_out_a_retry_after(tmp_path, monkey
     with pytest.raises(api.ApiError, match="HTTP 401"):
         respond(toy_puzzles(1), 2)
     assert time.monotonic() - start < 8
+
+
+# ---- found by mutation testing (round 2): the report's run fields, an N whose samples all failed, the table,
+# ---- the model teacher's default temperature ----
+
+def test_report_names_the_run_and_keeps_an_n_whose_samples_all_failed(tmp_path, monkeypatch, capsys):
+    records = toy_puzzles(2)  # N = 2 and N = 3
+    puzzles = str(tmp_path / "p.jsonl")
+    cello.write_jsonl_atomic(puzzles, records)
+
+    def respond(recs, k):
+        return [[f"<think>x</think>\n<answer>{' | '.join(r['answer'])}</answer>"] * k for r in recs]
+    respond.errors = {(records[0]["id"], 0): "HTTP 500", (records[0]["id"], 1): "HTTP 500"}
+    respond.num_tokens, respond.pending, respond.usage = [[10, 10], [10, 10]], lambda recs, k: set(), None
+    monkeypatch.setattr(distill, "make_teacher", lambda args, train: respond)
+    code, output = run([sys.executable, "distill.py", "--teacher", "api", "--api-model", "m", "--puzzles", puzzles,
+                        "--samples", "2", "--keep-all", "--out-dir", str(tmp_path / "out")], "unused", monkeypatch,
+                       capsys)
+    assert code == 0, output
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert {k: report[k] for k in ("teacher", "teacher_model", "puzzles_file", "samples_per_puzzle", "keep")} == {
+        "teacher": "api", "teacher_model": "m", "puzzles_file": puzzles, "samples_per_puzzle": 2, "keep": "all"}
+    assert report["by_n"]["2"] == {"puzzles": 1, "samples": 2, "accepted": 0, "rejected": 0, "failed": 2,
+                                   "rejected_malformed": 0, "sample_acceptance": 0.0, "puzzles_accepted": 0,
+                                   "puzzle_acceptance": 0.0}
+    assert "| 2 | 1 | 2 | 0 | 0 (0) | 2 | 0.0% | 0 (0.0%) |" in output
+
+
+def test_acceptance_table_rows():
+    a = {"puzzles": 2, "samples": 6, "accepted": 2, "rejected": 3, "failed": 1, "rejected_malformed": 1,
+         "sample_acceptance": 2 / 6, "puzzles_accepted": 1, "puzzle_acceptance": 0.5}
+    assert distill.format_acceptance({"by_n": {3: a}, "overall": a}).splitlines()[2:] == [
+        "| 3 | 2 | 6 | 2 | 3 (1) | 1 | 33.3% | 1 (50.0%) |", "| all | 2 | 6 | 2 | 3 (1) | 1 | 33.3% | 1 (50.0%) |"]
+
+
+def test_model_teacher_samples_at_temperature_1_unless_told(monkeypatch):
+    seen = []
+    monkeypatch.setattr(distill.responders, "make_responder", lambda name, **kw: seen.append(kw["temperature"]))
+    args = argparse.Namespace(teacher="model", model_path="m", seed=0, temperature=None, batch_size=8,
+                              max_new_tokens=16, device="cpu")
+    distill.make_teacher(args, None)
+    distill.make_teacher(argparse.Namespace(**{**vars(args), "temperature": 0.0}), None)
+    assert seen == [1.0, 0.0]

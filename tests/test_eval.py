@@ -86,6 +86,8 @@ def test_cli_samples_and_pass_at_k(files, capsys):
     ("folder", ": is a folder (expected a JSONL file of puzzle records)"),
     ("train-folder", ": is a folder (expected a JSONL file of puzzle records)"),
     ("no-train", "eval.py: error: --responder expert needs --train (train puzzles to learn marker scores from)"),
+    ("no-train-independent", "eval.py: error: --responder independent needs --train (train puzzles to learn marker "
+                             "scores from)"),
     ("unknown", "eval.py: error: --responder: unknown responder 'oracle' (expected one of random, independent, expert, model, api)"),
     ("not-a-model", "eval.py: error: --model-path: not a Hugging Face model folder (no config.json): "),
     ("not-puzzles", "cells, candidates, answer"),  # "lacks field(s) [context, ]cells, ..."
@@ -99,6 +101,7 @@ def test_cli_bad_input(files, case, message):
             "folder": ["--puzzles", str(files), "--responder", "random"],
             "train-folder": ["--puzzles", str(files / "test.jsonl"), "--responder", "expert", "--train", str(files)],
             "no-train": ["--puzzles", str(files / "test.jsonl"), "--responder", "random", "expert"],
+            "no-train-independent": ["--puzzles", str(files / "test.jsonl"), "--responder", "independent"],
             "unknown": ["--puzzles", str(files / "test.jsonl"), "--responder", "oracle"],
             "not-a-model": ["--puzzles", str(files / "test.jsonl"), "--responder", "model", "--model-path", str(files)],
             "not-puzzles": ["--puzzles", str(files / "bad.jsonl"), "--responder", "random"],
@@ -488,3 +491,34 @@ def test_partial_path_covers_what_the_rows_depend_on(tmp_path):
                 path(temperature=1.0, batch_size=4)}) == 4
     changed = [dict(records[0], cells=records[0]["cells"][::-1]), records[1]]
     assert path(changed) != path()
+
+
+# ---- found by mutation testing (round 2): which failure is named first, the partial file's key and last row ----
+
+def test_the_failure_named_first_is_the_first_puzzle_and_sample(tmp_path):
+    respond = lambda records, k: None
+    respond.errors, respond.refused = {("p2", 0): "HTTP 500: b", ("p1", 1): "HTTP 503: a"}, set()
+    args = argparse.Namespace(api_cache=str(tmp_path / "c.jsonl"), out_dir=str(tmp_path))
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.check_answered(respond, 4, args)
+    assert ("2 of 4 samples failed (no answer from the server; first: 'p1' sample 1: HTTP 503: a)"
+            in exit_info.value.code)
+
+
+def test_partial_path_covers_the_number_of_samples(tmp_path):
+    """Rows drawn with --num-samples 4 are not the rows of a run with 2 (the generator is shared by all samples)."""
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    args = dict(out_dir=str(tmp_path), model_path=str(tmp_path / "m"), max_new_tokens=8, temperature=1.0, top_p=1.0,
+                seed=0, batch_size=8)
+    records = [dict(r, split="test") for r in toy_puzzles(2)]
+    paths = {evaluate.partial_path(argparse.Namespace(**args, num_samples=k), records) for k in (2, 4)}
+    assert len(paths) == 2
+
+
+def test_the_last_row_of_a_key_in_the_partial_file_wins(tmp_path):
+    """A puzzle asked again after a kill appends new rows for samples already there: the newer row is used."""
+    partial = str(tmp_path / ".model-x.partial.jsonl")
+    cello.write_jsonl_atomic(partial, [{"id": "p1", "sample": 0, "response": "old"},
+                                       {"id": "p1", "sample": 0, "response": "new"}])
+    assert evaluate.load_partial(partial) == {("p1", 0): {"id": "p1", "sample": 0, "response": "new"}}

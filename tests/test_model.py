@@ -297,6 +297,10 @@ def test_bad_preset_and_no_records(tmp_path):
      'line 1: "candidates" and "answer" must be lists of strings'),
     ('{"id": 7, "context": "c", "cells": [["X"]], "candidates": ["A"], "answer": ["A"]}',
      'line 1: "id" must be a non-empty string'),
+    ('{"id": "", "context": "c", "cells": [["X"]], "candidates": ["A"], "answer": ["A"]}',
+     'line 1: "id" must be a non-empty string'),
+    ('{"id": "a", "context": "c", "cells": [["X"]], "candidates": ["A"], "answer": [1]}',
+     'line 1: "candidates" and "answer" must be lists of strings'),
     ('{"id": "a", "context": "c", "cells": [], "candidates": [], "answer": []}',
      "line 1: a puzzle needs at least one cell"),
     ('{"id": "a", "context": "c", "cells": [["X"], ["Y"]], "candidates": ["A", " a"], "answer": ["A", " a"]}',
@@ -341,6 +345,16 @@ def test_check_device_without_cuda():
         cello.check_device("cuda:0", "distill.py")
     assert exit_info.value.code == "distill.py: error: --device cuda:0: no CUDA device here (or a CPU-only torch build)"
     cello.check_device("cpu", "distill.py")  # fine: returns
+
+
+def test_check_device_refuses_a_gpu_index_the_machine_lacks(monkeypatch):
+    """On a machine with one GPU, cuda:0 is fine and cuda:1 is one line (found by mutation testing)."""
+    monkeypatch.setattr(cello.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cello.torch.cuda, "device_count", lambda: 1)
+    assert cello.check_device("cuda:0", "eval.py") == "cuda:0"
+    with pytest.raises(SystemExit) as exit_info:
+        cello.check_device("cuda:1", "eval.py")
+    assert exit_info.value.code == "eval.py: error: --device cuda:1: this machine has 1 CUDA device(s)"
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or os.confstr("CS_GNU_LIBC_VERSION") is None,

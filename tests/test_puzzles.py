@@ -668,6 +668,8 @@ def test_import_bare_answer_and_split_flag(tmp_path):
     ({"user_msg": ROWS[0]["user_msg"].replace(sorted(COMMA)[1], "B CELL ")}, "repeat a cell type"),
     ({"user_msg": ROWS[0]["user_msg"].replace("Cell 2: ", "Cell 7: ")}, "cell line 2 does not start with 'Cell 2: '"),
     ({"user_msg": ROWS[0]["user_msg"] + "\nExtra"}, "3 cells but 4 candidates"),
+    # an <answer> left open (a response cut short) is no answer; it is not read as a bare "a | b | c" answer
+    ({"assistant_msg": "<think>x</think>\n<answer>B cell | " + COMMA[0]}, "0 answer labels, expected 3"),
     ({"system_msg": None}, "expected string fields"),
 ])
 def test_import_errors_name_the_line(tmp_path, change, fragment):
@@ -834,3 +836,45 @@ def test_a_cell_needs_m_distinct_expressed_symbols(tmp_path):
     with pytest.raises(SystemExit) as stop:
         build(tmp_path / "out2", "--genes", "13", data=path)
     assert stop.value.code == f"puzzles.py: error: --genes 13 is more than the 12 distinct genes in {path}"
+
+
+# ---- found by mutation testing (round 2): the dropout rate, record and import ids, which cell is blank,
+# ---- a whole stratum to test, an <answer> left open ----
+
+def test_train_gene_dropout_drops_its_share_of_genes(built, tmp_path):
+    """Each of a cell's plain top M genes survives --train-gene-dropout 0.3 with probability 0.7, and a
+    survivor stays in the new top M: 0.7 of the plain lists' genes are in the dropout lists."""
+    plain = built[1]["train"]
+    dropped = build(tmp_path / "d", *SMALL, "--train-gene-dropout", "0.3")["train"]
+    kept = [len(set(a) & set(b)) / len(b) for r, q in zip(dropped, plain) for a, b in zip(r["cells"], q["cells"])]
+    assert abs(sum(kept) / len(kept) - 0.7) < 0.05
+
+
+def test_record_ids_name_the_split_group_n_and_index(built):
+    """One context in the file: no context part in the group (c0, c1, ... only tell contexts apart)."""
+    for split, records in built[1].items():
+        assert [r["id"] for r in records] == [f"pbmc68k_reduced/{split}/pbmc68k_reduced/n{len(r['cells'])}/{i:05d}"
+                                              for i, r in enumerate(records)]
+
+
+def test_blank_cells_can_blank_any_cell_of_a_puzzle():
+    records = [{"cells": [["A", "B"], ["C", "D"], ["E", "F"]]} for _ in range(60)]
+    assert set(puzzles.blank_cells(records, 1.0, np.random.default_rng(0))) == {0, 1, 2}
+
+
+def test_import_ids_are_the_file_stem_and_line_number(tmp_path):
+    src = tmp_path / "cellpuzzles_test.jsonl"
+    src.write_text(json.dumps(ROWS[0]) + "\n\n" + json.dumps(ROWS[1]) + "\n")  # a blank line 2
+    puzzles.main(["import", str(src), "--out", str(tmp_path / "out.jsonl")])
+    assert [r["id"] for r in cello.read_jsonl(tmp_path / "out.jsonl")] == ["cellpuzzles_test/000001",
+                                                                          "cellpuzzles_test/000003"]
+    src = tmp_path / "released.json"  # a JSON array: the rows are numbered from 1 too
+    src.write_text(json.dumps(ROWS[:2]))
+    puzzles.main(["import", str(src), "--out", str(tmp_path / "out.jsonl")])
+    assert [r["id"] for r in cello.read_jsonl(tmp_path / "out.jsonl")] == ["released/000001", "released/000002"]
+
+
+def test_split_counts_may_send_a_whole_stratum_to_test():
+    """Rounded half up and capped at n only: 2 x 0.75 = 1.5 gives 2 test items, 1 x 0.5 gives 1."""
+    assert puzzles.split_counts(2, 0.0, 0.75) == (2, 0)
+    assert puzzles.split_counts(1, 0.5, 0.5) == (1, 0)

@@ -619,3 +619,59 @@ def test_resume_refuses_a_changed_seed_length_limit_bucket_or_split(tmp_path, fl
     with pytest.raises(SystemExit) as stop:
         sft.main(flags + [flag, value, "--resume", "--max-steps", "2"])
     assert f"was saved with {key}" in str(stop.value.code)
+
+
+# ---- found by mutation testing (round 2): bucket composition, the partial last batch, the prefix limit,
+# ---- weight decay groups, the schedule past a one-step cosine, the skipped-examples line ----
+
+def test_each_epoch_cuts_its_buckets_from_a_fresh_shuffle():
+    """Buckets are cut from all indices shuffled per epoch, so with several buckets the batches are made
+    of other examples each epoch (not the same batches in another order)."""
+    lengths = [(i * 37) % 91 + 5 for i in range(23)]
+    composition = [sorted(map(sorted, sft.epoch_batches(lengths, 4, 2, seed=0, epoch=e))) for e in (0, 1)]
+    assert composition[0] != composition[1]
+
+
+def test_an_epoch_ends_with_its_partial_batch(tmp_path):
+    """5 examples at --batch-size 2: 3 steps an epoch (2 + 2 + 1), so every example is trained on."""
+    records = make_records(5)
+    out = tmp_path / "run"
+    sft.main(["--data", write(tmp_path / "sft.jsonl", records), "--model", "tiny", "--out-dir", str(out),
+              "--batch-size", "2", "--epochs", "1", "--val-fraction", "0"])
+    tokenizer = cello.load_tokenizer(str(out / "tiny-init"))
+    total = sum(len(cello.example_ids(tokenizer, r, r["response"])[0]) for r in records)
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3] and sum(r["tokens"] for r in rows) == total
+
+
+def test_shared_prefix_length_stops_at_a_later_row_s_first_loss_token():
+    """Every row's first loss token bounds the prefix, not only the first row's: row 1's target at 2."""
+    assert sft.shared_prefix_length([([5, 6, 7, 9], [0, 0, 0, 1]), ([5, 6, 7, 8], [0, 0, 1, 1])]) == 2
+
+
+def test_weight_decay_applies_to_matrices_only(tmp_path, monkeypatch):
+    """AdamW gets two groups: every matrix at --weight-decay, every norm weight (the 1-D parameters) at 0."""
+    groups, real = [], torch.optim.AdamW
+    monkeypatch.setattr(torch.optim, "AdamW", lambda params, **kw: groups.extend(params) or real(params, **kw))
+    out = tmp_path / "run"
+    sft.main(["--data", write(tmp_path / "sft.jsonl", make_records(2)), "--model", "tiny", "--out-dir", str(out),
+              "--max-steps", "1", "--val-fraction", "0", "--weight-decay", "0.25"])
+    model = cello.load_model(str(out / "tiny-init"))
+    shapes = lambda params: sorted(tuple(p.shape) for p in params)
+    assert [g["weight_decay"] for g in groups] == [0.25, 0.0]
+    assert shapes(groups[0]["params"]) == shapes(p for p in model.parameters() if p.ndim == 2)
+    assert shapes(groups[1]["params"]) == shapes(p for p in model.parameters() if p.ndim == 1) != []
+
+
+def test_lr_factor_past_the_end_of_a_one_step_cosine():
+    """One step after warm-up runs at the peak; a run continued past that end is at min_lr_ratio."""
+    assert [cello.lr_factor(s, 2, 3, 0.1) for s in (2, 3, 4)] == pytest.approx([1.0, 0.1, 0.1])
+
+
+def test_validation_examples_skipped_alone_are_reported(tmp_path, capsys):
+    records = make_records(2)
+    long = dict(records[0], response=records[0]["response"].replace("<think>", "<think>" + "Cell by cell. " * 60))
+    sft.main(["--data", write(tmp_path / "sft.jsonl", make_records(4)), "--model", "tiny", "--out-dir",
+              str(tmp_path / "out"), "--val-data", write(tmp_path / "val.jsonl", [long, records[1]]),
+              "--max-length", "400", "--max-steps", "1", "--batch-size", "2"])
+    assert "skipped 0 training and 1 validation examples longer than --max-length 400 tokens" in capsys.readouterr().out
