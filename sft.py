@@ -351,7 +351,7 @@ def main(argv=None):
         progress.set_postfix(loss=f"{loss:.4f}", **({"val": f"{row['val_loss']:.4f}"} if "val_loss" in row else {}))
         if step % args.save_every == 0 or step == total_steps:  # the last too: --resume --max-steps N continues
             cello.save_checkpoint(last_dir, model, tokenizer, optimizer, scheduler,
-                                  state={"step": step, "epoch": epoch, "batch_in_epoch": position + 1, **run_identity})
+                                  state={"step": step, **run_identity})  # the step fixes the data position
     progress.close()
     cello.save_checkpoint(final_dir, model, tokenizer)
     cello.print0(f"sft.py: final model in {final_dir}")
