@@ -293,6 +293,11 @@ def test_keep_metrics_until_skips_a_row_cut_short_by_a_crash(tmp_path):
     path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
     cello.keep_metrics_until(str(path), 2)
     assert cello.read_jsonl(path) == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]
+    # a fresh run (step 0) keeps nothing, not even the step-0 line of an attempt that died before its
+    # first checkpoint: it writes its own
+    path.write_text('{"step": 0, "val_count": 3}\n{"step": 1, "loss": 2.0}\n')
+    cello.keep_metrics_until(str(path), 0)
+    assert cello.read_jsonl(path) == []
 
 
 def test_a_model_folder_without_weights_or_tokenizer_file_is_one_clear_error(model_dir, tmp_path):
@@ -333,6 +338,9 @@ def test_two_process_fsdp2_matches_one_process(model_dir, tmp_path):
     assert result["resumed_state"] == {"step": 1}
     assert result["resumed_max_diff"] == 0.0
     assert result["mean_rank"] == 0.5 and result["sum_rank"] == 1.0
+    assert result["gathered"] == ["rank 0", 0, "rank 1", 1]  # concatenated in rank order
+    # each rank resumed its own Python stream (seeded 100 + rank before the save)
+    assert result["python_draws"] == [random.Random(100).random(), random.Random(101).random()]
     fp32_loss = cello.load_model(model_dir)(BATCH, labels=BATCH).loss.item()
     assert result["bf16_loss"] == pytest.approx(fp32_loss, abs=1e-2) and result["bf16_loss"] != fp32_loss
     assert result["bf16_grad_dtype"] == "torch.float32" and result["autocast_under_fsdp"] is False
@@ -365,9 +373,12 @@ def worker(model_dir, work_dir):
     grad_norm = train_step(model, optimizer, scheduler, BATCH[rank:rank + 1])
     logits = model(BATCH).logits.detach()
     out = os.path.join(work_dir, "ckpt")
+    random.seed(100 + rank)  # each rank its own Python stream: the checkpoint keeps both, each rank resumes its own
     cello.save_checkpoint(out, model, cello.load_tokenizer(model_dir), optimizer, scheduler, state={"step": 1})
+    random.seed(0)
     resumed, optimizer2, scheduler2 = train_setup(model_dir, device=device)
     state = cello.load_resume(out, resumed, optimizer2, scheduler2)
+    python_draw = random.random()
     train_step(model, optimizer, scheduler, BATCH[rank:rank + 1])
     train_step(resumed, optimizer2, scheduler2, BATCH[rank:rank + 1])
     resumed_max_diff = (resumed(BATCH).logits - model(BATCH).logits).abs().max().item()
@@ -382,6 +393,8 @@ def worker(model_dir, work_dir):
     result = {"autocast_under_fsdp": autocast_under_fsdp, "grad_norm": grad_norm, "resumed_state": state,
               "resumed_max_diff": resumed_max_diff,
               "mean_rank": cello.all_reduce(float(rank), op="mean"), "sum_rank": cello.all_reduce(float(rank)),
+              "gathered": cello.all_gather_list([f"rank {rank}", rank]),
+              "python_draws": cello.all_gather_list([python_draw]),
               "bf16_loss": loss.item(), "bf16_grad_dtype": str(mixed.model.embed_tokens.weight.grad.dtype)}
     if rank == 0:
         torch.save(logits, os.path.join(work_dir, "logits.pt"))
@@ -579,3 +592,11 @@ def test_cuda_rng_states_of_more_gpus_than_this_machine_has_restore_the_ones_it_
     states = {**cello.rng_states(), "cuda": [torch.tensor([i], dtype=torch.uint8) for i in range(8)]}
     cello.set_rng_states(states)
     assert restored == [(0, 0), (1, 1)]
+
+
+def test_rng_states_hold_the_gpus_generators_only_where_there_is_a_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: ["gpu 0", "gpu 1"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert cello.rng_states()["cuda"] == ["gpu 0", "gpu 1"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "cuda" not in cello.rng_states()

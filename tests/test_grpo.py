@@ -3,7 +3,9 @@
 import json
 import math
 import os
+import re
 import shutil
+import statistics
 import subprocess
 import sys
 
@@ -274,6 +276,17 @@ def test_bad_flags_exit_with_clear_messages(capsys):
         with pytest.raises(SystemExit) as exit_info:
             grpo.parse_args(base + extra)
         assert text in str(exit_info.value.code) + capsys.readouterr().err
+    # every count flag refuses 0 (--mu 0 would make no update and divide by zero passes; --minibatches 0
+    # would split a step into no minibatches), and a clip range cannot be negative
+    for flag in ("--max-prompt-tokens", "--puzzles-per-step", "--max-new-tokens", "--sample-batch", "--mu",
+                 "--minibatches", "--micro-batch", "--steps", "--eval-batch", "--save-every"):
+        with pytest.raises(SystemExit) as exit_info:
+            grpo.parse_args(base + [flag, "0"])
+        assert exit_info.value.code == f"grpo.py: error: {flag}: expected an integer >= 1, got 0"
+    for flag in ("--clip-low", "--clip-high"):
+        with pytest.raises(SystemExit) as exit_info:
+            grpo.parse_args(base + [flag, "-0.1"])
+        assert exit_info.value.code == f"grpo.py: error: {flag}: expected a number >= 0 (inf: no limit), got -0.1"
     # inf turns a limit off (no gradient clipping, no upper clip), as torch's clip_grad_norm_ allows
     unlimited = grpo.parse_args(base + ["--max-grad-norm", "inf", "--clip-high", "inf"])
     assert unlimited.max_grad_norm == unlimited.clip_high == math.inf
@@ -406,6 +419,28 @@ def test_per_sequence_rollout_prefills_every_response_and_samples_the_same(tiny,
         assert a == pytest.approx(b, abs=1e-6)
 
 
+def test_per_sequence_scores_the_update_and_the_reference_per_sequence_too(tiny, monkeypatch):
+    """--per-sequence is the plain GRPO path throughout: the update's and the reference's log-probs run
+    each response with its own copy of the prompt too, not only the rollout."""
+    records, path = tiny
+    tok = cello.load_tokenizer(path)
+    model = cello.load_model(path)
+    prompts = [cello.prompt_ids(tok, records[0])]
+    responses = [[100, 101], [102]]
+    old, mask = grpo.pad_rows([[-1.0, -1.0], [-1.0]])
+    batch = {"prompts": prompts, "responses": responses, "old_logp": old, "mask": mask, "ref_logp": None,
+             "advantages": T([1.0, -1.0])}
+    shared = []
+    real = cello.response_logprobs
+    monkeypatch.setattr(cello, "response_logprobs", lambda *a, **k: shared.append(k["shared_prompt"]) or real(*a, **k))
+    for flag, expected in (([], True), (["--per-sequence"], False)):
+        shared.clear()
+        args = update_args(path, "--group-size", "2", "--beta", "0", *flag)
+        grpo.reference_logprobs(model, prompts, responses, args)
+        grpo.policy_update(model, torch.optim.SGD(model.parameters(), lr=0.0), batch, args)
+        assert shared == [expected, expected]
+
+
 def test_non_finite_loss_stops_before_the_weights_change(tiny):
     records, path = tiny
     tok = cello.load_tokenizer(path)
@@ -419,6 +454,35 @@ def test_non_finite_loss_stops_before_the_weights_change(tiny):
     args = update_args(path, "--group-size", "2", "--beta", "0")
     with pytest.raises(SystemExit, match="non-finite loss or gradient.*weights were not updated"):
         grpo.policy_update(model, torch.optim.AdamW(model.parameters(), lr=1e-2), batch, args)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+@pytest.mark.parametrize("bad", ["loss", "gradient"])
+def test_a_non_finite_loss_or_gradient_alone_stops_the_update(tiny, monkeypatch, bad):
+    """Either check stops the step: a non-finite loss whose gradient is finite (an inf added as a
+    constant), or a finite loss whose gradient is not (a hook writes inf into it)."""
+    records, path = tiny
+    tok = cello.load_tokenizer(path)
+    model = cello.load_model(path)
+    prompts = [cello.prompt_ids(tok, records[0])]
+    old, mask = grpo.pad_rows([[-1.0, -1.0], [-1.0]])
+    batch = {"prompts": prompts, "responses": [[5, 6], [7]], "old_logp": old, "mask": mask, "ref_logp": None,
+             "advantages": T([1.0, -1.0])}
+    if bad == "loss":
+        real = grpo.grpo_loss
+        def infinite_loss(*args, **kwargs):
+            loss, stats = real(*args, **kwargs)
+            return loss + math.inf, stats
+        monkeypatch.setattr(grpo, "grpo_loss", infinite_loss)
+    else:
+        model.lm_head.weight.register_hook(lambda g: g.index_fill(0, torch.tensor([0]), math.inf))
+    before = [p.detach().clone() for p in model.parameters()]
+    args = update_args(path, "--group-size", "2", "--beta", "0")
+    with pytest.raises(SystemExit) as stop:
+        grpo.policy_update(model, torch.optim.SGD(model.parameters(), lr=0.1), batch, args)
+    loss_finite, grad_norm = re.search(r"loss finite on all ranks: (\w+), grad norm (\S+)\)", stop.value.code).groups()
+    assert (loss_finite, math.isfinite(float(grad_norm))) == (("False", True) if bad == "loss" else ("True", False))
+    assert "the weights were not updated" in stop.value.code
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
 
 
@@ -573,6 +637,12 @@ def test_activation_checkpointing_refuses_a_model_with_dropout(toy_run, tmp_path
                   ["--out-dir", str(tmp_path / "out"), "--steps", "1", "--activation-checkpointing"])
     assert str(stop.value).startswith("grpo.py: error: --activation-checkpointing runs the policy in train mode")
     assert "dropout 0.1" in str(stop.value)
+    # without the flag that model runs in eval mode (dropout off): the update's log-probs are the
+    # sampler's, so rho is 1 at the first update (in train mode each forward would drop other weights)
+    grpo.main(flags[:model_at] + [str(folder)] + flags[model_at + 1:] +
+              ["--out-dir", str(tmp_path / "eval-mode"), "--steps", "1", "--eval-every", "0", "--beta", "0"])
+    (row,) = read_metrics(tmp_path / "eval-mode")
+    assert row["rho_mean"] == pytest.approx(1.0, abs=1e-5)
 
 
 @pytest.mark.slow
@@ -803,14 +873,18 @@ def test_minibatches_do_not_accumulate_each_others_gradients(tiny):
         old, mask = cello.response_logprobs(model, prompts, responses)
     adv = grpo.group_advantages(T([1.0, 0.0, 0.2, 0.9]), 2)
 
-    def grad_norm(rows, puzzles, minibatches):
+    def update(rows, puzzles, minibatches):
         batch = {"prompts": [prompts[p] for p in puzzles], "responses": [responses[r] for r in rows],
                  "old_logp": old[rows], "mask": mask[rows], "ref_logp": None, "advantages": adv[rows]}
         args = update_args(path, "--group-size", "2", "--beta", "0", "--minibatches", str(minibatches))
-        return grpo.policy_update(model, torch.optim.SGD(model.parameters(), lr=0.0), batch, args)["grad_norm"]
+        return grpo.policy_update(model, torch.optim.SGD(model.parameters(), lr=0.0), batch, args)
 
-    alone = [grad_norm([0, 1], [0], 1), grad_norm([2, 3], [1], 1)]
-    assert grad_norm([0, 1, 2, 3], [0, 1], 2) == pytest.approx(sum(alone) / 2, rel=1e-5)
+    alone = [update([0, 1], [0], 1), update([2, 3], [1], 1)]
+    both = update([0, 1, 2, 3], [0, 1], 2)
+    assert both["grad_norm"] == pytest.approx(sum(m["grad_norm"] for m in alone) / 2, rel=1e-5)
+    # the logged loss is the mean of the two minibatches' losses (each over its own tokens), not the last one's
+    assert alone[0]["loss"] != pytest.approx(alone[1]["loss"], rel=1e-3)
+    assert both["loss"] == pytest.approx(sum(m["loss"] for m in alone) / 2, rel=1e-5)
 
 
 def test_rollout_samples_from_a_generator_seeded_by_seed_step_and_position(tiny):
@@ -828,8 +902,13 @@ def test_rollout_samples_from_a_generator_seeded_by_seed_step_and_position(tiny)
     # the same puzzle twice in a step: the second group draws from its own position's stream
     twice = grpo.rollout(model, prompts * 2, 5, 0, args, tok.eos_token_id, tok.pad_token_id, "cpu")
     assert twice["responses"][:4] == step5["responses"] and twice["responses"][4:] != step5["responses"]
+    # a rank whose share starts at position 1 of the step draws what position 1 draws in one process
+    second = grpo.rollout(model, prompts, 5, 1, args, tok.eos_token_id, tok.pad_token_id, "cpu")
+    assert second["responses"] == twice["responses"][4:]
     assert len({grpo.sample_seed(s, t, p) for s in (0, 1) for t in (5, 6) for p in (0, 1)}) == 8
     assert grpo.sample_seed(1, 5, 2) == (1_000_003 + 5) * 100_003 + 2  # small seeds: the formula itself
+    # reduced mod 2^63: 123456789012345678 * 1_000_003 * 100_003 mod 2^64 is 2^63 more than this
+    assert grpo.sample_seed(123456789012345678, 0, 0) == 8046345431548476030
     # the largest --seed still gives a seed torch's generators take (unreduced, it overflowed them)
     torch.Generator().manual_seed(grpo.sample_seed(2**63 - 1, 10**6, 10**3))
 
@@ -868,6 +947,41 @@ def test_score_rollout_pairs_each_group_with_its_puzzle(tiny):
     _, advantages = grpo.score_rollout(texts, [5, 6, 7, 8], answers,
                                        update_args(path, "--group-size", "2", "--no-std-scaling"))
     assert advantages.tolist() == [1.0, -1.0, -0.5, 0.5]  # Dr. GRPO: r - mean(group)
+
+
+def test_evaluate_scores_each_val_puzzle_once_greedily_and_ranks_make_equal_calls(tiny, monkeypatch):
+    """Greedy (T = 0) responses to the val puzzles, scored with their lengths. Rank r of K takes puzzles
+    r, r + K, ...; a short shard repeats its last puzzle so that every rank makes as many sampling calls
+    (FSDP2's collectives must match), and the repeat is not scored. (One process here: the gathered
+    scores are the rank's own.)"""
+    records, path = tiny
+    tok = cello.load_tokenizer(path)
+    model = cello.load_model(path)
+    val = records[:3]
+    ids, stop = [cello.prompt_ids(tok, r) for r in val], cello.stop_token_ids(path, tok)
+    greedy = cello.sample(model, ids, 1, 6, stop, tok.pad_token_id, temperature=0.0)["responses"]
+    scores = [grpo.reward.score(cello.response_text(tok, response, stop), record["answer"],
+                                num_tokens=len(response)) for record, response in zip(val, greedy)]
+
+    def expected(puzzles):
+        m = grpo.reward.metrics([scores[i] for i in puzzles])
+        return {f"val_{k}": m[k] for k in ("cell_accuracy", "batch_accuracy", "format_validity", "uniqueness",
+                                           "mean_reward", "mean_length", "count")}
+
+    calls = []
+    real = cello.sample
+    monkeypatch.setattr(cello, "sample", lambda m, prompts, n, *a, **k: calls.append((prompts, n, k["temperature"]))
+                        or real(m, prompts, n, *a, **k))
+    args = update_args(path, "--max-new-tokens", "6", "--eval-batch", "2")
+    assert grpo.evaluate(model, tok, stop, val, args, 0, 1) == expected([0, 1, 2])
+    assert expected([0, 1, 2])["val_mean_length"] == sum(map(len, greedy)) / 3
+    assert calls == [([ids[0], ids[1]], 1, 0.0), ([ids[2]], 1, 0.0)]
+    # 2 ranks, one puzzle per call: rank 0 holds puzzles 0 and 2; rank 1 puzzle 1, then its repeat
+    args = update_args(path, "--max-new-tokens", "6", "--eval-batch", "1")
+    for rank, puzzles, sampled in ((0, [0, 2], [0, 2]), (1, [1], [1, 1])):
+        calls.clear()
+        assert grpo.evaluate(model, tok, stop, val, args, rank, 2) == expected(puzzles)
+        assert calls == [([ids[i]], 1, 0.0) for i in sampled]
 
 
 def test_policy_update_applies_the_clip_flags_and_reports_the_per_token_kl(tiny):
@@ -979,3 +1093,108 @@ def test_beta_zero_builds_no_reference_model(toy_run, tmp_path, monkeypatch):
     loaded.clear()
     grpo.main(flags + ["--out-dir", str(tmp_path / "b1"), "--steps", "1", "--eval-every", "0"])
     assert len(loaded) == 2  # policy and reference
+
+
+def test_a_step_that_does_not_split_over_ranks_or_minibatches_is_refused_before_any_work(toy_run, tmp_path,
+                                                                                          monkeypatch):
+    runner, d, flags = toy_run
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as stop:
+        grpo.main(flags + ["--out-dir", str(out), "--puzzles-per-step", "4", "--minibatches", "3"])
+    assert stop.value.code == "grpo.py: error: each rank's 4 puzzles per step must split evenly into --minibatches 3"
+    monkeypatch.setattr(cello, "setup_distributed", lambda: (0, 3, torch.device("cpu")))  # as under torchrun, 3 ranks
+    with pytest.raises(SystemExit) as stop:
+        grpo.main(flags + ["--out-dir", str(out), "--puzzles-per-step", "4"])
+    assert stop.value.code == "grpo.py: error: --puzzles-per-step 4 must be a multiple of the number of processes (3)"
+    with pytest.raises(SystemExit) as stop:  # 6 puzzles split into 3 minibatches, but each rank's 2 do not
+        grpo.main(flags + ["--out-dir", str(out), "--puzzles-per-step", "6", "--minibatches", "3"])
+    assert stop.value.code == "grpo.py: error: each rank's 2 puzzles per step must split evenly into --minibatches 3"
+    assert not out.exists()
+
+
+def test_max_prompt_tokens_keeps_a_prompt_of_exactly_that_length(toy_run, tmp_path):
+    runner, d, flags = toy_run
+    tok = cello.load_tokenizer(flags[flags.index("--model") + 1])
+    train = make_records(3) + [{**r, "id": f"long/{k}"} for k, r in enumerate(make_records(2, n=4, seed=2))]
+    cello.write_jsonl_atomic(str(tmp_path / "train.jsonl"), train)
+    flags = flags + ["--train", str(tmp_path / "train.jsonl")]
+    lengths = [len(cello.prompt_ids(tok, r)) for r in train]
+    shortest = min(lengths)
+    assert lengths.count(shortest) == 3  # the 3-cell puzzles; the 4-cell ones are longer
+    out = tmp_path / "run"
+    grpo.main(flags + ["--out-dir", str(out), "--steps", "1", "--eval-every", "0", "--beta", "0",
+                       "--max-prompt-tokens", str(shortest)])
+    assert cello.read_json(out / "args.json")["train_puzzles"] == 3
+    with pytest.raises(SystemExit) as stop:
+        grpo.main(flags + ["--out-dir", str(tmp_path / "none"), "--steps", "1",
+                           "--max-prompt-tokens", str(shortest - 1)])
+    assert stop.value.code == ("grpo.py: error: every --train puzzle's prompt is longer than --max-prompt-tokens "
+                               f"{shortest - 1} (shortest: {shortest} tokens)")
+
+
+def test_each_rank_samples_its_own_block_of_each_step_s_puzzles(toy_run, tmp_path, monkeypatch):
+    """Rank r of K samples positions r * P/K ... (r + 1) * P/K - 1 of each step's puzzles (with those
+    positions' sampling seeds), and the data position moves on by all P puzzles a step. Here rank 1 of
+    2 with P = 4, through a stand-in setup_distributed (the 2-process test has one puzzle per rank)."""
+    runner, d, flags = toy_run
+    tok = cello.load_tokenizer(flags[flags.index("--model") + 1])
+    train = cello.read_jsonl(d / "train.jsonl")
+    monkeypatch.setattr(cello, "setup_distributed", lambda: (1, 2, torch.device("cpu")))
+    seen = []
+    real = grpo.rollout
+    monkeypatch.setattr(grpo, "rollout", lambda model, prompts, step, first, *a: seen.append((prompts, step, first))
+                        or real(model, prompts, step, first, *a))
+    grpo.main(flags + ["--out-dir", str(tmp_path / "rank1"), "--steps", "2", "--eval-every", "0", "--beta", "0",
+                       "--puzzles-per-step", "4"])
+    shares = [grpo.step_puzzles(len(train), 4 * step, 4, 3)[2:] for step in (0, 1)]  # positions 2 and 3
+    assert seen == [([cello.prompt_ids(tok, train[i]) for i in share], step, 2) for step, share in enumerate(shares)]
+
+
+def test_a_metrics_row_is_computed_from_its_step_s_rollout(toy_run, tmp_path, monkeypatch):
+    """Every key of a step's line, against the rollout it logged: the rewards' mean and unbiased std,
+    groups of equal rewards, lengths, truncation, the Monte-Carlo entropy, the step's time split."""
+    runner, d, flags = toy_run
+    train = cello.read_jsonl(d / "train.jsonl")
+    flat = train[grpo.step_puzzles(len(train), 0, 2, 3)[0]]["answer"]  # step 1's first puzzle: 4 equal rewards
+    real_score = grpo.reward.score
+    monkeypatch.setattr(grpo.reward, "score", lambda text, answer, num_tokens=None: {
+        **real_score(text, answer, num_tokens),
+        "reward": 0.25 if answer == flat else text.count(" ") / (1 + len(text))})
+    seen = {}
+    rollout, score_rollout = grpo.rollout, grpo.score_rollout
+    monkeypatch.setattr(grpo, "rollout", lambda *a: seen.setdefault("out", rollout(*a)))
+    monkeypatch.setattr(grpo, "score_rollout", lambda *a: seen.setdefault("scored", score_rollout(*a)))
+    grpo.main(flags + ["--out-dir", str(tmp_path / "run"), "--steps", "1", "--eval-every", "0"])
+    (row,) = read_metrics(tmp_path / "run")
+    assert set(row) == {"step", "reward_mean", "reward_std", "cell_accuracy", "batch_accuracy", "format_validity",
+                        "loss", "grad_norm", "clip_frac_low", "clip_frac_high", "rho_mean", "kl", "entropy",
+                        "response_length", "truncated_frac", "zero_adv_groups", "lr", "time_rollout", "time_reference",
+                        "time_update", "time_step", "tokens_per_s"}
+    out, scores = seen["out"], seen["scored"][0]
+    rewards, lengths = [s["reward"] for s in scores], [len(r) for r in out["responses"]]
+    assert rewards[:4] == [0.25] * 4 and len(set(rewards[4:])) > 1
+    assert row["step"] == 1 and row["lr"] == 1e-3
+    assert row["reward_mean"] == pytest.approx(statistics.mean(rewards), rel=1e-6)
+    assert row["reward_std"] == pytest.approx(statistics.stdev(rewards), rel=1e-5)  # unbiased (n - 1)
+    m = grpo.reward.metrics(scores)
+    assert [row[k] for k in ("cell_accuracy", "batch_accuracy", "format_validity")] == \
+        [m[k] for k in ("cell_accuracy", "batch_accuracy", "format_validity")]
+    assert row["zero_adv_groups"] == 0.5  # of the two groups of 4, the first
+    assert row["response_length"] == sum(lengths) / 8
+    assert row["truncated_frac"] == sum(not f for f in out["finished"]) / 8
+    assert row["entropy"] == pytest.approx(-sum(map(sum, out["logprobs"])) / sum(lengths), rel=1e-5)
+    assert row["time_reference"] > 1e-4
+    assert row["time_step"] == pytest.approx(row["time_rollout"] + row["time_reference"] + row["time_update"], abs=1e-5)
+    assert row["tokens_per_s"] == pytest.approx(sum(lengths) / row["time_step"], rel=1e-9)
+
+
+def test_a_preset_model_is_built_into_the_run_and_reused_on_resume(toy_run, tmp_path):
+    runner, d, flags = toy_run
+    model_at = flags.index("--model") + 1
+    preset = flags[:model_at] + ["tiny"] + flags[model_at + 1:]
+    out = tmp_path / "run"
+    grpo.main(preset + ["--out-dir", str(out), "--steps", "1", "--eval-every", "0", "--beta", "0"])
+    fingerprint = cello.model_fingerprint(str(out / "tiny-init"))
+    grpo.main(preset + ["--out-dir", str(out), "--steps", "2", "--eval-every", "0", "--beta", "0", "--resume"])
+    assert cello.model_fingerprint(str(out / "tiny-init")) == fingerprint
+    assert [row["step"] for row in read_metrics(out)] == [1, 2]
