@@ -419,37 +419,34 @@ def test_per_sequence_rollout_prefills_every_response_and_samples_the_same(tiny,
         assert a == pytest.approx(b, abs=1e-6)
 
 
+def one_group_batch(tiny, responses, advantages):
+    """The tiny model and an update batch of one puzzle's two responses (old log-probs -1 per token)."""
+    records, path = tiny
+    model = cello.load_model(path)
+    old, mask = grpo.pad_rows([[-1.0] * len(r) for r in responses])
+    return model, {"prompts": [cello.prompt_ids(cello.load_tokenizer(path), records[0])], "responses": responses,
+                   "old_logp": old, "mask": mask, "ref_logp": None, "advantages": T(advantages)}
+
+
 def test_per_sequence_scores_the_update_and_the_reference_per_sequence_too(tiny, monkeypatch):
     """--per-sequence is the plain GRPO path throughout: the update's and the reference's log-probs run
     each response with its own copy of the prompt too, not only the rollout."""
-    records, path = tiny
-    tok = cello.load_tokenizer(path)
-    model = cello.load_model(path)
-    prompts = [cello.prompt_ids(tok, records[0])]
-    responses = [[100, 101], [102]]
-    old, mask = grpo.pad_rows([[-1.0, -1.0], [-1.0]])
-    batch = {"prompts": prompts, "responses": responses, "old_logp": old, "mask": mask, "ref_logp": None,
-             "advantages": T([1.0, -1.0])}
+    path = tiny[1]
+    model, batch = one_group_batch(tiny, [[100, 101], [102]], [1.0, -1.0])
     shared = []
     real = cello.response_logprobs
     monkeypatch.setattr(cello, "response_logprobs", lambda *a, **k: shared.append(k["shared_prompt"]) or real(*a, **k))
     for flag, expected in (([], True), (["--per-sequence"], False)):
         shared.clear()
         args = update_args(path, "--group-size", "2", "--beta", "0", *flag)
-        grpo.reference_logprobs(model, prompts, responses, args)
+        grpo.reference_logprobs(model, batch["prompts"], batch["responses"], args)
         grpo.policy_update(model, torch.optim.SGD(model.parameters(), lr=0.0), batch, args)
         assert shared == [expected, expected]
 
 
 def test_non_finite_loss_stops_before_the_weights_change(tiny):
-    records, path = tiny
-    tok = cello.load_tokenizer(path)
-    model = cello.load_model(path)
-    prompts = [cello.prompt_ids(tok, records[0])]
-    responses = [[5, 6], [7]]
-    old, mask = grpo.pad_rows([[-1.0, -1.0], [-1.0]])
-    batch = {"prompts": prompts, "responses": responses, "old_logp": old, "mask": mask, "ref_logp": None,
-             "advantages": T([float("nan"), 0.0])}
+    path = tiny[1]
+    model, batch = one_group_batch(tiny, [[5, 6], [7]], [float("nan"), 0.0])
     before = [p.detach().clone() for p in model.parameters()]
     args = update_args(path, "--group-size", "2", "--beta", "0")
     with pytest.raises(SystemExit, match="non-finite loss or gradient.*weights were not updated"):
@@ -461,13 +458,8 @@ def test_non_finite_loss_stops_before_the_weights_change(tiny):
 def test_a_non_finite_loss_or_gradient_alone_stops_the_update(tiny, monkeypatch, bad):
     """Either check stops the step: a non-finite loss whose gradient is finite (an inf added as a
     constant), or a finite loss whose gradient is not (a hook writes inf into it)."""
-    records, path = tiny
-    tok = cello.load_tokenizer(path)
-    model = cello.load_model(path)
-    prompts = [cello.prompt_ids(tok, records[0])]
-    old, mask = grpo.pad_rows([[-1.0, -1.0], [-1.0]])
-    batch = {"prompts": prompts, "responses": [[5, 6], [7]], "old_logp": old, "mask": mask, "ref_logp": None,
-             "advantages": T([1.0, -1.0])}
+    path = tiny[1]
+    model, batch = one_group_batch(tiny, [[5, 6], [7]], [1.0, -1.0])
     if bad == "loss":
         real = grpo.grpo_loss
         def infinite_loss(*args, **kwargs):

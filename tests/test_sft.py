@@ -582,14 +582,18 @@ def test_the_last_step_gets_a_validation_loss(tmp_path):
     assert [r["step"] for r in metrics(tmp_path / "run") if "val_loss" in r] == [2, 3]
 
 
-def test_metrics_rows_log_the_0_based_epoch_and_all_tokens_of_the_batch(tmp_path):
-    """epoch counts from 0; tokens are every token of the batch (prompt included), not response tokens."""
-    records = make_records(4)
+def train_tiny_without_val(tmp_path, records, *flags):
+    """sft.py on the tiny preset with every record in training; returns (run folder, all their tokens)."""
     out = tmp_path / "run"
     sft.main(["--data", write(tmp_path / "sft.jsonl", records), "--model", "tiny", "--out-dir", str(out),
-              "--batch-size", "4", "--epochs", "2", "--val-fraction", "0"])
+              "--val-fraction", "0", *flags])
     tokenizer = cello.load_tokenizer(str(out / "tiny-init"))
-    total = sum(len(cello.example_ids(tokenizer, r, r["response"])[0]) for r in records)
+    return out, sum(len(cello.example_ids(tokenizer, r, r["response"])[0]) for r in records)
+
+
+def test_metrics_rows_log_the_0_based_epoch_and_all_tokens_of_the_batch(tmp_path):
+    """epoch counts from 0; tokens are every token of the batch (prompt included), not response tokens."""
+    out, total = train_tiny_without_val(tmp_path, make_records(4), "--batch-size", "4", "--epochs", "2")
     assert [(r["epoch"], r["tokens"]) for r in metrics(out)] == [(0, total), (1, total)]
 
 
@@ -634,12 +638,7 @@ def test_each_epoch_cuts_its_buckets_from_a_fresh_shuffle():
 
 def test_an_epoch_ends_with_its_partial_batch(tmp_path):
     """5 examples at --batch-size 2: 3 steps an epoch (2 + 2 + 1), so every example is trained on."""
-    records = make_records(5)
-    out = tmp_path / "run"
-    sft.main(["--data", write(tmp_path / "sft.jsonl", records), "--model", "tiny", "--out-dir", str(out),
-              "--batch-size", "2", "--epochs", "1", "--val-fraction", "0"])
-    tokenizer = cello.load_tokenizer(str(out / "tiny-init"))
-    total = sum(len(cello.example_ids(tokenizer, r, r["response"])[0]) for r in records)
+    out, total = train_tiny_without_val(tmp_path, make_records(5), "--batch-size", "2", "--epochs", "1")
     rows = metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3] and sum(r["tokens"] for r in rows) == total
 
