@@ -698,26 +698,6 @@ def test_a_free_run_needs_no_confirmation(monkeypatch, capsys):
     assert "2 requests to send" in capsys.readouterr().out
 
 
-def test_a_run_with_half_its_samples_failed_still_writes_its_files(tmp_path, monkeypatch, capsys):
-    """Only a run whose every sample failed stops; otherwise the answers received are distilled."""
-    records = toy_puzzles(2)
-    puzzles = str(tmp_path / "p.jsonl")
-    cello.write_jsonl_atomic(puzzles, records)
-
-    def respond(recs, k):
-        return [[f"<think>x</think>\n<answer>{' | '.join(r['answer'])}</answer>"] * k for r in recs]
-    respond.errors = {(records[0]["id"], 0): "HTTP 500", (records[0]["id"], 1): "HTTP 500"}
-    respond.num_tokens = [[10, 10], [10, 10]]
-    respond.pending = lambda recs, k: set()
-    respond.usage = None
-    monkeypatch.setattr(distill, "make_teacher", lambda args, train: respond)
-    code, output = run([sys.executable, "distill.py", "--teacher", "api", "--api-model", "m", "--puzzles", puzzles, "--samples", "2",
-                        "--out-dir", str(tmp_path / "out")], "unused", monkeypatch, capsys)
-    assert code == 0, output
-    report = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert (report["overall"]["failed"], report["overall"]["accepted"], report["sft_rows"]) == (2, 2, 1)
-
-
 def test_keep_all_reports_every_sft_row(tmp_path, monkeypatch, capsys):
     """report.json's sft_rows is the number of rows in sft.jsonl, also with --keep-all."""
     code, output = run(expert_cmd(tmp_path, "--samples", "3", "--temperature", "2.0", "--keep-all"), "unused",
@@ -783,6 +763,8 @@ def test_a_fatal_error_wakes_a_worker_waiting_out_a_retry_after(tmp_path, monkey
 # ---- the model teacher's default temperature ----
 
 def test_report_names_the_run_and_keeps_an_n_whose_samples_all_failed(tmp_path, monkeypatch, capsys):
+    """Only a run whose every sample failed stops; otherwise the answers received are distilled, and the
+    report keeps the N whose samples all failed."""
     records = toy_puzzles(2)  # N = 2 and N = 3
     puzzles = str(tmp_path / "p.jsonl")
     cello.write_jsonl_atomic(puzzles, records)
@@ -799,6 +781,7 @@ def test_report_names_the_run_and_keeps_an_n_whose_samples_all_failed(tmp_path, 
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert {k: report[k] for k in ("teacher", "teacher_model", "puzzles_file", "samples_per_puzzle", "keep")} == {
         "teacher": "api", "teacher_model": "m", "puzzles_file": puzzles, "samples_per_puzzle": 2, "keep": "all"}
+    assert (report["overall"]["failed"], report["overall"]["accepted"], report["sft_rows"]) == (2, 2, 2)
     assert report["by_n"]["2"] == {"puzzles": 1, "samples": 2, "accepted": 0, "rejected": 0, "failed": 2,
                                    "rejected_malformed": 0, "sample_acceptance": 0.0, "puzzles_accepted": 0,
                                    "puzzle_acceptance": 0.0}

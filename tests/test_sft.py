@@ -652,9 +652,7 @@ def test_weight_decay_applies_to_matrices_only(tmp_path, monkeypatch):
     """AdamW gets two groups: every matrix at --weight-decay, every norm weight (the 1-D parameters) at 0."""
     groups, real = [], torch.optim.AdamW
     monkeypatch.setattr(torch.optim, "AdamW", lambda params, **kw: groups.extend(params) or real(params, **kw))
-    out = tmp_path / "run"
-    sft.main(["--data", write(tmp_path / "sft.jsonl", make_records(2)), "--model", "tiny", "--out-dir", str(out),
-              "--max-steps", "1", "--val-fraction", "0", "--weight-decay", "0.25"])
+    out, _ = train_tiny_without_val(tmp_path, make_records(2), "--max-steps", "1", "--weight-decay", "0.25")
     model = cello.load_model(str(out / "tiny-init"))
     shapes = lambda params: sorted(tuple(p.shape) for p in params)
     assert [g["weight_decay"] for g in groups] == [0.25, 0.0]
