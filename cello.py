@@ -1414,7 +1414,7 @@ DEMO_CONTEXT = ("The cell is from a human donor, originating from the peripheral
                 "The patient is healthy with no diagnosed disease.")
 
 
-def demo_stages(out, data, sft_steps, grpo_steps):
+def demo_stages(out, data, sft_steps, cooldown_steps, grpo_steps):
     """The demo's stages: (name, script and arguments, the file whose existence means 'done')."""
     def resume_flag(run_dir):  # a training stage killed after a checkpoint continues from it
         return ["--resume"] if any(os.path.exists(os.path.join(run_dir, n)) for n in ("last", "last.old")) else []
@@ -1441,17 +1441,25 @@ def demo_stages(out, data, sft_steps, grpo_steps):
                                  "--out-dir", f"{out}/sft", "--max-steps", str(sft_steps), "--eval-every", "300",
                                  *resume_flag(f"{out}/sft")],
          f"{out}/sft/final/config.json"),
+        # Then a second run from that model at a third of the rate: the high rate gets the copy transition
+        # started, a lower one settles it (val loss 0.30 -> 0.04 in 600 steps, test validity 40% -> 70%;
+        # EXPERIMENTS.md: "Self-distillation, and what more SFT steps at a lower rate do").
+        ("SFT at a third of the rate", ["sft.py", "--data", f"{out}/distill/sft.jsonl", "--model", f"{out}/sft/final",
+                                        "--out-dir", f"{out}/sft-cool", "--max-steps", str(cooldown_steps),
+                                        "--lr", "1e-3", "--eval-every", "300", *resume_flag(f"{out}/sft-cool")],
+         f"{out}/sft-cool/final/config.json"),
         # GRPO: 4 puzzles x 8 samples, lr 1e-4; expert-style responses are 123, 158 and 193 tokens for
-        # N = 4, 5, 6: a 240-token budget. 150 steps, not 15: batch-level accuracy only rises after ~100
-        # steps (EXPERIMENTS.md: "What GRPO does in the demo")
-        ("GRPO from the SFT model", ["grpo.py", "--model", f"{out}/sft/final", "--train", train, "--val", val,
+        # N = 4, 5, 6: a 240-token budget. 100 steps: from the lower-rate SFT model batch-level accuracy rises
+        # over them (test: 21.7% -> 26.7% / 30.0% / 33.3% after 50 / 75 / 100 steps) and little after (33.3%
+        # at 150; EXPERIMENTS.md: "Self-distillation, and what more SFT steps at a lower rate do")
+        ("GRPO from the SFT model", ["grpo.py", "--model", f"{out}/sft-cool/final", "--train", train, "--val", val,
                                      "--out-dir", f"{out}/grpo", "--steps", str(grpo_steps),
                                      *resume_flag(f"{out}/grpo")],
          f"{out}/grpo/final/config.json"),
         ("evaluate the baselines", ["eval.py", "--puzzles", test, "--train", train, "--responder", "random",
                                     "independent", "expert", "--out-dir", f"{out}/eval/baselines"],
          f"{out}/eval/baselines/summary.json"),
-        ("evaluate SFT", ["eval.py", "--puzzles", test, "--responder", "model", "--model-path", f"{out}/sft/final",
+        ("evaluate SFT", ["eval.py", "--puzzles", test, "--responder", "model", "--model-path", f"{out}/sft-cool/final",
                           "--max-new-tokens", "300", "--out-dir", f"{out}/eval/sft"], f"{out}/eval/sft/summary.json"),
         ("evaluate SFT+GRPO", ["eval.py", "--puzzles", test, "--responder", "model", "--model-path",
                                f"{out}/grpo/final", "--max-new-tokens", "300", "--out-dir", f"{out}/eval/grpo"],
@@ -1504,15 +1512,19 @@ def demo(argv):
     parser.add_argument("--out-dir", default="runs/demo", help="run folder: every stage writes below it")
     parser.add_argument("--data", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "data",
                                                        "pbmc68k_reduced.h5ad"), help="AnnData file of the demo")
-    parser.add_argument("--sft-steps", type=int, default=1500, help="SFT optimizer steps (batch 8)")
-    parser.add_argument("--grpo-steps", type=int, default=150, help="GRPO steps (4 puzzles x 8 samples each)")
+    parser.add_argument("--sft-steps", type=int, default=1500, help="SFT optimizer steps (batch 8) at lr 3e-3")
+    parser.add_argument("--cooldown-steps", type=int, default=600,
+                        help="SFT optimizer steps that follow at lr 1e-3, from the first SFT run's model")
+    parser.add_argument("--grpo-steps", type=int, default=100, help="GRPO steps (4 puzzles x 8 samples each)")
     args = parser.parse_args(argv)
-    check_ranges("cello.py demo", args, {"--sft-steps": "an integer >= 1", "--grpo-steps": "an integer >= 1"})
+    check_ranges("cello.py demo", args, {"--sft-steps": "an integer >= 1", "--cooldown-steps": "an integer >= 1",
+                                         "--grpo-steps": "an integer >= 1"})
     here = os.path.dirname(os.path.abspath(__file__))
     check_file(args.data, "cello.py demo", "--data", "an .h5ad file")
     make_out_dir(args.out_dir, "cello.py demo")
     # A finished stage is skipped, so a folder made with other flags would report its old results.
-    flags = {"--data": file_fingerprint(args.data), "--sft-steps": args.sft_steps, "--grpo-steps": args.grpo_steps}
+    flags = {"--data": file_fingerprint(args.data), "--sft-steps": args.sft_steps,
+             "--cooldown-steps": args.cooldown_steps, "--grpo-steps": args.grpo_steps}
     flags_path = f"{args.out_dir}/demo_flags.json"
     before = read_json(flags_path) if os.path.exists(flags_path) else flags
     changed = [flag for flag in flags if before.get(flag) != flags[flag]]
@@ -1523,7 +1535,8 @@ def demo(argv):
     write_json_atomic(flags_path, flags)
     timings_path = f"{args.out_dir}/timings.json"  # kept across restarts, so a resumed demo reports every stage
     timings = read_json(timings_path) if os.path.exists(timings_path) else {}
-    for name, command, done in demo_stages(args.out_dir, args.data, args.sft_steps, args.grpo_steps):
+    for name, command, done in demo_stages(args.out_dir, args.data, args.sft_steps, args.cooldown_steps,
+                                              args.grpo_steps):
         if os.path.exists(done):
             print(f"== {name}: done already ({done})")
             continue

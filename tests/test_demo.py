@@ -12,7 +12,7 @@ from conftest import ROOT
 def test_demo_runs_every_stage_and_resumes(tmp_path):
     out = tmp_path / "demo"
     command = [sys.executable, os.path.join(ROOT, "cello.py"), "demo", "--out-dir", str(out),
-               "--sft-steps", "2", "--grpo-steps", "1"]
+               "--sft-steps", "2", "--cooldown-steps", "1", "--grpo-steps", "1"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     results = (out / "results.md").read_text()
@@ -21,7 +21,7 @@ def test_demo_runs_every_stage_and_resumes(tmp_path):
     assert (out / "grpo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # started again, every stage is found done and nothing is recomputed
     again = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0 and again.stdout.count("done already") == 7
+    assert again.returncode == 0 and again.stdout.count("done already") == 8
 
 
 def test_demo_rejects_an_unknown_command():
@@ -41,7 +41,7 @@ def test_a_killed_training_stage_is_resumed_not_restarted(tmp_path):
     import cello
     out = str(tmp_path / "demo")
     os.makedirs(os.path.join(out, "sft", "last"))  # SFT was killed after a checkpoint; GRPO never started
-    stages = {name: command for name, command, _ in cello.demo_stages(out, "data.h5ad", 1500, 150)}
+    stages = {name: command for name, command, _ in cello.demo_stages(out, "data.h5ad", 1500, 600, 100)}
     assert stages["SFT the small model"][-1] == "--resume"
     assert "--resume" not in stages["GRPO from the SFT model"]
 
@@ -52,7 +52,7 @@ def test_a_demo_folder_made_with_other_flags_is_refused(tmp_path):
     out = tmp_path / "demo"
     os.makedirs(out)
     data = os.path.join(ROOT, "data", "pbmc68k_reduced.h5ad")
-    flags = {"--data": cello.file_fingerprint(data), "--sft-steps": 1500, "--grpo-steps": 150}
+    flags = {"--data": cello.file_fingerprint(data), "--sft-steps": 1500, "--cooldown-steps": 600, "--grpo-steps": 100}
     cello.write_json_atomic(str(out / "demo_flags.json"), flags)
     with pytest.raises(SystemExit) as exit_info:
         cello.demo(["--out-dir", str(out), "--sft-steps", "2000"])
@@ -95,7 +95,7 @@ def test_a_training_stage_killed_between_a_checkpoint_s_renames_is_resumed(tmp_p
     import cello
     out = str(tmp_path / "demo")
     os.makedirs(os.path.join(out, "grpo", "last.old"))
-    stages = {name: command for name, command, _ in cello.demo_stages(out, "data.h5ad", 1500, 150)}
+    stages = {name: command for name, command, _ in cello.demo_stages(out, "data.h5ad", 1500, 600, 100)}
     assert stages["GRPO from the SFT model"][-1] == "--resume"
     assert "--resume" not in stages["SFT the small model"]
 
@@ -104,7 +104,8 @@ def test_each_stage_reads_what_the_stages_before_it_wrote(tmp_path):
     """SFT on the distilled file; GRPO from the SFT model, validated on val (never test); each model
     evaluated on test."""
     import cello
-    stages = {name: (command, done) for name, command, done in cello.demo_stages(str(tmp_path), "d.h5ad", 1500, 150)}
+    stages = {name: (command, done)
+              for name, command, done in cello.demo_stages(str(tmp_path), "d.h5ad", 1500, 600, 100)}
 
     def flag(name, option):
         command = stages[name][0]
@@ -115,9 +116,11 @@ def test_each_stage_reads_what_the_stages_before_it_wrote(tmp_path):
     train, val, test = (os.path.join(made_by("build puzzles"), f"{s}.jsonl") for s in ("train", "val", "test"))
     assert flag("distill from the expert", "--puzzles") == flag("distill from the expert", "--train") == train
     assert flag("SFT the small model", "--data") == os.path.join(made_by("distill from the expert"), "sft.jsonl")
-    assert flag("GRPO from the SFT model", "--model") == made_by("SFT the small model")
+    assert flag("SFT at a third of the rate", "--data") == flag("SFT the small model", "--data")
+    assert flag("SFT at a third of the rate", "--model") == made_by("SFT the small model")
+    assert flag("GRPO from the SFT model", "--model") == made_by("SFT at a third of the rate")
     assert (flag("GRPO from the SFT model", "--train"), flag("GRPO from the SFT model", "--val")) == (train, val)
-    assert flag("evaluate SFT", "--model-path") == made_by("SFT the small model")
+    assert flag("evaluate SFT", "--model-path") == made_by("SFT at a third of the rate")
     assert flag("evaluate SFT+GRPO", "--model-path") == made_by("GRPO from the SFT model")
     for name in ("evaluate the baselines", "evaluate SFT", "evaluate SFT+GRPO"):
         assert flag(name, "--puzzles") == test
@@ -139,7 +142,7 @@ def test_a_demo_skips_finished_stages_and_stops_at_a_failed_one(tmp_path, monkey
                                     "the demo again: finished stages are kept")
     # the flags are recorded, so that a rerun with others is refused
     assert cello.read_json(str(out / "demo_flags.json")) == {"--data": cello.file_fingerprint(DATA), "--sft-steps": 2,
-                                                             "--grpo-steps": 150}
+                                                             "--cooldown-steps": 600, "--grpo-steps": 100}
 
 
 def test_a_demo_folder_made_from_other_data_is_refused(tmp_path):
@@ -148,7 +151,7 @@ def test_a_demo_folder_made_from_other_data_is_refused(tmp_path):
     out = tmp_path / "demo"
     os.makedirs(out)
     cello.write_json_atomic(str(out / "demo_flags.json"), {"--data": cello.file_fingerprint(DATA), "--sft-steps": 1500,
-                                                            "--grpo-steps": 150})
+                                                            "--cooldown-steps": 600, "--grpo-steps": 100})
     other = tmp_path / "other.h5ad"
     other.write_bytes(b"other data")
     with pytest.raises(SystemExit) as exit_info:
