@@ -43,7 +43,11 @@ def test_a_killed_training_stage_is_resumed_not_restarted(tmp_path):
     os.makedirs(os.path.join(out, "sft", "last"))  # SFT was killed after a checkpoint; GRPO never started
     stages = {name: command for name, command, _ in cello.demo_stages(out, "data.h5ad", 1500, 600, 100)}
     assert stages["SFT the small model"][-1] == "--resume"
+    assert "--resume" not in stages["SFT at a third of the rate"]
     assert "--resume" not in stages["GRPO from the SFT model"]
+    os.makedirs(os.path.join(out, "sft-cool", "last"))  # and the second SFT run too
+    stages = {name: command for name, command, _ in cello.demo_stages(out, "data.h5ad", 1500, 600, 100)}
+    assert stages["SFT at a third of the rate"][-1] == "--resume"
 
 
 def test_a_demo_folder_made_with_other_flags_is_refused(tmp_path):
