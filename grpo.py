@@ -38,9 +38,9 @@ demo's puzzles (N 4-6 cells, ~330-400-token prompts, expert-style responses of ~
 puzzles x G = 8 responses per step, a 240-token budget, lr 1e-4, 100 steps. On the 2-core machine,
 idle: ~1.6-1.7 s per step (rollout 0.6-0.7, reference 0.2, update 0.6; BENCHMARKS.md), about 3
 minutes in all with its evaluations (up to 3 s a step in the slowest hours seen); README has what it
-does to the test puzzles. On
-a machine busy with other jobs, set OMP_NUM_THREADS=1 (threads spin-waiting for a busy core slow a
-rollout); floats then sum in another order, so the samples, and the results, differ from 2 threads'.
+does to the test puzzles. On a machine busy with other jobs, set OMP_NUM_THREADS=1 (threads
+spin-waiting for a busy core slow a rollout); floats then sum in another order, so the samples, and
+the results, differ from 2 threads'.
 The paper's 7B run (Qwen2.5-7B-Instruct after SFT; 8 GPUs; one pass over the 6,912 released train
 puzzles is 108 steps):
     torchrun --nproc_per_node 8 grpo.py --model runs/sft-7b/final --train train.jsonl --val val.jsonl \\

@@ -30,7 +30,7 @@ Run (the defaults are the CPU demo's recipe: the `small` preset from scratch, ba
 constant after a 5-step warmup; the demo has 4,413 expert traces of ~520 tokens, 524 steps an epoch,
 and stops at 1,500 steps with --max-steps 1500 and a val loss every 300 steps with --eval-every 300,
 6-8 minutes on 2 cores; then a second run continues from its model at a third of the rate for 600
-steps, 2.5-3.5 minutes):
+steps, 3-4 minutes):
     python sft.py --data sft.jsonl --model small --out-dir runs/sft
     python sft.py --data sft.jsonl --model runs/sft/final --out-dir runs/sft-cool --max-steps 600 --lr 1e-3
     torchrun --nproc_per_node 2 sft.py --data sft.jsonl --model small --out-dir runs/sft
