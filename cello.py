@@ -1529,9 +1529,13 @@ def demo(argv):
     before = read_json(flags_path) if os.path.exists(flags_path) else flags
     changed = [flag for flag in flags if before.get(flag) != flags[flag]]
     if changed:
-        sys.exit(f"cello.py demo: error: {args.out_dir} was made with {changed[0]} {before.get(changed[0])} (this "
-                 f"run: {flags[changed[0]]}; data by content): its finished stages would be reused; run with its "
-                 "flags, or choose another --out-dir")
+        flag = changed[0]
+        if flag not in before:  # a folder of an older demo, which had no such flag
+            sys.exit(f"cello.py demo: error: {args.out_dir} was made by an older demo without {flag}: its finished "
+                     "stages would be reused; choose another --out-dir")
+        sys.exit(f"cello.py demo: error: {args.out_dir} was made with {flag} {before[flag]} (this run: "
+                 f"{flags[flag]}; data by content): its finished stages would be reused; run with its flags, or "
+                 "choose another --out-dir")
     write_json_atomic(flags_path, flags)
     timings_path = f"{args.out_dir}/timings.json"  # kept across restarts, so a resumed demo reports every stage
     timings = read_json(timings_path) if os.path.exists(timings_path) else {}
@@ -1563,7 +1567,6 @@ def demo(argv):
     write_text_atomic(f"{args.out_dir}/results.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"\nwrote {args.out_dir}/results.md and {args.out_dir}/grpo.png")
-
 
 
 if __name__ == "__main__":

@@ -63,6 +63,12 @@ def test_a_demo_folder_made_with_other_flags_is_refused(tmp_path):
     assert exit_info.value.code == (f"cello.py demo: error: {out} was made with --sft-steps 1500 (this run: 2000; data "
                                     "by content): its finished stages would be reused; run with its flags, or choose "
                                     "another --out-dir")
+    del flags["--cooldown-steps"]  # a folder of the demo before its second SFT stage
+    cello.write_json_atomic(str(out / "demo_flags.json"), flags)
+    with pytest.raises(SystemExit) as exit_info:
+        cello.demo(["--out-dir", str(out)])
+    assert exit_info.value.code == (f"cello.py demo: error: {out} was made by an older demo without --cooldown-steps: "
+                                    "its finished stages would be reused; choose another --out-dir")
     with pytest.raises(SystemExit) as exit_info:
         cello.demo(["--out-dir", str(tmp_path / "other"), "--data", str(tmp_path / "none.h5ad")])
     assert exit_info.value.code == f"cello.py demo: error: --data {tmp_path / 'none.h5ad'}: no such file"
