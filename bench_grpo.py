@@ -156,7 +156,8 @@ def random_prompts(P, mean_len, seed):
 
 
 if "demo" in configs:  # P, G and --max-new-tokens exactly as `python cello.py demo` runs grpo.py
-    stages = {name: command for name, command, _ in cello.demo_stages("demo", "data", 1, 1, 1)}
+    stages = cello.demo_stages("demo", "data", sft_steps=1, cooldown_steps=1, grpo_steps=1)
+    stages = {name: command for name, command, _ in stages}
     demo = grpo.parse_args(stages["GRPO from the SFT model"][1:])
     g = torch.Generator().manual_seed(args.seed)
     picked = torch.randperm(len(records), generator=g)[:demo.puzzles_per_step].tolist()

@@ -429,7 +429,8 @@ def load_model(path, device="cpu"):
         sys.exit(f"cello: error: {path!r} is not a Hugging Face model folder (no config.json)")
     try:
         # use_kernels=False: transformers >= 5.25 swaps in kernels from the hub by default (on a GPU, at
-        # .train()), which fails offline and would make the sampler and the log-probs differ in numerics
+        # .train()): offline that crashes, online it runs code that cello's sampler and log-probs were
+        # never checked against
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa",
                                                      local_files_only=True, use_kernels=False)
     except Exception as e:  # no weights file, a config transformers cannot read, a truncated safetensors file, ...

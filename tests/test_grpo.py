@@ -1196,7 +1196,7 @@ def test_a_preset_model_is_built_into_the_run_and_reused_on_resume(toy_run, tmp_
 def test_bench_grpo_runs_the_demo_and_issue_configs(toy_run, tmp_path):
     # the benchmark reads the demo's P, G and --max-new-tokens from cello.demo_stages; when those
     # stages changed, --configs demo crashed unnoticed until a GPU session ran it
-    runner, d, flags = toy_run
+    _, d, _ = toy_run
     cmd = [sys.executable, os.path.join(ROOT, "bench_grpo.py"), "--model", "tiny", "--data", str(d / "train.jsonl"),
            "--work-dir", str(tmp_path), "--configs", "demo,issue", "--repeats", "1", "--issue-prompt-len", "40",
            "--issue-new-tokens", "4"]
