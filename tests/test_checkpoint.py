@@ -63,7 +63,6 @@ def test_single_process_helpers_are_plain():
         assert model(torch.ones(1, 2)).dtype == torch.float32
 
 
-
 def test_check_gpu_script_passes_its_cpu_dry_run(model_dir, tmp_path):
     """check_gpu.py only runs for real on a GPU machine; its --device cpu dry run keeps it working."""
     puzzles = tmp_path / "puzzles.jsonl"
@@ -72,7 +71,9 @@ def test_check_gpu_script_passes_its_cpu_dry_run(model_dir, tmp_path):
                "--prompts", "3", "--new-tokens", "8"]
     run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
-    assert run.stdout.count("PASS") == 9 and "FAIL" not in run.stdout and "all checks passed" in run.stdout
+    assert run.stdout.count("PASS") == 10 and "FAIL" not in run.stdout and "all checks passed" in run.stdout
+    assert "PASS  FSDP2 bf16 == the unsharded model with bf16 parameters" in run.stdout
+
 
 def test_save_load_gives_identical_logits(model_dir, tmp_path):
     model, optimizer, scheduler = train_setup(model_dir)
