@@ -1197,11 +1197,9 @@ def test_bench_grpo_runs_the_demo_and_issue_configs(toy_run, tmp_path):
     # the benchmark reads the demo's P, G and --max-new-tokens from cello.demo_stages; when those
     # stages changed, --configs demo crashed unnoticed until a GPU session ran it
     _, d, _ = toy_run
-    cmd = [sys.executable, os.path.join(ROOT, "bench_grpo.py"), "--model", "tiny", "--data", str(d / "train.jsonl"),
-           "--work-dir", str(tmp_path), "--configs", "demo,issue", "--repeats", "1", "--issue-prompt-len", "40",
-           "--issue-new-tokens", "4"]
-    done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                          timeout=600)
+    done = run_cli(os.path.join(ROOT, "bench_grpo.py"), [
+        "--model", "tiny", "--data", str(d / "train.jsonl"), "--work-dir", str(tmp_path), "--configs", "demo,issue",
+        "--repeats", "1", "--issue-prompt-len", "40", "--issue-new-tokens", "4"])
     assert done.returncode == 0, done.stderr[-2000:]
     assert "[demo] P=4 G=8" in done.stdout and "240 new tokens per response" in done.stdout
     assert "[issue] P=2 G=8" in done.stdout and done.stdout.count("ratio shared / per-seq step time") == 2

@@ -204,7 +204,7 @@ def test_build_writes_a_folder_auto_classes_load(tiny_dir):
     again = cello.load_model(tiny_dir)
     assert again.config._attn_implementation == "sdpa"
     # no hub kernels: transformers 5.25 turns them on by default, and on a GPU .train() then downloads
-    # them (offline: a crash; online: other numerics in the sampler than in the log-probs)
+    # them (offline: a crash; online: layers cello's sampler and log-probs were never checked against)
     assert not getattr(again, "use_kernels", False)
     x = torch.tensor([[5, 6, 7, 8]])
     assert torch.equal(model(x).logits, again(x).logits)
