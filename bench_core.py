@@ -1,13 +1,14 @@
 """Benchmarks for cello.py's sampler and log-probs (not a test: it prints figures for BENCHMARKS.md).
 
-1. Speed: cello.sample against model.generate on the same batch and the same random ~3.7M-parameter
-   Llama (hidden 256, 4 layers, vocab 4096), greedy on P prompts, then the shared-prompt case
+1. Speed: cello.sample against model.generate on the same batch and the same random Llama of the
+   `small` preset's shape (hidden 128, 4 layers, vocab 4096), greedy on P prompts, then the shared-prompt case
    (2 prompts x 8 samples at temperature 1: cello prefills each prompt once, generate prefills 16 rows).
    Each timing is the best of --repeats interleaved runs (the machine is shared), and the prefill is
    timed on its own so the decode share is visible.
 2. Shared-prompt log-probs: cello.response_logprobs with each prompt run once for its G responses
    (shared_prompt=True) against the per-sequence reference, forward only (GRPO's reference model)
-   and forward + backward (the policy), on the same speed model, ~1,200-token prompts.
+   and forward + backward (the policy), on a random ~3.7M-parameter Llama (hidden 256, 4 layers, vocab
+   4096: the `small` preset's earlier shape), ~1,200-token prompts.
 3. SFT step: forward + backward of sft.py's response loss for the `small` preset's shape (random
    weights) on a demo-shaped batch (8 sequences, ~450 tokens, the first 187 shared as the demo's
    system message is, the last ~160 the response), in float32 and under bf16 autocast (sft.py --bf16 in
@@ -90,15 +91,26 @@ torch.set_num_threads(args.threads)
 print("command: python " + " ".join(sys.argv))
 
 
-def llama(vocab, layers, seed):
+# The shape of the earlier `small` preset (3.7M parameters), kept for the log-prob and memory parts so that
+# their figures in BENCHMARKS.md stay comparable; the speed part uses today's `small` preset (issue 3 asks for it).
+HIDDEN_256 = dict(vocab_size=4096, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096)
+
+
+def llama(seed, **shape):
+    """A random-initialised Llama of the given shape (LlamaConfig fields) that never stops at an EOS."""
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=256, intermediate_size=512, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096,
-                         tie_word_embeddings=True, bos_token_id=None, eos_token_id=None, pad_token_id=0)
+    config = LlamaConfig(**shape, tie_word_embeddings=True, bos_token_id=None, eos_token_id=None, pad_token_id=0)
     model = LlamaForCausalLM(config).eval()
     model.generation_config.eos_token_id = None  # no EOS: every row generates exactly --new-tokens
     model.generation_config.pad_token_id = 0
     return model
+
+
+def describe(model):
+    c = model.config
+    return (f"Llama hidden {c.hidden_size}, {c.num_hidden_layers} layers, vocab {c.vocab_size}, "
+            f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
 
 
 def best_time(fn, repeats):
@@ -122,14 +134,14 @@ def interleaved(fns, repeats):
 
 
 if "speed" in parts:
-    model = llama(4096, 4, args.seed)
-    print(f"\n== speed: Llama hidden 256, 4 layers, vocab 4096, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
-          f"parameters, {args.threads} thread(s)")
+    model = llama(args.seed, **cello.PRESETS["small"])
+    vocab = model.config.vocab_size
+    print(f"\n== speed: the small preset's shape ({describe(model)}), {args.threads} thread(s)")
     g = torch.Generator().manual_seed(args.seed)
 
     def prompts_of(n):
         lengths = torch.randint(int(args.prompt_len * 0.95), int(args.prompt_len * 1.05) + 1, (n,), generator=g)
-        return [torch.randint(2, 4096, (int(k),), generator=g).tolist() for k in lengths]
+        return [torch.randint(2, vocab, (int(k),), generator=g).tolist() for k in lengths]
 
     def prefill(prompts):
         ids, mask, positions = cello.left_pad(prompts, 0, "cpu")
@@ -178,15 +190,16 @@ if "speed" in parts:
               f"({decode_generate / max(decode_cello, 1e-9):.2f}x)")
 
 if "logprobs" in parts:
-    model = llama(4096, 4, args.seed)
+    model = llama(args.seed, **HIDDEN_256)
     g = torch.Generator().manual_seed(args.seed + 1)
     lengths = torch.randint(int(args.lp_prompt_len * 0.95), int(args.lp_prompt_len * 1.05) + 1, (args.lp_prompts,),
                             generator=g)
-    prompts = [torch.randint(2, 4096, (int(k),), generator=g).tolist() for k in lengths]
-    responses = [torch.randint(2, 4096, (args.lp_response_len,), generator=g).tolist()
+    vocab = model.config.vocab_size
+    prompts = [torch.randint(2, vocab, (int(k),), generator=g).tolist() for k in lengths]
+    responses = [torch.randint(2, vocab, (args.lp_response_len,), generator=g).tolist()
                  for _ in range(args.lp_prompts * args.lp_samples)]
     print(f"\n== logprobs: {args.lp_prompts} prompts ({min(lengths)}-{max(lengths)} tokens) x {args.lp_samples} "
-          f"responses x {args.lp_response_len} tokens, same model as speed")
+          f"responses x {args.lp_response_len} tokens, {describe(model)}")
 
     def forward(shared):
         with torch.no_grad():
@@ -281,11 +294,11 @@ def peak_mib(fn):
 
 
 if "memory" in parts:
-    model = llama(args.memory_vocab, 2, args.seed)
+    model = llama(args.seed, **{**HIDDEN_256, "vocab_size": args.memory_vocab, "num_hidden_layers": 2})
     ids = torch.randint(2, args.memory_vocab, (args.memory_batch, args.memory_len), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
     gib = args.memory_batch * args.memory_len * args.memory_vocab * 4 / 2 ** 30
-    print(f"\n== memory: Llama hidden 256, 2 layers, vocab {args.memory_vocab}, batch {args.memory_batch} x "
+    print(f"\n== memory: {describe(model)}, batch {args.memory_batch} x "
           f"{args.memory_len} tokens (one [B, T, V] float32 tensor = {gib:.2f} GiB), {args.threads} thread(s)")
 
     def naive():

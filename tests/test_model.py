@@ -409,3 +409,21 @@ def test_a_tokenizer_without_a_pad_token_pads_with_eos(tiny_dir, tmp_path):
     assert AutoTokenizer.from_pretrained(str(folder)).pad_token_id is None  # as Llama-3's ship
     tokenizer = cello.load_tokenizer(str(folder))
     assert tokenizer.pad_token_id == tokenizer.eos_token_id is not None
+
+
+def test_bench_core_runs_every_cpu_part_and_its_checks_hold():
+    # bench_core.py is not a test, but its figures go into BENCHMARKS.md: it must run, and the checks
+    # it prints (greedy equals generate, shared equals per-sequence, chunked equals naive) must hold
+    done = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench_core.py"), "--parts", "speed,logprobs,sft,memory", "--prompts", "2",
+         "--prompt-len", "40", "--new-tokens", "4", "--shared-prompts", "1", "--samples", "2", "--repeats", "1",
+         "--lp-prompt-len", "30", "--lp-response-len", "4", "--sft-batch", "2", "--sft-len", "60",
+         "--sft-response-len", "10", "--sft-prefix-len", "20", "--memory-vocab", "2000",
+         "--memory-len", "32", "--memory-batch", "1"],
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = done.stdout
+    assert "== speed: the small preset's shape (Llama hidden 128, 4 layers, vocab 4096" in out
+    assert out.count("speed-up of cello.sample over model.generate") == 2
+    gaps = [float(line.rsplit("=", 1)[1]) for line in out.splitlines() if line.strip().startswith("max |")]
+    assert len(gaps) == 2 and max(gaps) < 1e-5, out
