@@ -152,7 +152,7 @@ def test_a_demo_skips_finished_stages_and_stops_at_a_failed_one(tmp_path, monkey
                                     "the demo again: finished stages are kept")
     # the flags are recorded, so that a rerun with others is refused
     assert cello.read_json(str(out / "demo_flags.json")) == {"--data": cello.file_fingerprint(DATA), "--sft-steps": 2,
-                                                             "--cooldown-steps": 600, "--grpo-steps": 100}
+                                                             "--cooldown-steps": 300, "--grpo-steps": 50}
 
 
 def test_a_demo_folder_made_from_other_data_is_refused(tmp_path):
@@ -161,7 +161,7 @@ def test_a_demo_folder_made_from_other_data_is_refused(tmp_path):
     out = tmp_path / "demo"
     os.makedirs(out)
     cello.write_json_atomic(str(out / "demo_flags.json"), {"--data": cello.file_fingerprint(DATA), "--sft-steps": 1500,
-                                                            "--cooldown-steps": 600, "--grpo-steps": 100})
+                                                            "--cooldown-steps": 300, "--grpo-steps": 50})
     other = tmp_path / "other.h5ad"
     other.write_bytes(b"other data")
     with pytest.raises(SystemExit) as exit_info:
