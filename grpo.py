@@ -35,10 +35,10 @@ malformed, or all right).
 
 The defaults are the CPU demo's recipe (`python cello.py demo`): the "small" preset after SFT on the
 demo's puzzles (N 4-6 cells, ~330-400-token prompts, expert-style responses of ~125-195 tokens), P = 4
-puzzles x G = 8 responses per step, a 240-token budget, lr 1e-4, 100 steps. On the 2-core machine,
-idle: ~1.6-1.7 s per step (rollout 0.6-0.7, reference 0.2, update 0.6; BENCHMARKS.md), about 3
-minutes in all with its evaluations (up to 3 s a step in the slowest hours seen); README has what it
-does to the test puzzles. On a machine busy with other jobs, set OMP_NUM_THREADS=1 (threads
+puzzles x G = 8 responses per step, a 240-token budget, lr 1e-4, 50 steps. On the 2-core machine:
+~2-2.5 s per step from the demo's SFT model (rollout 1.0-1.4, reference 0.2-0.3, update 0.65-0.75;
+BENCHMARKS.md), about 2 minutes in all with its evaluations (up to 3 s a step in the slowest hours seen); README has
+what it does to the test puzzles. On a machine busy with other jobs, set OMP_NUM_THREADS=1 (threads
 spin-waiting for a busy core slow a rollout); floats then sum in another order, so the samples, and
 the results, differ from 2 threads'.
 The paper's 7B run (Qwen2.5-7B-Instruct after SFT; 8 GPUs; one pass over the 6,912 released train
@@ -279,7 +279,7 @@ def parse_args(argv=None):
                         "shared prompt once")
     g = parser.add_argument_group("run")
     g.add_argument("--out-dir", required=True, help="folder for checkpoints and metrics.jsonl")
-    g.add_argument("--steps", type=int, default=100, help="GRPO steps to run (in total, counting resumed ones)")
+    g.add_argument("--steps", type=int, default=50, help="GRPO steps to run (in total, counting resumed ones)")
     g.add_argument("--eval-every", type=int, default=25,
                    help="greedy evaluation on --val every this many steps, at step 0 and at the end (0: never)")
     g.add_argument("--eval-batch", type=int, default=16, help="val puzzles per greedy sampling call")
