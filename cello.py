@@ -1453,7 +1453,7 @@ def demo_stages(out, data, sft_steps, cooldown_steps, grpo_steps):
                                         "--lr", "1e-3", "--eval-every", "300", *resume_flag(f"{out}/sft-cool")],
          f"{out}/sft-cool/final/config.json"),
         # GRPO: 4 puzzles x 8 samples, lr 1e-4; expert-style responses are 123, 158 and 193 tokens for
-        # N = 4, 5, 6: a 240-token budget. 50 steps (~2.3 minutes): from the lower-rate SFT model test
+        # N = 4, 5, 6: a 240-token budget. 50 steps (~2 minutes): from the lower-rate SFT model test
         # batch-level accuracy goes 28.3% -> 31.7% / 35.0% / 36.7% after 50 / 75 / 100 steps, validity
         # 65.0% -> 71.7% / 71.7% / 76.7%; 100 steps would take the demo past 15 minutes (EXPERIMENTS.md:
         # "The demo within 15 minutes")

@@ -37,10 +37,10 @@ The defaults are the CPU demo's recipe (`python cello.py demo`): the "small" pre
 demo's puzzles (N 4-6 cells, ~330-400-token prompts, expert-style responses of ~125-195 tokens), P = 4
 puzzles x G = 8 responses per step, a 240-token budget, lr 1e-4, 50 steps. On the 2-core machine:
 ~2-2.5 s per step from the demo's SFT model (rollout 1.0-1.4, reference 0.2-0.3, update 0.65-0.75;
-BENCHMARKS.md), about 2 minutes in all with its evaluations (up to 3 s a step in the slowest hours seen); README has
-what it does to the test puzzles. On a machine busy with other jobs, set OMP_NUM_THREADS=1 (threads
-spin-waiting for a busy core slow a rollout); floats then sum in another order, so the samples, and
-the results, differ from 2 threads'.
+BENCHMARKS.md), about 2 minutes in all with its evaluations (up to 3 s a step in the slowest hours
+seen); README has what it does to the test puzzles. On a machine busy with other jobs, set
+OMP_NUM_THREADS=1 (threads spin-waiting for a busy core slow a rollout); floats then sum in another
+order, so the samples, and the results, differ from 2 threads'.
 The paper's 7B run (Qwen2.5-7B-Instruct after SFT; 8 GPUs; one pass over the 6,912 released train
 puzzles is 108 steps):
     torchrun --nproc_per_node 8 grpo.py --model runs/sft-7b/final --train train.jsonl --val val.jsonl \\
