@@ -309,13 +309,15 @@ def parse_args(argv=None):
 def step_puzzles(num_puzzles, consumed, count, seed):
     """Indices of the next `count` puzzles after `consumed` have been used.
 
-    Each epoch is its own random permutation (seeded by seed + epoch), so the data position is the
-    single number `consumed` and resuming needs nothing else.
+    Each epoch is its own random permutation, so the data position is the single number `consumed`
+    and resuming needs nothing else. Its seed mixes run seed and epoch as sample_seed does: a plain
+    seed + epoch would give seed s + 1 the epochs of seed s shifted by one.
     """
     out = []
     while len(out) < count:
         epoch, pos = divmod(consumed, num_puzzles)
-        perm = torch.randperm(num_puzzles, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        generator = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % 2**63)
+        perm = torch.randperm(num_puzzles, generator=generator).tolist()
         take = min(count - len(out), num_puzzles - pos)
         out += perm[pos:pos + take]
         consumed += take
@@ -402,7 +404,8 @@ def policy_update(model, optimizer, batch, args, world_size=1):
     mask [R, L], ref_logp [R, L] or None, advantages [R]. The loss divisor is computed over the whole
     minibatch on all ranks before any forward, so every micro-batch on every rank divides by the same
     number and the summed gradient is exactly the gradient of the minibatch's loss.
-    A non-finite loss or gradient norm stops the run before optimizer.step touches the weights.
+    A non-finite loss or gradient norm stops the run before that minibatch's optimizer.step (earlier
+    minibatches of the step, with --minibatches or --mu > 1, have been applied; the message says so).
     Returns metrics summed/averaged over all ranks: loss, grad_norm, clip_frac_low, clip_frac_high, kl,
     rho_mean.
     """
@@ -411,7 +414,7 @@ def policy_update(model, optimizer, batch, args, world_size=1):
     totals = {"tokens": 0.0, "clipped_low": 0.0, "clipped_high": 0.0, "kl": 0.0, "rho": 0.0}
     losses, grad_norms = [], []
     params = [p for p in model.parameters() if p.requires_grad]
-    for _ in range(args.mu):
+    for update_pass in range(args.mu):
         for m in range(args.minibatches):
             puzzles = minibatch_puzzles(num_local, args.minibatches, m)  # this minibatch's puzzles (local)
             minibatch_rows = [p * G + g for p in puzzles for g in range(G)]  # their responses
@@ -442,9 +445,12 @@ def policy_update(model, optimizer, batch, args, world_size=1):
             grad_norm = cello.clip_grad_norm(params, args.max_grad_norm)
             bad_ranks = cello.all_reduce(0.0 if finite else 1.0)
             if bad_ranks or not math.isfinite(grad_norm):
+                applied = update_pass * args.minibatches + m  # optimizer steps this GRPO step has already taken
+                state = (f"the weights hold this step's first {applied} minibatch update(s), not this one"
+                         if applied else "the weights were not updated")
                 sys.exit(f"grpo.py: error: non-finite loss or gradient (loss finite on all ranks: {not bad_ranks}, "
-                         f"grad norm {grad_norm}); the weights were not updated. Lower --lr, or check the "
-                         "model and data; a checkpoint saved before this step (--out-dir/last, if any) is intact.")
+                         f"grad norm {grad_norm}); {state}. Lower --lr, or check the model and data; a "
+                         "checkpoint saved before this step (--out-dir/last, if any) is intact.")
             optimizer.step()
             losses.append(cello.all_reduce(mb_loss))
             grad_norms.append(grad_norm)
@@ -514,6 +520,7 @@ def main(argv=None):
     # reference is rebuilt from it, not saved, and the tokenizer comes from it even at beta 0. The
     # data position and the sampling seeds mean something only for the same puzzles, step size and seed.
     run_identity = {"script": "grpo.py", "--train": cello.file_fingerprint(args.train),
+                    "--max-prompt-tokens": args.max_prompt_tokens,  # it decides which puzzles are kept
                     "--puzzles-per-step": args.puzzles_per_step, "--group-size": args.group_size, "--seed": args.seed,
                     "--lr": args.lr, "--weight-decay": args.weight_decay,  # both kept by the optimizer state
                     "model": cello.model_fingerprint(model_path)}

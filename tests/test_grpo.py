@@ -246,10 +246,12 @@ def test_padding_never_changes_the_loss(mode):
 def test_step_puzzles_are_epoch_permutations():
     seen = grpo.step_puzzles(5, 0, 5, seed=0)
     assert sorted(seen) == [0, 1, 2, 3, 4]
-    # shuffled, per epoch and per seed (torch.randperm with the generator seeded by seed + epoch)
+    # shuffled, per epoch and per seed (torch.randperm seeded by seed * 1_000_003 + epoch)
     assert seen == [4, 0, 1, 3, 2]
     assert grpo.step_puzzles(5, 5, 5, seed=0) == [0, 4, 2, 3, 1]  # epoch 1: another order
-    assert grpo.step_puzzles(5, 0, 5, seed=2) == [3, 4, 1, 0, 2]  # another seed: another order
+    assert grpo.step_puzzles(5, 0, 5, seed=2) == [4, 2, 0, 3, 1]  # another seed: another order
+    # the next seed is not the same run an epoch later (it was, when the generator took seed + epoch)
+    assert grpo.step_puzzles(10, 0, 10, seed=1) != grpo.step_puzzles(10, 10, 10, seed=0)
     epochs = [grpo.step_puzzles(20, 20 * e, 20, seed=0) for e in range(3)]
     assert all(sorted(e) == list(range(20)) for e in epochs)
     assert len({tuple(e) for e in epochs}) == 3 and list(range(20)) not in epochs
@@ -452,6 +454,28 @@ def test_non_finite_loss_stops_before_the_weights_change(tiny):
     with pytest.raises(SystemExit, match="non-finite loss or gradient.*weights were not updated"):
         grpo.policy_update(model, torch.optim.AdamW(model.parameters(), lr=1e-2), batch, args)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+def test_a_non_finite_loss_in_a_later_minibatch_says_the_earlier_ones_were_applied(tiny):
+    """With --minibatches 2 the first minibatch's optimizer step runs before the second one's NaN is
+    seen: the message must not claim the weights are untouched, and the second step is not applied."""
+    records, path = tiny
+    model = cello.load_model(path)
+    tok = cello.load_tokenizer(path)
+    responses = [[5, 6], [7], [8, 9], [10]]  # two puzzles of two responses; the second puzzle's advantage is NaN
+    old, mask = grpo.pad_rows([[-1.0] * len(r) for r in responses])
+    batch = {"prompts": [cello.prompt_ids(tok, records[0]), cello.prompt_ids(tok, records[1])], "responses": responses,
+             "old_logp": old, "mask": mask, "ref_logp": None, "advantages": T([1.0, -1.0, float("nan"), 0.0])}
+    before = [p.detach().clone() for p in model.parameters()]
+    after_first = {}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    optimizer.register_step_post_hook(lambda *_: after_first.setdefault("w", [p.detach().clone() for p in model.parameters()]))
+    args = update_args(path, "--group-size", "2", "--puzzles-per-step", "2", "--minibatches", "2", "--beta", "0")
+    with pytest.raises(SystemExit) as stop:
+        grpo.policy_update(model, optimizer, batch, args)
+    assert "the weights hold this step's first 1 minibatch update(s), not this one" in stop.value.code
+    assert not all(torch.equal(p, q) for p, q in zip(after_first["w"], before))  # the first step moved them
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), after_first["w"]))  # the second did not
 
 
 @pytest.mark.parametrize("bad", ["loss", "gradient"])
@@ -1057,6 +1081,7 @@ def test_resume_with_another_starting_model_is_refused_a_moved_one_is_not(toy_ru
     cello.write_jsonl_atomic(str(fewer), cello.read_jsonl(flags[train_at])[:-1])
     for changed, key in ((["--group-size", "2"], "--group-size 4, this run has 2"),
                          (["--lr", "2e-3"], "--lr 0.001, this run has 0.002"),  # the optimizer state keeps its own
+                         (["--max-prompt-tokens", "4096"], "--max-prompt-tokens 2048, this run has 4096"),  # which are kept
                          (["--train", str(fewer)], "--train " + cello.file_fingerprint(flags[train_at]))):
         with pytest.raises(SystemExit) as stop:
             grpo.main(flags + changed + ["--out-dir", out, "--steps", "2", "--eval-every", "0", "--resume"])
