@@ -345,6 +345,7 @@ def test_two_process_fsdp2_matches_one_process(model_dir, tmp_path):
     fp32_loss = cello.load_model(model_dir)(BATCH, labels=BATCH).loss.item()
     assert result["bf16_loss"] == pytest.approx(fp32_loss, abs=1e-2) and result["bf16_loss"] != fp32_loss
     assert result["bf16_grad_dtype"] == "torch.float32" and result["autocast_under_fsdp"] is False
+    assert result["bf16_reduced_not_bf16"] > 0  # reduce_dtype float32
 
 
 def test_activation_checkpointing_gives_the_same_gradients(model_dir):
@@ -388,7 +389,11 @@ def worker(model_dir, work_dir):
     cello.shard_model(mixed, device, bf16=True, activation_checkpointing=True)
     mixed.train()
     loss = mixed(BATCH, labels=BATCH).loss
-    loss.backward()
+    mixed(BATCH[rank:rank + 1], labels=BATCH[rank:rank + 1]).loss.backward()  # each rank its own row
+    # gradients are reduced in float32: the mean of the ranks' two different bf16-computed gradients
+    # holds values that bfloat16 cannot (a bf16 reduction would leave none)
+    embedding_grad = mixed.model.embed_tokens.weight.grad.full_tensor()
+    not_bf16 = (embedding_grad != embedding_grad.to(torch.bfloat16).float()).sum().item()
     with cello.bf16_autocast(mixed, True):  # FSDP2's policy casts: the one-process autocast stays off
         autocast_under_fsdp = torch.is_autocast_enabled("cpu")
     result = {"autocast_under_fsdp": autocast_under_fsdp, "grad_norm": grad_norm, "resumed_state": state,
@@ -396,7 +401,8 @@ def worker(model_dir, work_dir):
               "mean_rank": cello.all_reduce(float(rank), op="mean"), "sum_rank": cello.all_reduce(float(rank)),
               "gathered": cello.all_gather_list([f"rank {rank}", rank]),
               "python_draws": cello.all_gather_list([python_draw]),
-              "bf16_loss": loss.item(), "bf16_grad_dtype": str(mixed.model.embed_tokens.weight.grad.dtype)}
+              "bf16_loss": loss.item(), "bf16_grad_dtype": str(mixed.model.embed_tokens.weight.grad.dtype),
+              "bf16_reduced_not_bf16": not_bf16}
     if rank == 0:
         torch.save(logits, os.path.join(work_dir, "logits.pt"))
         with open(os.path.join(work_dir, "result.json"), "w") as f:

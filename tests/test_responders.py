@@ -245,6 +245,12 @@ def test_model_responder_tiny_checkpoint(tmp_path):
     assert respond(train[:3], 2) == texts  # greedy is deterministic across calls
     one_by_one = responders.make_responder("model", path=path, batch_size=1, max_new_tokens=12, temperature=0.0)
     assert one_by_one(train[:3], 2) == texts  # batching changes nothing
+    # sampling reaches the sampler with its top-p and seed: a tiny nucleus is greedy, a seed repeats
+    sampled = lambda **kw: responders.make_responder("model", path=path, max_new_tokens=12, temperature=1.0,
+                                                     **kw)(train[:3], 2)
+    assert sampled(top_p=1e-6, seed=5) == texts
+    draw = sampled(seed=0)
+    assert draw != texts and sampled(seed=0) == draw and sampled(seed=1) != draw
 
 
 @pytest.mark.parametrize("flag, value, message", [("--limit", "-1", "expected an integer >= 1, got -1"),
