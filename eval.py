@@ -274,9 +274,8 @@ def main(argv=None):
             print(f"{name}: pass@{m['k']} (share of puzzles with a fully correct sample) = {100 * m['pass_at_k']:.1f}%")
     cello.write_jsonl_atomic(os.path.join(args.out_dir, "predictions.jsonl"), predictions)
     cello.write_json_atomic(os.path.join(args.out_dir, "summary.json"), summary)
-    for name in os.listdir(args.out_dir):  # the results are whole: the model's partial rows are not needed
-        if name.startswith(".model-") and name.endswith(".partial.jsonl"):
-            os.remove(os.path.join(args.out_dir, name))
+    if "model" in args.responder:  # this run's rows are whole now; another run's partial rows stay
+        os.remove(partial_path(args, records))
     print(f"eval.py: wrote {args.out_dir}/predictions.jsonl and summary.json")
 
 

@@ -327,6 +327,8 @@ def test_cli_model_responder(files):
     records = cello.read_jsonl(files / "test.jsonl")
     path = cello.prepare_model("tiny", str(files / "models"), records)
     out = files / "out"
+    os.makedirs(out)
+    (out / ".model-other.partial.jsonl").write_text('{"id": "p1"}\n')  # a killed run with other settings
     evaluate.main(["--puzzles", str(files / "test.jsonl"), "--responder", "model", "--model-path", path,
                    "--max-new-tokens", "6", "--batch-size", "1", "--out-dir", str(out)])
     rows = cello.read_jsonl(out / "predictions.jsonl")
@@ -336,7 +338,9 @@ def test_cli_model_responder(files):
     assert summary["mean_length"] == pytest.approx(sum(r["num_tokens"] for r in rows) / 2)
     # an untrained model writes nothing well formed: every response is malformed and scores 0 cells
     assert summary["format_validity"] == 0.0 and summary["cell_accuracy"] == 0.0
-    assert not [n for n in os.listdir(out) if n.endswith(".partial.jsonl")]  # removed once the results are whole
+    # this run's partial rows are removed once the results are whole; the other run's stay for its rerun
+    assert [n for n in os.listdir(out) if n.endswith(".partial.jsonl")] == [".model-other.partial.jsonl"]
+    os.remove(out / ".model-other.partial.jsonl")
 
     # A run killed after its first batch (of one puzzle) goes on with the second: the first is not asked
     # again, and the rows are the straight run's.
@@ -352,8 +356,9 @@ def test_cli_model_responder(files):
             "--batch-size", "1", "--out-dir", str(files / "resumed")]
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(cello, "sample", sample_then_die)
-        # other settings: both asked again; the same command, or greedy with another batch size: only p2
-        for tokens, batch, dies, asked in [("6", "1", True, None), ("5", "1", False, [1, 1]),
+        # other settings: both asked again (and the killed run's rows are kept for it); then the same
+        # command, or greedy with another batch size: only p2
+        for tokens, batch, dies, asked in [("6", "1", True, None), ("5", "1", False, [1, 1]), ("6", "1", False, [1]),
                                            ("6", "1", True, None), ("6", "2", False, [1])]:
             die, calls[:] = dies, []
             if dies:
@@ -363,9 +368,9 @@ def test_cli_model_responder(files):
             else:
                 evaluate.main(argv + ["--max-new-tokens", tokens, "--batch-size", batch])
                 assert calls == asked
-                if tokens == "5":
-                    os.remove(files / "resumed" / "predictions.jsonl")
-    assert cello.read_jsonl(files / "resumed" / "predictions.jsonl") == rows
+                if tokens == "6":
+                    assert cello.read_jsonl(files / "resumed" / "predictions.jsonl") == rows
+                os.remove(files / "resumed" / "predictions.jsonl")
 
 
 @pytest.mark.parametrize("flag, value, expected", [
