@@ -295,6 +295,9 @@ def api_responder(base_url, model, api_key_env, cache_path, max_concurrency=8, t
     if api_key_env:
         secret = (os.environ.get(api_key_env) or "").strip()  # a key pasted from a file often ends in "\n"
         if not secret:
+            if not api_key_env.isupper() and len(api_key_env) > 20:  # a key pasted in place of the name (gsk_...)
+                raise ValueError("the API key variable names no set environment variable, and its name is not "
+                                 "shown as it looks like a key: give the NAME of the variable that holds the key")
             raise ValueError(f"environment variable {api_key_env} is not set (it should hold the API key)")
         if not all(33 <= ord(c) < 127 for c in secret):  # else httpx's error would quote the header, key and all
             raise ValueError(f"environment variable {api_key_env} holds characters an HTTP header cannot carry")

@@ -126,6 +126,10 @@ def test_key_from_the_environment_is_checked_without_echoing_it(tmp_path, monkey
     monkeypatch.delenv("CELLO_K")
     with pytest.raises(ValueError, match="^environment variable CELLO_K is not set"):
         api.api_responder("http://127.0.0.1:9/v1", "m", "CELLO_K", cache)
+    key = "gsk_8fJ2kLmN0pQrStUvWxYz1234567890abcdEFGH"  # a key of name characters, pasted where the name goes
+    with pytest.raises(ValueError) as error:
+        api.api_responder("http://127.0.0.1:9/v1", "m", key, cache)
+    assert "looks like a key" in str(error.value) and "8fJ2" not in str(error.value)
     with pytest.raises(ValueError, match="ids must be unique"):
         api.api_responder("http://127.0.0.1:9/v1", "m", "", cache)(toy_puzzles(1) * 2, 1)
 
