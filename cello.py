@@ -1377,7 +1377,12 @@ def load_resume(out_dir, model, optimizer=None, scheduler=None, expect=None):
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=sharded)
     weights = {}
     if rank == 0 or not sharded:
-        weights = _read_weights(out_dir)
+        try:
+            weights = _read_weights(out_dir)
+        except Exception as e:  # a file cut short: safetensors' own error, a missing shard: OSError
+            sys.exit(f"cello: error: cannot read the weights in {out_dir} ({type(e).__name__}: "
+                     f"{' '.join(str(e).split())[:200]}): the checkpoint is damaged; resume from an intact copy "
+                     "or start afresh")
         tied = _tied_weight_names(model)
         if tied:
             weights[tied[0]] = weights[tied[1]]

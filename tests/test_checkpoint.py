@@ -577,6 +577,10 @@ def test_a_damaged_checkpoint_is_a_one_line_error(model_dir, tmp_path):
         assert isinstance(stop.value.code, str) and "\n" not in stop.value.code
         return stop.value.code
 
+    cut("model.safetensors")  # resume reads the weights itself, not through from_pretrained
+    assert error_of(lambda: cello.load_resume(out, model, optimizer)).startswith(
+        f"cello: error: cannot read the weights in {out} (")
+    cello.save_checkpoint(out, model, cello.load_tokenizer(model_dir), optimizer, state={"step": 2})
     cut("optimizer.pt")
     assert error_of(lambda: cello.load_resume(out, model, optimizer)).startswith(
         f"cello: error: cannot read {out}/optimizer.pt (")
