@@ -1532,11 +1532,19 @@ def demo(argv):
     here = os.path.dirname(os.path.abspath(__file__))
     check_file(args.data, "cello.py demo", "--data", "an .h5ad file")
     make_out_dir(args.out_dir, "cello.py demo")
-    # A finished stage is skipped, so a folder made with other flags would report its old results.
+    # A finished stage is skipped, so a folder made with other flags would report its old results (while
+    # no stage has finished, as after a wrong --data, the flags may change).
+    stages = demo_stages(args.out_dir, args.data, args.sft_steps, args.cooldown_steps, args.grpo_steps)
     flags = {"--data": file_fingerprint(args.data), "--sft-steps": args.sft_steps,
              "--cooldown-steps": args.cooldown_steps, "--grpo-steps": args.grpo_steps}
     flags_path = f"{args.out_dir}/demo_flags.json"
-    before = read_json(flags_path) if os.path.exists(flags_path) else flags
+    before = flags
+    if os.path.exists(flags_path) and any(os.path.exists(done) for _, _, done in stages):
+        try:
+            before = read_json(flags_path)
+        except ValueError as e:
+            sys.exit(f"cello.py demo: error: {flags_path} is not JSON ({e}): the flags of its finished stages are "
+                     "unknown; choose another --out-dir")
     changed = [flag for flag in flags if before.get(flag) != flags[flag]]
     if changed:
         flag = changed[0]
@@ -1549,8 +1557,7 @@ def demo(argv):
     write_json_atomic(flags_path, flags)
     timings_path = f"{args.out_dir}/timings.json"  # kept across restarts, so a resumed demo reports every stage
     timings = read_json(timings_path) if os.path.exists(timings_path) else {}
-    for name, command, done in demo_stages(args.out_dir, args.data, args.sft_steps, args.cooldown_steps,
-                                              args.grpo_steps):
+    for name, command, done in stages:
         if os.path.exists(done):
             print(f"== {name}: done already ({done})")
             continue

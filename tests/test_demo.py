@@ -50,12 +50,32 @@ def test_a_killed_training_stage_is_resumed_not_restarted(tmp_path):
     assert stages["SFT at a third of the rate"][-1] == "--resume"
 
 
-def test_a_demo_folder_made_with_other_flags_is_refused(tmp_path):
-    """Finished stages are skipped: rerun with other steps or data, the folder would report its old results."""
+def finish_first_stage(out):
+    """Mark the demo's first stage (puzzles) done in the run folder out."""
+    (out / "puzzles").mkdir(parents=True)
+    (out / "puzzles" / "summary.json").write_text("{}")
+
+
+def test_a_demo_folder_made_with_other_flags_is_refused(tmp_path, monkeypatch):
+    """Finished stages are skipped: rerun with other steps or data, the folder would report its old results.
+    Before any stage has finished the flags may change (say, after a wrong --data)."""
     import cello
     out = tmp_path / "demo"
     os.makedirs(out)
     data = os.path.join(ROOT, "data", "pbmc68k_reduced.h5ad")
+    cello.write_json_atomic(str(out / "demo_flags.json"), {"--data": "another file's", "--sft-steps": 1500})
+    ran = []
+    monkeypatch.setattr(subprocess, "run", lambda command, *a, **k: ran.append(os.path.basename(command[1])) or
+                        subprocess.CompletedProcess(command, 3))
+    with pytest.raises(SystemExit, match="stage 'build puzzles' failed"):
+        cello.demo(["--out-dir", str(out), "--sft-steps", "2"])
+    assert ran == ["puzzles.py"] and cello.read_json(str(out / "demo_flags.json"))["--sft-steps"] == 2
+    monkeypatch.undo()
+    finish_first_stage(out)
+    (out / "demo_flags.json").write_text('{"--data": ')  # edited by hand
+    with pytest.raises(SystemExit) as exit_info:
+        cello.demo(["--out-dir", str(out)])
+    assert exit_info.value.code.startswith(f"cello.py demo: error: {out}/demo_flags.json is not JSON (")
     flags = {"--data": cello.file_fingerprint(data), "--sft-steps": 1500, "--cooldown-steps": 600, "--grpo-steps": 100}
     cello.write_json_atomic(str(out / "demo_flags.json"), flags)
     with pytest.raises(SystemExit) as exit_info:
@@ -140,8 +160,7 @@ def test_a_demo_skips_finished_stages_and_stops_at_a_failed_one(tmp_path, monkey
     import cello
     from conftest import DATA
     out = tmp_path / "demo"
-    (out / "puzzles").mkdir(parents=True)
-    (out / "puzzles" / "summary.json").write_text("{}")  # the first stage is done
+    finish_first_stage(out)
     ran = []
     monkeypatch.setattr(subprocess, "run", lambda command, *a, **k: ran.append(os.path.basename(command[1])) or
                         subprocess.CompletedProcess(command, 3))
@@ -159,7 +178,7 @@ def test_a_demo_folder_made_from_other_data_is_refused(tmp_path):
     import cello
     from conftest import DATA
     out = tmp_path / "demo"
-    os.makedirs(out)
+    finish_first_stage(out)
     cello.write_json_atomic(str(out / "demo_flags.json"), {"--data": cello.file_fingerprint(DATA), "--sft-steps": 1500,
                                                             "--cooldown-steps": 300, "--grpo-steps": 50})
     other = tmp_path / "other.h5ad"
