@@ -316,7 +316,9 @@ def main(argv=None):
                     "--seed": args.seed, "--max-length": args.max_length, "--bucket-batches": args.bucket_batches,
                     "--val-data": cello.file_fingerprint(args.val_data) if args.val_data else None,
                     "--val-fraction": None if args.val_data else args.val_fraction,
-                    "--lr": args.lr, "--weight-decay": args.weight_decay}
+                    "--lr": args.lr, "--weight-decay": args.weight_decay,
+                    # resume loads the weights from last/, so the starting model is only known by this entry
+                    "--model": args.model if args.model in cello.PRESETS else cello.model_fingerprint(args.model)}
     step = 0
     metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
     if args.resume:

@@ -614,9 +614,11 @@ def test_each_epoch_uses_its_own_batch_order(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("flag, value, key", [("--seed", "1", "--seed 0"), ("--max-length", "4096", "--max-length 2048"),
                                               ("--bucket-batches", "2", "--bucket-batches 8"),
-                                              ("--val-fraction", "0.5", "--val-fraction 0.25")])
-def test_resume_refuses_a_changed_seed_length_limit_bucket_or_split(tmp_path, flag, value, key):
-    """Every flag that decides the data position is in the run identity that --resume checks."""
+                                              ("--val-fraction", "0.5", "--val-fraction 0.25"),
+                                              ("--model", "small", "--model tiny, this run has small")])
+def test_resume_refuses_a_changed_seed_length_limit_bucket_split_or_model(tmp_path, flag, value, key):
+    """Every flag that decides the data position is in the run identity that --resume checks, and so is
+    the starting model, which resume would otherwise never look at (the weights come from last/)."""
     flags = ["--data", write(tmp_path / "sft.jsonl", make_records(8)), "--model", "tiny", "--out-dir",
              str(tmp_path / "run"), "--batch-size", "2", "--val-fraction", "0.25", "--max-steps", "1"]
     sft.main(flags)
