@@ -1137,6 +1137,16 @@ def cleanup_distributed():
         dist.destroy_process_group()
 
 
+def run_script(main, script, how_to_continue):
+    """Run a script's main(). Ctrl-C ends it with one line that says how to continue instead of a
+    traceback; a torchrun rank then ends as exit_after_torchrun says."""
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.exit(f"{script}: interrupted; {how_to_continue}")
+    exit_after_torchrun()
+
+
 def exit_after_torchrun():
     """End a torchrun rank (WORLD_SIZE > 1) without interpreter teardown, once its work is saved and
     the process group destroyed: on CPU a gloo worker thread can still be alive then, and in ~1 run in
@@ -1589,4 +1599,5 @@ def demo(argv):
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] != "demo":
         sys.exit("usage: python cello.py demo [--out-dir DIR] (see python cello.py demo --help)")
-    demo(sys.argv[2:])
+    run_script(lambda: demo(sys.argv[2:]), "cello.py demo",
+               "the same command continues: finished stages are kept, and SFT and GRPO resume from their checkpoints")

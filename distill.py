@@ -316,4 +316,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    cello.run_script(main, "distill.py", "the same command continues; the api teacher's answers so far are "
+                                         "cached and not asked again (other teachers start afresh)")

@@ -280,4 +280,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cello.run_script(main, "eval.py", "the same command continues: the model's and the api's answers so far "
+                                      "are kept and not asked again")

@@ -363,5 +363,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
-    cello.exit_after_torchrun()
+    cello.run_script(main, "sft.py", "the same command with --resume continues from the last checkpoint "
+                                     "(--out-dir/last, saved every --save-every steps)")

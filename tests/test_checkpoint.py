@@ -611,3 +611,15 @@ def test_rng_states_hold_the_gpus_generators_only_where_there_is_a_gpu(monkeypat
     assert cello.rng_states()["cuda"] == ["gpu 0", "gpu 1"]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert "cuda" not in cello.rng_states()
+
+
+def test_ctrl_c_ends_a_script_with_one_line_saying_how_to_continue():
+    def interrupted():
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as stop:
+        cello.run_script(interrupted, "sft.py", "the same command with --resume continues")
+    assert stop.value.code == "sft.py: interrupted; the same command with --resume continues"
+    ran = []
+    cello.run_script(lambda: ran.append(1), "sft.py", "unused")  # a plain run returns normally
+    assert ran == [1]
