@@ -561,6 +561,9 @@ def main(argv=None):
     if args.resume:
         state = cello.load_resume(resume_dir, model, optimizer, scheduler, expect=run_identity)
         step, consumed = state["step"], state["consumed"]
+        if step > args.steps:  # else final/ would be rewritten with the later step's weights
+            sys.exit(f"grpo.py: error: --resume: {resume_dir} is at step {step}, past this run's {args.steps} steps: "
+                     "nothing to train; ask for more with --steps")
     cello.keep_metrics_until(metrics_path, step)
     if rank == 0:
         cello.write_json_atomic(os.path.join(args.out_dir, "args.json"),

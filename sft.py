@@ -323,6 +323,9 @@ def main(argv=None):
     metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
     if args.resume:
         step = cello.load_resume(resume_dir, model, optimizer, scheduler, expect=run_identity)["step"]
+        if step > total_steps:  # else final/ would be rewritten with the later step's weights
+            sys.exit(f"sft.py: error: --resume: {resume_dir} is at step {step}, past this run's {total_steps} steps: "
+                     "nothing to train; ask for more with --max-steps")
         cello.print0(f"sft.py: resuming at step {step + 1} from {resume_dir}")
     cello.keep_metrics_until(metrics_path, step)
 

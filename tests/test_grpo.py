@@ -743,6 +743,10 @@ def test_logged_lr_is_the_update_s_and_a_fresh_run_refuses_an_old_checkpoint(toy
     os.replace(os.path.join(out, "last"), os.path.join(out, "last.old"))  # a crash between the two renames
     grpo.main(base + ["--steps", "3", "--resume"])
     assert [row["step"] for row in read_metrics(out)] == [1, 2, 3] and read_metrics(out)[2]["lr"] == 1e-3
+    with pytest.raises(SystemExit) as stop:  # fewer steps than done: final/ must keep step 3's weights
+        grpo.main(base + ["--steps", "2", "--resume"])
+    assert stop.value.code == (f"grpo.py: error: --resume: {out}/last is at step 3, past this run's 2 steps: nothing "
+                               "to train; ask for more with --steps")
 
 
 def test_resume_without_a_checkpoint_is_a_clear_error(toy_run, tmp_path):

@@ -612,6 +612,17 @@ def test_each_epoch_uses_its_own_batch_order(tmp_path, monkeypatch):
     assert seen == expected and expected[:4] != expected[4:]
 
 
+def test_resume_with_fewer_steps_than_done_is_refused(tmp_path):
+    """Else final/ would be rewritten with the checkpoint's later weights under a smaller --max-steps."""
+    flags = ["--data", write(tmp_path / "sft.jsonl", make_records(8)), "--model", "tiny", "--out-dir",
+             str(tmp_path / "run"), "--batch-size", "2", "--val-fraction", "0.25"]
+    sft.main(flags + ["--max-steps", "2"])
+    with pytest.raises(SystemExit) as stop:
+        sft.main(flags + ["--max-steps", "1", "--resume"])
+    assert stop.value.code == (f"sft.py: error: --resume: {tmp_path / 'run' / 'last'} is at step 2, past this run's 1 "
+                               "steps: nothing to train; ask for more with --max-steps")
+
+
 @pytest.mark.parametrize("flag, value, key", [("--seed", "1", "--seed 0"), ("--max-length", "4096", "--max-length 2048"),
                                               ("--bucket-batches", "2", "--bucket-batches 8"),
                                               ("--val-fraction", "0.5", "--val-fraction 0.25"),
