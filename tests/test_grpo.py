@@ -704,7 +704,7 @@ def test_cli_runs_logs_and_checkpoints(toy_run, tmp_path):
     assert torch.load(out / "last" / "resume.pt", weights_only=False)["state"] == {
         "step": 3, "consumed": 6, "script": "grpo.py", "model": cello.model_fingerprint(model_path),
         "--train": cello.file_fingerprint(flags[flags.index("--train") + 1]), "--puzzles-per-step": 2,
-        "--group-size": 4, "--seed": 3, "--lr": 1e-3, "--weight-decay": 0.0}
+        "--group-size": 4, "--seed": 3, "--lr": 1e-3, "--weight-decay": 0.0, "--max-prompt-tokens": 2048}
     assert os.path.isfile(out / "final" / "model.safetensors")
 
 
