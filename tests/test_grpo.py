@@ -749,6 +749,17 @@ def test_logged_lr_is_the_update_s_and_a_fresh_run_refuses_an_old_checkpoint(toy
                                "to train; ask for more with --steps")
 
 
+def test_weight_decay_and_eval_puzzles_reach_the_run(toy_run, tmp_path):
+    """--weight-decay reaches the optimizer (its saved state says so) and --eval-puzzles 2 evaluates 2 of the 3
+    val puzzles."""
+    runner, d, flags = toy_run
+    out = tmp_path / "run"
+    grpo.main(flags + ["--out-dir", str(out), "--steps", "1", "--weight-decay", "0.5", "--eval-puzzles", "2"])
+    optimizer = torch.load(out / "last" / "optimizer.pt", weights_only=False)
+    assert [group["weight_decay"] for group in optimizer["param_groups"]] == [0.5]
+    assert [row["val_count"] for row in read_metrics(out) if "val_count" in row] == [2, 2]
+
+
 def test_resume_without_a_checkpoint_is_a_clear_error(toy_run, tmp_path):
     runner, d, flags = toy_run
     with pytest.raises(SystemExit, match="--resume: no checkpoint"):

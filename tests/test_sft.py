@@ -673,6 +673,17 @@ def test_weight_decay_applies_to_matrices_only(tmp_path, monkeypatch):
     assert shapes(groups[1]["params"]) == shapes(p for p in model.parameters() if p.ndim == 1) != []
 
 
+def test_max_grad_norm_and_bucket_batches_reach_the_step(tmp_path, monkeypatch):
+    """The flags are passed on, not just parsed: the clip limit to every step, the bucket size to the batches."""
+    limits, buckets = [], []
+    real_clip, real_batches = cello.clip_grad_norm, sft.epoch_batches
+    monkeypatch.setattr(cello, "clip_grad_norm", lambda params, limit: limits.append(limit) or real_clip(params, limit))
+    monkeypatch.setattr(sft, "epoch_batches", lambda *a: buckets.append(a[2]) or real_batches(*a))
+    train_tiny_without_val(tmp_path, make_records(4), "--max-steps", "2", "--batch-size", "2",
+                           "--max-grad-norm", "0.125", "--bucket-batches", "1")
+    assert limits == [0.125, 0.125] and buckets == [1]
+
+
 def test_lr_factor_past_the_end_of_a_one_step_cosine():
     """One step after warm-up runs at the peak; a run continued past that end is at min_lr_ratio."""
     assert [cello.lr_factor(s, 2, 3, 0.1) for s in (2, 3, 4)] == pytest.approx([1.0, 0.1, 0.1])
