@@ -3,9 +3,11 @@
 Pure Python (no torch), and no function here raises on any response string: a response that cannot
 be read is simply malformed. The rules are SPEC.md's:
 
-  format   the whole response, leading/trailing whitespace ignored, is
+  format   the whole response is
                <think>...</think>\\n<answer>label 1 | ... | label N</answer>
-           with each of <think>, </think>, <answer>, </answer> exactly once and nothing after;
+           with each of <think>, </think>, <answer>, </answer> exactly once, nothing before <think>
+           and nothing after </answer> but at most one newline (as in the paper's code, whose regex
+           ends in `$`: Python's `$` also matches before a final newline);
            exactly N labels split on '|' (each stripped, none empty), no label repeated
            (compared stripped and case-insensitive).
   reward   -1 if malformed, else (c / N + [c == N]) / 2, where c counts the cells whose label equals
@@ -61,9 +63,9 @@ def parse_answer(text, n):
     def bad(reason):
         return {"valid": False, "labels": labels, "error": reason}
 
-    s = text.strip()
-    if not s:
+    if not text.strip():
         return bad("empty response")
+    s = text[:-1] if text.endswith("\n") else text  # the one final newline the paper's regex allows
     for tag in TAGS:
         count = s.count(tag)
         if count != 1:
