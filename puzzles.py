@@ -32,8 +32,9 @@ How build works:
      data (FILE) never showed together, from the same split (same --seed and split flags). Use the
      new train.jsonl; test.jsonl is the same, val.jsonl may differ (val is drawn after train).
      Groups with fewer than N types are skipped and counted. --max-puzzles-per-n K then keeps at
-     most K puzzles of each N in each split, drawn at random over all groups (the paper: 40 per N per
-     source file; without it a file with many donors gives K per group).
+     most K puzzles of each N in the whole file, as the paper did (40 per N per source file), shared
+     among the splits in proportion to what each drew and drawn at random over all groups (without
+     it a file with many donors gives K per group).
      Context: --context, else SPEC.md's sentence from the metadata columns that exist (cells whose
      fields are all unknown get "The cell is from an unknown donor."; a file with no such column
      needs --context); then each --context-sentence COLUMN=SENTENCE whose column is known for the
@@ -154,15 +155,25 @@ def draw_puzzles(pools, n, k, rng, seen):
 
 
 def cap_per_n(drawn, k, rng):
-    """At most k of the drawn puzzles of each split and N, chosen uniformly over all groups (a file
-    with many donors would otherwise give K per group, not K in all); the drawing order is kept.
+    """At most k of the drawn puzzles of each N in the whole file (the paper's 40 per N per source
+    file), shared among the splits in proportion to how many each drew (rounded by largest
+    remainder, so the shares add up to k) and chosen uniformly over all groups within a split (a
+    file with many donors would otherwise give K per group); the drawing order is kept.
     drawn: (group key, whose first item is the split; n; puzzle) triples."""
-    by_split_n = defaultdict(list)
+    by_n = defaultdict(lambda: defaultdict(list))  # n -> split -> indices into drawn
     for index, (key, n, _) in enumerate(drawn):
-        by_split_n[(key[0], n)].append(index)
+        by_n[n][key[0]].append(index)
     keep = set()
-    for indices in by_split_n.values():
-        keep.update(indices if len(indices) <= k else rng.choice(indices, size=k, replace=False).tolist())
+    for splits in by_n.values():
+        total = sum(len(indices) for indices in splits.values())
+        kept = min(k, total)
+        shares = {split: kept * len(indices) / total for split, indices in splits.items()}
+        quota = {split: int(share) for split, share in shares.items()}
+        by_remainder = sorted(shares, key=lambda split: (quota[split] - shares[split], SPLITS.index(split)))
+        for split in by_remainder[:kept - sum(quota.values())]:
+            quota[split] += 1
+        for split, indices in splits.items():
+            keep.update(rng.choice(indices, size=quota[split], replace=False).tolist())
     return [d for index, d in enumerate(drawn) if index in keep]
 
 
@@ -705,8 +716,9 @@ def main(argv=None):
                    help="puzzles JSONL built from this input (e.g. the SFT's train.jsonl): never draw one of its "
                         "cell sets again (RL puzzles the SFT never saw)")
     g.add_argument("--max-puzzles-per-n", type=int, default=None,
-                   help="at most this many puzzles of each N in each split, chosen at random over all groups "
-                        "(default: no cap; the paper kept 40 per N per source file)")
+                   help="at most this many puzzles of each N in the whole file (the paper: 40 per N per source "
+                        "file), shared among the splits as they were drawn, chosen at random over all groups "
+                        "(default: no cap)")
     g.add_argument("--val-puzzles-per-group", type=int, default=10, help="as --puzzles-per-group, for val")
     g.add_argument("--test-puzzles-per-group", type=int, default=20, help="as --puzzles-per-group, for test")
     g = b.add_argument_group("splits and randomness")

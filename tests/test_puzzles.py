@@ -203,19 +203,28 @@ def test_barcode_suffix_batches(tmp_path):
         assert all(c.endswith("-" + r["batch"]) for c in r["cell_ids"])   # a puzzle never mixes lanes
 
 
-def test_max_puzzles_per_n_caps_each_split_and_n_over_all_groups(built, tmp_path):
-    """8 lanes x 12 train puzzles per N: the cap keeps 5 of each split's N, drawn from the uncapped puzzles
-    (the same draw, so a subset of them), over several lanes, numbered afresh."""
+def test_max_puzzles_per_n_caps_each_n_in_the_whole_file(built, tmp_path):
+    """SPEC's cap is per N per source file. 8 lanes drew 96 / 24 / 32 train / val / test puzzles of
+    N = 3, 96 / 21 / 32 of N = 4 and 96 / 15 / 32 of N = 5 (some lanes have too few types for val).
+    --max-puzzles-per-n 19 keeps 19 of each N in all, shared as drawn and rounded by largest remainder:
+    N = 3: 12 / 3 / 4 exactly; N = 4: 12.24 / 2.68 / 4.08 -> 12 / 3 / 4; N = 5: 12.76 / 1.99 / 4.25 ->
+    13 / 2 / 4. With 5, every N gets 3 / 1 / 1 (e.g. 3.16 / 0.79 / 1.05). The kept puzzles are a subset
+    of the uncapped draw, over several lanes, numbered afresh."""
     uncapped = build(tmp_path / "all", *SMALL, "--batch-key", "barcode-suffix")
-    capped = build(tmp_path / "capped", *SMALL, "--batch-key", "barcode-suffix", "--max-puzzles-per-n", "5")
-    for split in puzzles.SPLITS:
-        assert Counter(len(r["cells"]) for r in capped[split]) == {3: 5, 4: 5, 5: 5}
-        everything = {(r["batch"], tuple(r["cell_ids"])) for r in uncapped[split]}
-        assert {(r["batch"], tuple(r["cell_ids"])) for r in capped[split]} <= everything
-        assert [int(r["id"][-5:]) for r in capped[split]] == list(range(15))
-    assert len({r["batch"] for r in capped["train"]}) > 1
-    summary = json.load(open(tmp_path / "capped" / "summary.json"))
-    assert summary["splits"]["train"]["by_n"] == {"3": 5, "4": 5, "5": 5}
+    assert {split: Counter(len(r["cells"]) for r in uncapped[split]) for split in puzzles.SPLITS} == {
+        "train": {3: 96, 4: 96, 5: 96}, "val": {3: 24, 4: 21, 5: 15}, "test": {3: 32, 4: 32, 5: 32}}
+    expected = {"19": {"train": {3: 12, 4: 12, 5: 13}, "val": {3: 3, 4: 3, 5: 2}, "test": {3: 4, 4: 4, 5: 4}},
+                "5": {split: {3: share, 4: share, 5: share} for split, share in (("train", 3), ("val", 1), ("test", 1))}}
+    for cap, kept in expected.items():
+        capped = build(tmp_path / f"capped{cap}", *SMALL, "--batch-key", "barcode-suffix", "--max-puzzles-per-n", cap)
+        for split in puzzles.SPLITS:
+            assert Counter(len(r["cells"]) for r in capped[split]) == kept[split]
+            everything = {(r["batch"], tuple(r["cell_ids"])) for r in uncapped[split]}
+            assert {(r["batch"], tuple(r["cell_ids"])) for r in capped[split]} <= everything
+            assert [int(r["id"][-5:]) for r in capped[split]] == list(range(sum(kept[split].values())))
+        assert len({r["batch"] for r in capped["train"]}) > 1
+        summary = json.load(open(tmp_path / f"capped{cap}" / "summary.json"))
+        assert summary["splits"]["train"]["by_n"] == {str(n): count for n, count in kept["train"].items()}
     # a cap above what was drawn changes nothing
     same = build(tmp_path / "same", *SMALL, "--max-puzzles-per-n", "1000")
     assert same == build(tmp_path / "plain", *SMALL)
