@@ -148,7 +148,9 @@ def sampling_settings(model, temperature=None, max_tokens=None, reasoning=None, 
 
 
 def load_cache(path):
-    """{(id, sample, model): entry} from a cache JSONL file; the last line of a key wins.
+    """{(id, sample, model, prompt_sha): entry} from a cache JSONL file; the last line of a key wins.
+    prompt_sha (the prompt and the sampling settings) is part of the key, so answers to other settings
+    stay usable: switching settings back does not ask (and pay) again.
 
     A line cut short by a kill (the only way a line can be broken: each is written whole, then fsync'd)
     is skipped, and a newline is appended so the next line starts clean.
@@ -162,13 +164,19 @@ def load_cache(path):
             last = line
             try:
                 entry = json.loads(line)
-                cache[(entry["id"], entry["sample"], entry["model"])] = entry
+                cache[cache_key(entry)] = entry
             except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
                 continue
     if not last.endswith(b"\n"):
         with open(path, "ab") as f:
             f.write(b"\n")
     return cache
+
+
+def cache_key(entry):
+    """The key of a cache entry: (id, sample, model, prompt_sha); None for an entry written before
+    prompts were hashed, which no request matches."""
+    return entry["id"], entry["sample"], entry["model"], entry.get("prompt_sha")
 
 
 def pending(records, num_samples, model, cache, retry_failed=False, settings=None):
@@ -181,8 +189,8 @@ def pending(records, num_samples, model, cache, retry_failed=False, settings=Non
     for i, record in enumerate(records):
         sha = prompt_hash(cello.render_messages(record), settings)
         for k in range(num_samples):
-            entry = cache.get((record["id"], k, model))
-            if not entry or entry.get("prompt_sha") != sha or (retry_failed and not entry["ok"]):
+            entry = cache.get((record["id"], k, model, sha))
+            if not entry or (retry_failed and not entry["ok"]):
                 todo.add((i, k))
     return todo
 
@@ -246,6 +254,9 @@ def post_once(client, url, headers, body, secret=None):
     except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
         raise ApiError(f"malformed body ({type(exc).__name__}: {exc}): {server_text(response, secret, 200)}",
                        retryable=True) from None
+    # a lone UTF-16 surrogate ("\\ud83d", valid JSON) cannot be written as UTF-8: it becomes "?", so the
+    # paid answer can be cached
+    content = content.encode("utf-8", "replace").decode("utf-8")
     usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
     try:  # usage is only counted: an odd value must not lose an answer already paid for
         usage = {key: int(usage.get(key) or 0) for key in ("prompt_tokens", "completion_tokens")}
@@ -320,7 +331,7 @@ def api_responder(base_url, model, api_key_env, cache_path, max_concurrency=8, t
                 f.write(line)
                 f.flush()
                 os.fsync(f.fileno())
-            cache[(entry["id"], entry["sample"], entry["model"])] = json.loads(line)
+            cache[cache_key(entry)] = json.loads(line)
 
     def fetch(record, k, messages):
         """Ask for sample k of one puzzle until it succeeds, fails for good, or attempts run out."""
@@ -361,9 +372,10 @@ def api_responder(base_url, model, api_key_env, cache_path, max_concurrency=8, t
         results = [[None] * num_samples for _ in records]
         todo = respond.pending(records, num_samples)
         for i, record in enumerate(records):
+            sha = prompt_hash(cello.render_messages(record), settings)
             for k in range(num_samples):
                 if (i, k) not in todo:
-                    results[i][k] = cache[(record["id"], k, model)]
+                    results[i][k] = cache[(record["id"], k, model, sha)]
                     respond.usage["cached"] += 1
         with concurrent.futures.ThreadPoolExecutor(max_workers=max_concurrency) as pool:
             futures = {pool.submit(fetch, records[i], k, cello.render_messages(records[i])): (i, k)

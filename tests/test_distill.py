@@ -141,7 +141,7 @@ def test_cache_skips_a_torn_last_line_and_later_lines_win(tmp_path):
     with open(path, "w") as f:
         f.write(json.dumps(a) + "\n" + json.dumps(b) + "\n" + '{"id": "p2", "sample": 0, "mo')  # killed mid-line
     cache = api.load_cache(path)
-    assert cache == {("p1", 0, "m"): b}
+    assert cache == {("p1", 0, "m", None): b}
     with open(path) as f:
         assert f.read().endswith('"mo\n')  # the next append starts on a line of its own
 
@@ -164,6 +164,12 @@ def test_cache_is_keyed_by_the_sampling_settings_sent(tmp_path):
     assert todo("m", temperature=0.7) == todo("m", max_tokens=100) == {(0, 0)}
     assert todo("o1", temperature=0.7) == set()  # never sent to a reasoning model
     assert todo("o1", max_tokens=100) == todo("o1", reasoning_effort="high") == {(0, 0)}
+    # an answer for other settings is kept beside the first, not in its place: going back asks nothing
+    warm = dict(old, model="m", content="y",
+                prompt_sha=api.prompt_hash(cello.render_messages(records[0]), api.sampling_settings("m", 0.7)))
+    with open(cache, "a") as f:
+        f.write(json.dumps(warm) + "\n")
+    assert todo("m", temperature=0.7) == set() and todo("m") == set()
 
 
 def test_cache_folder_is_made_before_any_request(tmp_path):
@@ -302,12 +308,21 @@ def test_a_short_key_changes_no_answer_and_a_rerun_asks_nothing(tmp_path, monkey
     assert make()(toy_puzzles(2), 1) == [[content], [content]] and len(calls) == 2
 
 
+def test_a_lone_surrogate_in_an_answer_is_cached_not_fatal(tmp_path, monkeypatch):
+    """Valid JSON ("\\ud83d") that UTF-8 cannot hold: the paid answer is cached with "?" in its place."""
+    body = b'{"choices": [{"message": {"content": "<think>\\ud83d</think>"}}]}'  # the escape as a server sends it
+    mock_server(monkeypatch, lambda request: httpx.Response(200, content=body, headers={"content-type": "application/json"}))
+    respond = api.api_responder("http://server.test/v1", "m", "", str(tmp_path / "c.jsonl"), progress=False)
+    assert respond(toy_puzzles(1), 1) == [["<think>?</think>"]]
+    assert [e["content"] for e in api.load_cache(str(tmp_path / "c.jsonl")).values()] == ["<think>?</think>"]
+
+
 def test_pending_reasks_changed_prompts_and_optionally_failures():
     records = toy_puzzles(2)
     sha = [api.prompt_hash(cello.render_messages(r)) for r in records]
-    cache = {(records[0]["id"], 0, "m"): {"ok": True, "prompt_sha": sha[0]},
-             (records[0]["id"], 1, "m"): {"ok": False, "prompt_sha": sha[0]},
-             (records[1]["id"], 0, "m"): {"ok": True, "prompt_sha": "an-older-prompt"}}
+    cache = {(records[0]["id"], 0, "m", sha[0]): {"ok": True, "prompt_sha": sha[0]},
+             (records[0]["id"], 1, "m", sha[0]): {"ok": False, "prompt_sha": sha[0]},
+             (records[1]["id"], 0, "m", "an-older-prompt"): {"ok": True, "prompt_sha": "an-older-prompt"}}
     assert api.pending(records, 2, "m", cache) == {(1, 0), (1, 1)}
     assert api.pending(records, 2, "m", cache, retry_failed=True) == {(0, 1), (1, 0), (1, 1)}
     assert api.pending(records, 2, "other-model", cache) == {(0, 0), (0, 1), (1, 0), (1, 1)}
