@@ -18,7 +18,7 @@ How build works:
   1. Cells: those with a cell type and a donor (values such as "unknown", NaN or empty are skipped and
      counted) and at least M genes with expression > 0. Expression comes from layers['counts'], else
      .raw, else X (printed). Gene symbols from var['feature_name'] when present (an "_ENSG..." suffix
-     stripped), else var_names.
+     stripped; for .raw without that column, from the main var's for the genes it lists), else var_names.
   2. Groups: cells sharing donor, batch and context sentence; a puzzle never mixes groups.
   3. Split, without leakage: by donor when the file has >= 3 donors (each donor in one split),
      else by cell (each cell in one split, stratified by donor and type), so no test cell is in a
@@ -367,6 +367,10 @@ def build(args):
     matrix, var, which = expression_matrix(adata)
     names = [str(v) for v in (var["feature_name"] if "feature_name" in var.columns else var.index)]
     name_source = "var['feature_name']" if "feature_name" in var.columns else "var_names"
+    if "feature_name" not in var.columns and "feature_name" in adata.var.columns:  # .raw.var made without it
+        symbol_of = dict(zip(adata.var.index.astype(str), adata.var["feature_name"].astype(str)))
+        names = [symbol_of.get(name, name) for name in names]
+        name_source = f"var['feature_name'] for {sum(name in symbol_of for name in var.index.astype(str))} of {len(names)} genes, else var_names"
     duplicated = [name for name, count in Counter(names).items() if count > 1]
     if duplicated:
         fail(f"duplicate gene names in {name_source} of {args.input}: {', '.join(duplicated[:5])}")

@@ -278,6 +278,22 @@ def cellxgene_like(path, donors=4, types=5, per_type=3, genes=12, seed=0, **chan
     return write_h5ad(path, **args), counts
 
 
+def test_raw_without_feature_name_takes_the_symbols_of_the_main_var(tmp_path, capsys):
+    """A scanpy-style file: counts in .raw (all 12 genes, var without feature_name), X for the first 10
+    genes only, with feature_name. The symbols come from X's var where it lists the gene; the other two
+    keep their var_names."""
+    path, counts = cellxgene_like(tmp_path / "cxg.h5ad")
+    adata = anndata.read_h5ad(path)
+    del adata.layers["counts"]
+    adata.raw = anndata.AnnData(X=counts, var=pd.DataFrame(index=adata.var_names))  # no feature_name
+    adata[:, :10].copy().write_h5ad(tmp_path / "scanpy.h5ad")
+    splits = build(tmp_path / "out", "--n-min", "3", "--n-max", "3", "--genes", "12", "--val-frac", "0.25",
+                   "--test-frac", "0.25", data=tmp_path / "scanpy.h5ad")
+    assert "gene symbols: var['feature_name'] for 10 of 12 genes, else var_names" in capsys.readouterr().out
+    genes = {g for records in splits.values() for r in records for cell in r["cells"] for g in cell}
+    assert genes == {f"G{j}" for j in range(10)} | {"ENSG00000000010", "ENSG00000000011"}
+
+
 def test_cellxgene_metadata_donor_split_counts_layer(tmp_path, capsys):
     path, counts = cellxgene_like(tmp_path / "cxg.h5ad")
     splits = build(tmp_path / "out", "--n-min", "3", "--n-max", "5", "--genes", "4", "--puzzles-per-group", "5",
