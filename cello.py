@@ -1355,14 +1355,19 @@ def run_checkpoint(run_dir, resume, script):
     return None
 
 
-def _load_pickle(path):
-    """torch.load of our own resume.pt / optimizer.pt (RNG states need pickle); a file cut short or
-    damaged is a one-line error, not a traceback."""
+def _read_checkpoint_part(read, path, what=None):
+    """read(path) for a part of a resume checkpoint; a file cut short or damaged (torch's, safetensors'
+    or the OS's error) is a one-line error naming `what` (default: the path), not a traceback."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return read(path)
     except Exception as e:
-        sys.exit(f"cello: error: cannot read {path} ({type(e).__name__}: {' '.join(str(e).split())[:200]}): "
+        sys.exit(f"cello: error: cannot read {what or path} ({type(e).__name__}: {' '.join(str(e).split())[:200]}): "
                  "the checkpoint is damaged; resume from an intact copy or start afresh")
+
+
+def _load_pickle(path):
+    """torch.load of our own resume.pt / optimizer.pt (RNG states need pickle), damage reported in one line."""
+    return _read_checkpoint_part(lambda p: torch.load(p, map_location="cpu", weights_only=False), path)
 
 
 def load_resume(out_dir, model, optimizer=None, scheduler=None, expect=None):
@@ -1387,12 +1392,7 @@ def load_resume(out_dir, model, optimizer=None, scheduler=None, expect=None):
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=sharded)
     weights = {}
     if rank == 0 or not sharded:
-        try:
-            weights = _read_weights(out_dir)
-        except Exception as e:  # a file cut short: safetensors' own error, a missing shard: OSError
-            sys.exit(f"cello: error: cannot read the weights in {out_dir} ({type(e).__name__}: "
-                     f"{' '.join(str(e).split())[:200]}): the checkpoint is damaged; resume from an intact copy "
-                     "or start afresh")
+        weights = _read_checkpoint_part(_read_weights, out_dir, f"the weights in {out_dir}")
         tied = _tied_weight_names(model)
         if tied:
             weights[tied[0]] = weights[tied[1]]

@@ -369,8 +369,9 @@ def build(args):
     name_source = "var['feature_name']" if "feature_name" in var.columns else "var_names"
     if "feature_name" not in var.columns and "feature_name" in adata.var.columns:  # .raw.var made without it
         symbol_of = dict(zip(adata.var.index.astype(str), adata.var["feature_name"].astype(str)))
+        mapped = sum(name in symbol_of for name in names)
         names = [symbol_of.get(name, name) for name in names]
-        name_source = f"var['feature_name'] for {sum(name in symbol_of for name in var.index.astype(str))} of {len(names)} genes, else var_names"
+        name_source = f"var['feature_name'] for {mapped} of {len(names)} genes, else var_names"
     duplicated = [name for name, count in Counter(names).items() if count > 1]
     if duplicated:
         fail(f"duplicate gene names in {name_source} of {args.input}: {', '.join(duplicated[:5])}")
