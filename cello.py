@@ -214,13 +214,38 @@ def check_unique_ids(records, flag, path, script):
         seen.add(r["id"])
 
 
+_created_out_dirs = []  # (the folder, the topmost folder this process created for it), for a failed run
+
+
 def make_out_dir(path, script, flag="--out-dir"):
     """Create the output folder (and its parents), or exit with one line saying why not (say, a file of
-    that name exists)."""
+    that name exists). A folder created here is removed again if the run then fails before it holds
+    any work (remove_unused_out_dirs), so bad input found late still leaves no folder behind."""
+    topmost_new = None
+    parent = os.path.abspath(path)
+    while not os.path.exists(parent):
+        topmost_new, parent = parent, os.path.dirname(parent)
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as e:
         sys.exit(f"{script}: error: {flag} {path}: cannot create the folder ({e.strerror})")
+    if topmost_new is not None:
+        _created_out_dirs.append((os.path.abspath(path), topmost_new))
+
+
+def remove_unused_out_dirs():
+    """After a failed run: remove each folder make_out_dir created that holds nothing, or only preset
+    models built by this run (<preset>-init: rebuilt in seconds from the same data and seed), and the
+    parents created with it. A folder with anything else (a checkpoint, metrics, an API cache) is kept."""
+    rebuilt = {f"{name}-init" for name in PRESETS}
+    for path, topmost_new in _created_out_dirs:
+        if not os.path.isdir(path) or not set(os.listdir(path)) <= rebuilt:
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        while path != topmost_new and not os.path.exists(path):  # the parents, while empty
+            path = os.path.dirname(path)
+            with contextlib.suppress(OSError):
+                os.rmdir(path)
 
 
 def check_device(device, script, flag="--device"):
@@ -1139,11 +1164,18 @@ def cleanup_distributed():
 
 def run_script(main, script, how_to_continue):
     """Run a script's main(). Ctrl-C ends it with one line that says how to continue instead of a
-    traceback; a torchrun rank then ends as exit_after_torchrun says."""
+    traceback; a failed run removes the out-dir it created if it holds no work yet; a torchrun rank
+    then ends as exit_after_torchrun says."""
+    _created_out_dirs.clear()  # only this main()'s folders
     try:
         main()
     except KeyboardInterrupt:
+        remove_unused_out_dirs()
         sys.exit(f"{script}: interrupted; {how_to_continue}")
+    except BaseException as e:
+        if not (isinstance(e, SystemExit) and e.code in (None, 0)):
+            remove_unused_out_dirs()
+        raise
     exit_after_torchrun()
 
 

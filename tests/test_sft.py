@@ -467,6 +467,29 @@ def test_examples_longer_than_max_length_are_skipped_or_refused(tmp_path, capsys
     assert str(exit_info.value.code) == "sft.py: error: no validation example fits --max-length 400"
 
 
+def test_a_late_bad_input_leaves_no_out_dir_behind(tmp_path):
+    """--max-length is checked after the tiny preset was built inside --out-dir: the failed run
+    removes the folders it created, but never a folder that existed before or holds work."""
+    data = write(tmp_path / "sft.jsonl", make_records(4))
+
+    def run(out_dir):
+        flags = ["--data", data, "--model", "tiny", "--out-dir", str(out_dir), "--max-length", "20", "--val-fraction", "0"]
+        with pytest.raises(SystemExit) as exit_info:
+            cello.run_script(lambda: sft.main(flags), "sft.py", "-")
+        assert str(exit_info.value.code) == "sft.py: error: no training example fits --max-length 20"
+
+    run(tmp_path / "new" / "deeper" / "out")  # three folders created, then the preset built in the last
+    assert os.listdir(tmp_path) == ["sft.jsonl"]
+    (tmp_path / "mine").mkdir()
+    run(tmp_path / "mine")  # the user's own folder stays
+    assert os.listdir(tmp_path / "mine") == ["tiny-init"]
+    # a folder this run created that holds anything but a preset is kept, and so are its parents
+    cello.make_out_dir(str(tmp_path / "a" / "b"), "sft.py")
+    (tmp_path / "a" / "b" / "metrics.jsonl").write_text("{}\n")
+    cello.remove_unused_out_dirs()
+    assert os.listdir(tmp_path / "a" / "b") == ["metrics.jsonl"]
+
+
 def test_a_non_finite_loss_stops_before_the_weights_change(tiny):
     tokenizer, model = cello.load_tokenizer(tiny), cello.load_model(tiny)
     examples, _ = sft.tokenize(tokenizer, make_records(2), 10_000)
