@@ -6,10 +6,11 @@ be read is simply malformed. The rules are SPEC.md's:
   format   the whole response is
                <think>...</think>\\n<answer>label 1 | ... | label N</answer>
            with each of <think>, </think>, <answer>, </answer> exactly once, nothing before <think>
-           and nothing after </answer> but at most one newline (as in the paper's code, whose regex
-           ends in `$`: Python's `$` also matches before a final newline);
-           exactly N labels split on '|' (each stripped, none empty), no label repeated
-           (compared stripped and case-insensitive).
+           and nothing after </answer>, not even a newline; exactly N labels split on '|' (each
+           stripped, none empty), no label repeated (compared stripped and case-insensitive).
+           The paper's code differs from SPEC's text in three corner cases, and this file follows
+           SPEC: its regex ends in `$`, which in Python also accepts one final newline; it drops
+           empty labels ("A | | B"); it compares repeats exactly ("A | a" is no repeat there).
   reward   -1 if malformed, else (c / N + [c == N]) / 2, where c counts the cells whose label equals
            the gold label at the same position (stripped, case-insensitive). So a valid answer scores
            in [0, 0.5) or exactly 1.0.
@@ -65,21 +66,20 @@ def parse_answer(text, n):
 
     if not text.strip():
         return bad("empty response")
-    s = text[:-1] if text.endswith("\n") else text  # the one final newline the paper's regex allows
     for tag in TAGS:
-        count = s.count(tag)
+        count = text.count(tag)
         if count != 1:
             return bad(f"{tag} occurs {count} times (expected exactly once)")
-    p_think, p_think_end, p_answer, p_answer_end = (s.find(tag) for tag in TAGS)
+    p_think, p_think_end, p_answer, p_answer_end = (text.find(tag) for tag in TAGS)
     if not p_think < p_think_end < p_answer < p_answer_end:
         return bad("tags out of order (expected <think> </think> <answer> </answer>)")
     if p_think != 0:
         return bad("text before <think>")
-    if not s.endswith("</answer>"):
+    if not text.endswith("</answer>"):
         return bad("text after </answer>")
-    if s[p_think_end + len("</think>"):p_answer] != "\n":
+    if text[p_think_end + len("</think>"):p_answer] != "\n":
         return bad("expected exactly one newline between </think> and <answer>")
-    parts = [part.strip() for part in s[p_answer + len("<answer>"):p_answer_end].split("|")]
+    parts = [part.strip() for part in text[p_answer + len("<answer>"):p_answer_end].split("|")]
     if len(parts) != n:
         return bad(f"{len(parts)} labels (expected {n})")
     if any(not part for part in parts):

@@ -26,7 +26,7 @@ def resp(answer, think="reasoning", sep="\n"):
     ("x<think>x</think>\n<answer>A|B|C|D</answer>", "text before <think>"),              # one character
     ("<think>x</think>\n<answer>A|B|C|D</answer> Hope this helps", "text after </answer>"),
     ("\n <think>x</think>\n<answer>A|B|C|D</answer>", "text before <think>"),          # whitespace counts
-    ("<think>x</think>\n<answer>A|B|C|D</answer>\n\n", "text after </answer>"),        # more than one newline
+    ("<think>x</think>\n<answer>A|B|C|D</answer>\n", "text after </answer>"),          # SPEC: not even a newline
     ("<think>x</think>\n<answer>A|B|C|D</answer> ", "text after </answer>"),
     ("<think>x</think><answer>A|B|C|D</answer>", "exactly one newline"),                 # missing newline
     ("<think>x</think>\n\n<answer>A|B|C|D</answer>", "exactly one newline"),
@@ -46,8 +46,8 @@ def test_malformed(text, reason):
     assert reward.reward(text, ["A", "B", "C", "D"]) == -1.0
 
 
-def test_valid_with_one_final_newline_and_multiline_think():
-    text = "<think>line 1\nline 2 | with a bar</think>\n<answer> A |B|  C | D </answer>\n"
+def test_valid_with_a_multiline_think():
+    text = "<think>line 1\nline 2 | with a bar</think>\n<answer> A |B|  C | D </answer>"
     parsed = reward.parse_answer(text, 4)
     assert parsed == {"valid": True, "labels": ["A", "B", "C", "D"], "error": None}
     # labels are stripped of any whitespace, not only spaces
