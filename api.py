@@ -153,20 +153,25 @@ def load_cache(path):
     stay usable: switching settings back does not ask (and pay) again.
 
     A line cut short by a kill (the only way a line can be broken: each is written whole, then fsync'd)
-    is skipped, and a newline is appended so the next line starts clean.
+    is skipped, and a newline is appended so the next line starts clean. Raises ValueError on a whole
+    JSON line that is not a cache entry (a puzzles file given as the cache), before anything is appended.
     """
     cache = {}
     if not os.path.exists(path):
         return cache
     last = b"\n"
     with open(path, "rb") as f:  # line by line: a paper-scale cache (80k samples) can be large
-        for line in f:
+        for number, line in enumerate(f, 1):
             last = line
             try:
                 entry = json.loads(line)
-                cache[cache_key(entry)] = entry
-            except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+            except (UnicodeDecodeError, json.JSONDecodeError):
                 continue
+            try:
+                cache[cache_key(entry)] = entry
+            except (KeyError, TypeError):
+                raise ValueError(f"the cache {path} line {number} is not an API cache entry (no id, sample and "
+                                 "model): give the cache a file of its own") from None
     if not last.endswith(b"\n"):
         with open(path, "ab") as f:
             f.write(b"\n")
@@ -298,7 +303,8 @@ def api_responder(base_url, model, api_key_env, cache_path, max_concurrency=8, t
     except ValueError:  # also an unclosed [IPv6 address
         valid_url = False
     if not valid_url:  # else every request fails as a "connection error", is retried and cached as failed
-        raise ValueError(f"base URL {base_url!r} is not an http(s) URL with a host (e.g. https://api.openai.com/v1)")
+        shown = f" {base_url!r}" if "/" in base_url or "." in base_url else ""  # not a key pasted in its place
+        raise ValueError(f"base URL{shown} is not an http(s) URL with a host (e.g. https://api.openai.com/v1)")
     secret = None
     if api_key_env and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", api_key_env):  # not echoed: it may be a key
         raise ValueError("the API key variable must be the NAME of an environment variable (such as "
@@ -313,6 +319,7 @@ def api_responder(base_url, model, api_key_env, cache_path, max_concurrency=8, t
         if not all(33 <= ord(c) < 127 for c in secret):  # else httpx's error would quote the header, key and all
             raise ValueError(f"environment variable {api_key_env} holds characters an HTTP header cannot carry")
     url = base_url.rstrip("/") + "/chat/completions"
+    url_shown = url.replace(parsed.netloc, parsed.netloc.rpartition("@")[2], 1)  # no user:password@ in messages
     try:  # before any request: an answer that cannot be saved is paid for and lost
         os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
         open(cache_path, "a").close()
@@ -351,7 +358,7 @@ def api_responder(base_url, model, api_key_env, cache_path, max_concurrency=8, t
                 error = redact(str(exc), secret)
                 if exc.fatal:
                     stop.set()
-                    raise ApiError(redact(f"{url}: {exc}", secret), retryable=False, fatal=True) from None
+                    raise ApiError(redact(f"{url_shown}: {exc}", secret), retryable=False, fatal=True) from None
                 if stop.is_set():  # the run is stopping: no failure of ours goes in the cache
                     return None
                 if not exc.retryable or attempt == max_attempts:

@@ -9,9 +9,10 @@ Sections, top to bottom:
      schedule, Hugging Face folders, resume state.
   5. The demo: the whole pipeline on the bundled data.
 
-Run the whole pipeline on the bundled data (2-core CPU: 10-15 minutes in most hours, 16 in the slowest seen):
+Run the whole pipeline on the bundled data (2-core CPU: 12-14 minutes in most hours, ~17 in the slowest seen):
     python cello.py demo
 """
+import argparse
 import contextlib
 import ctypes
 import hashlib
@@ -21,6 +22,7 @@ import os
 import random
 import shutil
 import sys
+import tempfile
 
 import numpy as np
 import torch
@@ -205,6 +207,16 @@ def check_ranges(script, args, expected):
             sys.exit(f"{script}: error: {flag}: expected {what}, got {value}")
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help for the scripts: the description's own layout, and each flag's default unless it is None
+    or its help already says it. (puzzles.py has a twin: it must not import torch.)"""
+
+    def _get_help_string(self, action):
+        if any(action.default is skip for skip in (None, argparse.SUPPRESS, False)) or "default" in (action.help or ""):
+            return action.help
+        return action.help + " (default: %(default)s)"
+
+
 def check_unique_ids(records, flag, path, script):
     """Exit with one line on a repeated puzzle id: ids key the results (pass@k) and the API cache."""
     seen = set()
@@ -229,6 +241,10 @@ def make_out_dir(path, script, flag="--out-dir"):
         os.makedirs(path, exist_ok=True)
     except OSError as e:
         sys.exit(f"{script}: error: {flag} {path}: cannot create the folder ({e.strerror})")
+    try:  # an existing read-only folder would fail only at the first write, after the work
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as e:
+        sys.exit(f"{script}: error: {flag} {path}: cannot write in the folder ({e.strerror})")
     if topmost_new is not None:
         _created_out_dirs.append((os.path.abspath(path), topmost_new))
 
@@ -324,7 +340,7 @@ PRETOKEN_PATTERN = r"(?:, | )?[A-Za-z0-9][A-Za-z0-9._\-]*| ?[^\sA-Za-z0-9]+|\s+(
 FORMAT_TEXT = "<think>\n</think>\n<answer> | </answer>"
 
 PRESETS = {
-    # tests: about 0.1M parameters, trains in seconds
+    # tests: about 0.15M parameters (with a 1,024-token vocabulary), trains in seconds
     "tiny": dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096),
     # the CPU demo: about 1.1M parameters on the demo's data (0.3M of them the tied embedding: its
@@ -456,11 +472,16 @@ def load_model(path, device="cpu"):
         # use_kernels=False: transformers >= 5.25 swaps in kernels from the hub by default (on a GPU, at
         # .train()): offline that crashes, online it runs code that cello's sampler and log-probs were
         # never checked against
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa",
-                                                     local_files_only=True, use_kernels=False)
+        model, loading = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa",
+                                                              local_files_only=True, use_kernels=False,
+                                                              output_loading_info=True)
     except Exception as e:  # no weights file, a config transformers cannot read, a truncated safetensors file, ...
         sys.exit(f"cello: error: cannot load the model in {path!r} ({type(e).__name__}: "
                  f"{' '.join(str(e).split())[:300]})")
+    missing = sorted(loading["missing_keys"])
+    if missing:  # from_pretrained initialises them at random and goes on: a renamed or cut checkpoint
+        sys.exit(f"cello: error: the weights in {path!r} do not fit its config.json: {len(missing)} weight(s) "
+                 f"missing, e.g. {missing[0]} (unexpected in the file: {len(loading['unexpected_keys'])})")
     unsupported = unsupported_features(model.config)
     if unsupported:  # else the sampler and the log-probs would silently compute another distribution
         sys.exit(f"cello: error: the model in {path!r} uses {unsupported}, which cello's sampler and "
@@ -482,14 +503,23 @@ def unsupported_features(config):
     return ", ".join(found)
 
 
+def is_model_file(name):
+    """Whether a file of a model folder is read by from_pretrained: config, weights, tokenizer."""
+    return (name.endswith((".safetensors", ".bin", ".index.json")) or name.startswith(("tokenizer", "vocab", "merges"))
+            or name in ("config.json", "generation_config.json", "special_tokens_map.json", "added_tokens.json",
+                        "chat_template.jinja", "chat_template.json"))
+
+
 def model_fingerprint(path):
     """A short hash of a model folder's content (config, tokenizer, weights), the same wherever the
     folder lies: small files whole, large ones (weights) by size and their first and last MiB, which
-    differ between any two trainings or seeds. Cheap for a 7B folder (it reads ~2 MiB per shard)."""
+    differ between any two trainings or seeds. Cheap for a 7B folder (it reads ~2 MiB per shard).
+    Only the model's own files count (not an eval's predictions.jsonl and summary.json written
+    beside them), so using a folder does not change its identity."""
     h = hashlib.sha256()
     for name in sorted(os.listdir(path)):
         file = os.path.join(path, name)
-        if os.path.isfile(file):
+        if os.path.isfile(file) and is_model_file(name):
             h.update(f"{name}\0".encode())
             _hash_file(h, file)
     return h.hexdigest()[:16]
@@ -534,6 +564,12 @@ def load_tokenizer(path):
                  f"{' '.join(str(e).split())[:300]})")
     if tokenizer.chat_template is None or tokenizer.eos_token_id is None:
         sys.exit(f"cello: error: the tokenizer in {path!r} needs a chat template and an EOS token")
+    try:  # some templates refuse a system message (Gemma-1-it, Mistral-Instruct-v0.2): say so before any work
+        tokenizer.apply_chat_template([{"role": "system", "content": "s"}, {"role": "user", "content": "u"}],
+                                      tokenize=False, add_generation_prompt=True)
+    except Exception as e:
+        sys.exit(f"cello: error: the chat template in {path!r} refuses cello's prompt (a system message, then "
+                 f"a user message): {' '.join(str(e).split())[:200]}")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -1179,6 +1215,13 @@ def run_script(main, script, how_to_continue):
     exit_after_torchrun()
 
 
+def refuse_torchrun(script):
+    """Exit with one line under torchrun with several processes, for a script that runs in one: each
+    process would do the whole job and write the same files."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.exit(f"{script}: error: it runs in one process: start it with python, not torchrun")
+
+
 def exit_after_torchrun():
     """End a torchrun rank (WORLD_SIZE > 1) without interpreter teardown, once its work is saved and
     the process group destroyed: on CPU a gloo worker thread can still be alive then, and in ~1 run in
@@ -1482,9 +1525,9 @@ def demo_stages(out, data, sft_steps, cooldown_steps, grpo_steps):
          os.path.join(puzzles, "summary.json")),
         ("distill from the expert", ["distill.py", "--puzzles", train, "--train", train, "--teacher", "expert",
                                      "--samples", "4", "--out-dir", f"{out}/distill", "--yes"],
-         f"{out}/distill/report.json"),
-        # sft.py's and grpo.py's defaults are the demo's recipe. SFT: the model learns to copy prompt lines
-        # (val loss ~0.6 -> ~0.1) somewhere in steps 900-1,500, and only while the learning rate is still high,
+         f"{out}/distill/sft.jsonl"),
+        # sft.py's and grpo.py's defaults are the demo's recipe. SFT: the model starts to copy prompt lines
+        # (val loss ~0.55 -> ~0.30) in steps 1,200-1,500, and only while the learning rate is still high,
         # so it stays constant after warmup (EXPERIMENTS.md: "What moved the SFT row"). A checkpoint every 100
         # steps (0.2 s each); a val loss every 300 (~2 s each: every 100 took 0.5 min of the stage).
         ("SFT the small model", ["sft.py", "--data", f"{out}/distill/sft.jsonl", "--model", "small",
@@ -1499,7 +1542,7 @@ def demo_stages(out, data, sft_steps, cooldown_steps, grpo_steps):
                                         "--out-dir", f"{out}/sft-cool", "--max-steps", str(cooldown_steps),
                                         "--lr", "1e-3", "--eval-every", "300", *resume_flag(f"{out}/sft-cool")],
          f"{out}/sft-cool/final/config.json"),
-        # GRPO: 4 puzzles x 8 samples, lr 1e-4; expert-style responses are 123, 158 and 193 tokens for
+        # GRPO: 4 puzzles x 8 samples, lr 1e-4; expert-style responses are 123, 158 and 196 tokens for
         # N = 4, 5, 6: a 240-token budget. 50 steps (~2 minutes): from the lower-rate SFT model test
         # batch-level accuracy goes 28.3% -> 31.7% / 35.0% / 36.7% after 50 / 75 / 100 steps, validity
         # 65.0% -> 71.7% / 71.7% / 76.7%; 100 steps would take the demo past 15 minutes (EXPERIMENTS.md:

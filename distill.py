@@ -8,7 +8,8 @@ Writes, in --out-dir:
   samples.jsonl  one line per sample: id, sample, n, status (accepted | rejected | failed), reward,
                  num_tokens, error
   report.json    acceptance by N and overall (samples, and puzzles with >= 1 accepted), failures, tokens
-and prints the acceptance table. All three are written atomically at the end.
+and prints the acceptance table. All three are written atomically at the end, sft.jsonl last; when no
+sample is accepted there is no sft.jsonl, and the run ends with an error.
 
 Teachers (all responders, as in eval.py):
   expert  the marker-gene agent (responders.py), offline; needs --train for its marker profile;
@@ -202,7 +203,7 @@ def format_acceptance(report):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=cello.HelpFormatter)
     group = parser.add_argument_group("data")
     group.add_argument("--puzzles", required=True, help="puzzles JSONL to distill (records of puzzles.py)")
     group.add_argument("--out-dir", required=True,
@@ -268,6 +269,7 @@ def main():
         "--max-concurrency": "an integer >= 1", "--timeout": "a number > 0", "--max-attempts": "an integer >= 1",
         "--backoff": "a number >= 0", "--max-tokens": "an integer >= 1", "--price-input": "a number >= 0",
         "--price-output": "a number >= 0", "--est-output-tokens": "an integer >= 0"})
+    cello.refuse_torchrun("distill.py")
     args.cache = args.cache or os.path.join(args.out_dir, "api_cache.jsonl")
     records = cello.read_puzzles(args.puzzles, "--puzzles", "distill.py")[:args.limit]
     cello.check_unique_ids(records, "--puzzles", args.puzzles, "distill.py")
@@ -305,13 +307,16 @@ def main():
         "usage": getattr(respond, "usage", None),
         "metrics": reward.metrics([r["score"] for r in rows if r["score"] is not None]),
     }
-    cello.write_jsonl_atomic(os.path.join(args.out_dir, "sft.jsonl"), sft)
     columns = ("id", "sample", "n", "status", "reward", "num_tokens", "error")
     cello.write_jsonl_atomic(os.path.join(args.out_dir, "samples.jsonl"), [{c: r[c] for c in columns} for r in rows])
     cello.write_json_atomic(os.path.join(args.out_dir, "report.json"), report)
     print(format_acceptance(report))
     if report["usage"]:
         print("usage: " + ", ".join(f"{key} {value:,}" for key, value in report["usage"].items()))
+    if not sft:  # an empty sft.jsonl would pass for a finished stage (the demo's, a script's) and fail in sft.py
+        sys.exit(f"distill.py: error: no sample was accepted, so no sft.jsonl was written; "
+                 f"{os.path.join(args.out_dir, 'samples.jsonl')} and report.json say why")
+    cello.write_jsonl_atomic(os.path.join(args.out_dir, "sft.jsonl"), sft)  # last: it marks the run finished
     print(f"wrote {len(sft)} SFT rows to {os.path.join(args.out_dir, 'sft.jsonl')}")
 
 

@@ -41,7 +41,8 @@ def fail(message):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Score responders on a puzzles JSONL file.")
+    parser = argparse.ArgumentParser(description="Score responders on a puzzles JSONL file.",
+                                     formatter_class=cello.HelpFormatter)
     io = parser.add_argument_group("input and output")
     io.add_argument("--puzzles", required=True, help="puzzles JSONL to answer (e.g. the test split)")
     io.add_argument("--out-dir", required=True, help="folder for predictions.jsonl and summary.json")
@@ -240,6 +241,7 @@ def summarize(rows, num_samples):
 
 def main(argv=None):
     args = parse_args(argv)
+    cello.refuse_torchrun("eval.py")
     records = cello.read_puzzles(args.puzzles, "--puzzles", "eval.py")[:args.limit]
     cello.check_unique_ids(records, "--puzzles", args.puzzles, "eval.py")
     train_records = cello.read_puzzles(args.train, "--train", "eval.py") if args.train else None
@@ -247,14 +249,14 @@ def main(argv=None):
     print(f"eval.py: {len(records)} puzzles from {args.puzzles}, {args.num_samples} sample(s) each")
 
     predictions, summary = [], {}
+    model_partial = partial_path(args, records) if "model" in args.responder else None  # the api has its own cache
     for name in args.responder:
         respond = build(name, args, train_records)
         # the api responder runs its own concurrent requests (and progress bar): give it every puzzle at once
         per_call = len(records) if name == "api" else args.batch_size
         fatal = (importlib.import_module("api").ApiError,) if name == "api" else ()  # loaded only when asked for
-        resume_path = partial_path(args, records) if name == "model" else None  # the api has its own cache
         try:
-            rows = evaluate(respond, records, args.num_samples, per_call, name, resume_path)
+            rows = evaluate(respond, records, args.num_samples, per_call, name, model_partial if name == "model" else None)
         except fatal as e:  # wrong key, URL or model: every request would fail the same way
             fail(f"--responder api: {e}")
         check_answered(respond, len(records) * args.num_samples, args)
@@ -274,8 +276,8 @@ def main(argv=None):
             print(f"{name}: pass@{m['k']} (share of puzzles with a fully correct sample) = {100 * m['pass_at_k']:.1f}%")
     cello.write_jsonl_atomic(os.path.join(args.out_dir, "predictions.jsonl"), predictions)
     cello.write_json_atomic(os.path.join(args.out_dir, "summary.json"), summary)
-    if "model" in args.responder:  # this run's rows are whole now; another run's partial rows stay
-        os.remove(partial_path(args, records))
+    if model_partial:  # this run's rows are whole now; another run's partial rows stay
+        os.remove(model_partial)
     print(f"eval.py: wrote {args.out_dir}/predictions.jsonl and summary.json")
 
 

@@ -227,7 +227,7 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, mode, divisor, clip_lo
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="GRPO on CellPuzzles (see the module docstring).",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=cello.HelpFormatter)
     g = parser.add_argument_group("data")
     g.add_argument("--train", required=True, help="puzzles JSONL to train on (records with cells, candidates, answer)")
     g.add_argument("--val", default=None, help="puzzles JSONL for greedy evaluation (optional)")

@@ -55,6 +55,7 @@ import math
 import os
 import re
 import sys
+import tempfile
 import warnings
 from collections import Counter, defaultdict
 
@@ -254,6 +255,9 @@ def expression_matrix(adata):
         matrix, var, which = adata.raw.X, adata.raw.var, ".raw.X"
     else:
         matrix, var, which = adata.X, adata.var, "X"
+    if matrix is None:
+        fail(f"no expression matrix: none of layers['counts'], .raw or X holds one "
+             f"(layers: {', '.join(adata.layers) or 'none'})")
     if scipy.sparse.issparse(matrix):
         matrix = scipy.sparse.csr_matrix(matrix)
         values = matrix.data
@@ -527,6 +531,10 @@ def make_dir(path, flag):
         os.makedirs(path, exist_ok=True)
     except OSError as e:
         fail(f"{flag} {path}: cannot create the folder ({e.strerror})")
+    try:  # an existing read-only folder would fail only at the first write, after the work
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as e:
+        fail(f"{flag} {path}: cannot write in the folder ({e.strerror})")
 
 
 def write_all_atomic(out_dir, outputs):
@@ -612,6 +620,8 @@ def read_released(path):
             frame = pandas.read_parquet(path)
         except ImportError:
             fail(f"{path}: reading parquet needs pyarrow (pip install pyarrow), or convert it to JSONL")
+        except Exception as e:  # not parquet: cut short, empty, or a git-lfs pointer cloned without LFS
+            fail(f"{path}: not a readable parquet file ({type(e).__name__}: {' '.join(str(e).split())[:200]})")
         return list(enumerate(frame.to_dict("records"), start=1))
     text = read_utf8(path)
     if text.lstrip().startswith("["):
@@ -660,6 +670,8 @@ def import_released(args):
         fail(f"{args.input}: no records")
     if os.path.isdir(args.out):
         fail(f"--out {args.out}: is a folder (expected the path of the JSONL file to write)")
+    if not os.path.basename(args.out):  # "new/" or ""
+        fail(f"--out {args.out!r}: names no file (expected the path of the JSONL file to write)")
     out_dir = os.path.dirname(os.path.abspath(args.out))
     make_dir(out_dir, "--out")
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
@@ -744,4 +756,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # the outputs are renamed into place only at the end: nothing half-written
+        fail("interrupted; nothing was written: run the same command again")

@@ -29,10 +29,10 @@ answer and the EOS the model must learn) and their count is printed; no example 
 Run (the defaults are the CPU demo's recipe: the `small` preset from scratch, batch 8, lr 3e-3
 constant after a 5-step warmup; the demo has 4,413 expert traces of ~520 tokens, 524 steps an epoch,
 and stops at 1,500 steps with --max-steps 1500 and a val loss every 300 steps with --eval-every 300,
-6-8 minutes on 2 cores; then a second run continues from its model at a third of the rate for 600
-steps, 3-4 minutes):
+about 8 minutes on 2 cores; then a second run continues from its model at a third of the rate for 300
+steps, about 1.5-2 minutes):
     python sft.py --data sft.jsonl --model small --out-dir runs/sft
-    python sft.py --data sft.jsonl --model runs/sft/final --out-dir runs/sft-cool --max-steps 600 --lr 1e-3
+    python sft.py --data sft.jsonl --model runs/sft/final --out-dir runs/sft-cool --max-steps 300 --lr 1e-3
     torchrun --nproc_per_node 2 sft.py --data sft.jsonl --model small --out-dir runs/sft
 Continue an interrupted run (same flags):
     python sft.py --data sft.jsonl --model small --out-dir runs/sft --resume
@@ -207,7 +207,7 @@ def validation_loss(model, examples, rank, world_size, micro_batch_size, pad_id,
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=cello.HelpFormatter)
     data = parser.add_argument_group("data")
     data.add_argument("--data", required=True, help="SFT JSONL: puzzle records with a \"response\" field")
     data.add_argument("--val-data", help="validation SFT JSONL (default: hold out --val-fraction of --data)")

@@ -146,6 +146,35 @@ def test_cache_skips_a_torn_last_line_and_later_lines_win(tmp_path):
         assert f.read().endswith('"mo\n')  # the next append starts on a line of its own
 
 
+def test_a_file_that_is_not_a_cache_is_refused_before_anything_is_appended(tmp_path):
+    """--cache pointed at a puzzles file by mistake: its whole JSON lines are not cache entries, so the
+    file is refused untouched, not appended to."""
+    path = tmp_path / "puzzles.jsonl"
+    cello.write_jsonl_atomic(path, toy_puzzles(2))
+    before = path.read_bytes()
+    with pytest.raises(ValueError) as error:
+        api.api_responder("http://127.0.0.1:9/v1", "m", "", str(path))
+    assert str(error.value) == (f"the cache {path} line 1 is not an API cache entry (no id, sample and model): "
+                                "give the cache a file of its own")
+    assert path.read_bytes() == before
+
+
+def test_credentials_in_the_base_url_are_not_shown(tmp_path, monkeypatch):
+    """user:password@ in the base URL (a basic-auth proxy) stays out of error messages, and so does a key
+    pasted in place of the URL."""
+    mock_server(monkeypatch, lambda request: httpx.Response(404, json={"error": {"message": "no such model"}}))
+    respond = api.api_responder("http://me:sk-SECRET-42@server.test/v1", "m", "", str(tmp_path / "c.jsonl"),
+                                progress=False)
+    with pytest.raises(api.ApiError) as info:
+        respond(toy_puzzles(1), 1)
+    assert str(info.value).startswith("http://server.test/v1/chat/completions: HTTP 404") and "SECRET" not in str(info.value)
+    with pytest.raises(ValueError) as error:
+        api.api_responder("sk-proj-SECRET-42", "m", "", str(tmp_path / "c.jsonl"))
+    assert str(error.value) == "base URL is not an http(s) URL with a host (e.g. https://api.openai.com/v1)"
+    with pytest.raises(ValueError, match="base URL 'htp://x/v1' is not"):  # a URL's typo is shown
+        api.api_responder("htp://x/v1", "m", "", str(tmp_path / "c.jsonl"))
+
+
 def test_cache_is_keyed_by_the_sampling_settings_sent(tmp_path):
     """Changed sampling settings ask again; a setting the model never gets (temperature for o1) does not;
     an entry written before settings counted (the messages' hash alone) still serves the defaults."""
@@ -654,12 +683,12 @@ def test_model_teacher_samples_whole_batches_of_its_batch_size(tmp_path, monkeyp
         code, output = run([sys.executable, "distill.py", "--teacher", "model", "--model-path", path, "--puzzles",
                             puzzles, "--max-new-tokens", "2", "--batch-size", batch_size, "--out-dir",
                             str(tmp_path / f"out{batch_size}")], "unused", monkeypatch, capsys)
-        assert code == 0 and calls == expected, output
+        assert calls == expected and code.startswith("distill.py: error: no sample was accepted"), output  # untrained
 
 
 def test_model_teacher_self_distillation_plumbing(tmp_path, monkeypatch, capsys):
     """A tiny untrained checkpoint as the teacher: its k sampled responses are scored (all malformed,
-    so nothing is accepted and the SFT file is empty), with their token counts in samples.jsonl."""
+    so nothing is accepted: no SFT file, and an error), with their token counts in samples.jsonl."""
     import torch
 
     torch.set_num_threads(1)
@@ -671,14 +700,15 @@ def test_model_teacher_self_distillation_plumbing(tmp_path, monkeypatch, capsys)
     code, output = run([sys.executable, "distill.py", "--teacher", "model", "--model-path", path, "--puzzles",
                         puzzles, "--samples", "2", "--max-new-tokens", "5", "--out-dir", str(out)], "unused",
                        monkeypatch, capsys)
-    assert code == 0, output
+    assert code == f"distill.py: error: no sample was accepted, so no sft.jsonl was written; {out / 'samples.jsonl'} " \
+                   "and report.json say why", output
     rows = cello.read_jsonl(out / "samples.jsonl")
     assert [(r["id"], r["sample"]) for r in rows] == [(r["id"], k) for r in records for k in range(2)]
     assert all(r["status"] == "rejected" and r["reward"] == -1.0 and 1 <= r["num_tokens"] <= 5 for r in rows)
     report = json.loads((out / "report.json").read_text())
     assert report["overall"]["rejected_malformed"] == 6 and report["sft_rows"] == 0
     assert report["metrics"]["mean_length"] == pytest.approx(sum(r["num_tokens"] for r in rows) / 6)
-    assert (out / "sft.jsonl").read_text() == ""
+    assert not (out / "sft.jsonl").exists()  # an empty one would pass for a finished stage
 
 
 def test_reasoning_model_requests_on_the_wire(setup, monkeypatch, capsys):

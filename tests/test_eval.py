@@ -373,6 +373,21 @@ def test_cli_model_responder(files):
                 os.remove(files / "resumed" / "predictions.jsonl")
 
 
+def test_cli_model_responder_writing_into_the_model_folder(files):
+    """--out-dir the model's own folder: the run removes its partial file at the end (its name does not
+    change as predictions.jsonl is written beside the weights), and the model keeps its identity."""
+    import torch
+
+    torch.set_num_threads(1)
+    path = cello.prepare_model("tiny", str(files / "models"), cello.read_jsonl(files / "test.jsonl"))
+    before = cello.model_fingerprint(path)
+    evaluate.main(["--puzzles", str(files / "test.jsonl"), "--responder", "model", "--model-path", path,
+                   "--max-new-tokens", "3", "--out-dir", path])
+    assert {"predictions.jsonl", "summary.json"} <= set(os.listdir(path))
+    assert not [n for n in os.listdir(path) if n.endswith(".partial.jsonl")]
+    assert cello.model_fingerprint(path) == before
+
+
 @pytest.mark.parametrize("flag, value, expected", [
     ("--limit", "0", "an integer >= 1, got 0"),
     ("--limit", "-1", "an integer >= 1, got -1"),  # once it silently dropped the last puzzle

@@ -198,7 +198,7 @@ def test_build_writes_a_folder_auto_classes_load(tiny_dir):
     assert model.generation_config.pad_token_id == tokenizer.pad_token_id
     with open(os.path.join(tiny_dir, "tokenizer_config.json")) as f:
         assert json.load(f)["tokenizer_class"] == "PreTrainedTokenizerFast"
-    # the tiny preset is tiny: about 0.1M parameters
+    # the tiny preset is tiny: about 0.15M parameters
     assert 50_000 < sum(p.numel() for p in model.parameters()) < 200_000
     # loaded through cello: same weights, sdpa attention, the right eos in generate
     again = cello.load_model(tiny_dir)
@@ -249,6 +249,71 @@ def test_bad_path_is_one_clear_error(call, records, tmp_path):
     os.makedirs(tmp_path / "empty")
     with pytest.raises(SystemExit, match=r"cello: error: .*empty.* (config|tokenizer_config)\.json"):
         call(str(tmp_path / "empty"), records)
+
+
+def test_weights_that_do_not_fit_the_config_are_refused(tiny_dir, tmp_path):
+    """from_pretrained fills missing weights at random and goes on: a checkpoint saved with a wrapper's
+    prefix (torch.compile's _orig_mod.) would be a random model. load_model refuses it."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(tiny_dir, tmp_path / "prefixed")
+    weights = load_file(tmp_path / "prefixed" / "model.safetensors")
+    save_file({"_orig_mod." + k: v for k, v in weights.items()}, tmp_path / "prefixed" / "model.safetensors",
+              metadata={"format": "pt"})
+    with pytest.raises(SystemExit) as exit_info:
+        cello.load_model(str(tmp_path / "prefixed"))
+    assert str(exit_info.value.code) == (
+        f"cello: error: the weights in {str(tmp_path / 'prefixed')!r} do not fit its config.json: "
+        f"{len(weights) + 1} weight(s) missing, e.g. lm_head.weight (unexpected in the file: {len(weights)})")  # + the tied head
+
+
+def test_a_chat_template_that_refuses_a_system_message_is_one_line(tiny_dir, tmp_path):
+    """Gemma-1-it's template raises on a system message, which every cello prompt has."""
+    shutil.copytree(tiny_dir, tmp_path / "nosystem")
+    config = json.loads((tmp_path / "nosystem" / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (tmp_path / "nosystem" / "tokenizer_config.json").write_text(json.dumps(config))
+    (tmp_path / "nosystem" / "chat_template.jinja").write_text(
+        "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+        "{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    with pytest.raises(SystemExit) as exit_info:
+        cello.load_tokenizer(str(tmp_path / "nosystem"))
+    assert str(exit_info.value.code) == (
+        f"cello: error: the chat template in {str(tmp_path / 'nosystem')!r} refuses cello's prompt (a system "
+        "message, then a user message): System role not supported")
+
+
+def test_model_fingerprint_counts_only_the_model_s_own_files(tiny_dir, tmp_path):
+    """An eval's output written into the model folder does not change the model's identity (--resume
+    compares it); a changed weight file does."""
+    shutil.copytree(tiny_dir, tmp_path / "m")
+    before = cello.model_fingerprint(str(tmp_path / "m"))
+    for name in ("predictions.jsonl", "summary.json", ".model-0123.partial.jsonl", "notes.md"):
+        (tmp_path / "m" / name).write_text("{}\n")
+    assert cello.model_fingerprint(str(tmp_path / "m")) == before
+    (tmp_path / "m" / "tokenizer_config.json").write_text("{}")
+    assert cello.model_fingerprint(str(tmp_path / "m")) != before
+
+
+def test_an_out_dir_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
+    """An existing read-only folder passes makedirs; the probe file finds it before any work. (Root
+    ignores mode bits, so the probe's failure is simulated.)"""
+    def refuse(dir):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(cello.tempfile, "TemporaryFile", refuse)
+    with pytest.raises(SystemExit) as exit_info:
+        cello.make_out_dir(str(tmp_path), "eval.py")
+    assert str(exit_info.value.code) == f"eval.py: error: --out-dir {tmp_path}: cannot write in the folder (Permission denied)"
+
+
+def test_one_process_scripts_refuse_torchrun(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit) as exit_info:
+        cello.refuse_torchrun("eval.py")
+    assert str(exit_info.value.code) == "eval.py: error: it runs in one process: start it with python, not torchrun"
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    cello.refuse_torchrun("eval.py")  # one process: nothing to say
 
 
 @pytest.mark.parametrize("config_class, options, named", [

@@ -547,6 +547,13 @@ def test_out_dir_that_is_a_file(tmp_path):
     assert str(e.value.code) == f"puzzles.py: error: --out-dir {tmp_path / 'taken'}: cannot create the folder (File exists)"
 
 
+def test_no_expression_matrix(tmp_path):
+    path, _ = cellxgene_like(tmp_path / "f.h5ad")
+    adata = anndata.read_h5ad(path)
+    anndata.AnnData(obs=adata.obs, var=adata.var).write_h5ad(path)  # obs and var only: X is None, no layers
+    expect_error(tmp_path, path, FLAGS, "no expression matrix: none of layers['counts'], .raw or X holds one (layers: none)")
+
+
 def test_non_numeric_matrix(tmp_path):
     path, counts = cellxgene_like(tmp_path / "f.h5ad")
     text = counts.astype(int).astype(str).astype(object)
@@ -722,6 +729,34 @@ def test_import_out_that_is_a_folder(tmp_path):
     assert str(e.value.code) == (f"puzzles.py: error: --out {tmp_path / 'out.jsonl'}: is a folder "
                                  "(expected the path of the JSONL file to write)")
     assert sorted(os.listdir(tmp_path)) == ["cellpuzzles_test.jsonl", "out.jsonl"]  # no temporary file left
+
+
+@pytest.mark.parametrize("out", ["new/", ""])
+def test_import_out_that_names_no_file(tmp_path, monkeypatch, out):
+    """A trailing slash or an empty --out names a folder: one line, nothing written."""
+    monkeypatch.chdir(tmp_path)
+    src = tmp_path / "cellpuzzles_test.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    with pytest.raises(SystemExit) as e:
+        puzzles.main(["import", str(src), "--out", out])
+    assert str(e.value.code) == f"puzzles.py: error: --out {out!r}: names no file (expected the path of the JSONL file to write)"
+    assert os.listdir(tmp_path) == ["cellpuzzles_test.jsonl"]
+
+
+def test_import_a_parquet_file_that_is_not_parquet(tmp_path, monkeypatch):
+    """A git-lfs pointer cloned without LFS, or a file cut short: the reader's error in one line."""
+    import pandas
+
+    def unreadable(path):
+        raise ValueError("Parquet magic bytes not found in footer.\nEither the file is corrupted or this is not a parquet file.")
+
+    monkeypatch.setattr(pandas, "read_parquet", unreadable)
+    src = tmp_path / "test-00000-of-00001.parquet"
+    src.write_text("version https://git-lfs.github.com/spec/v1\n")
+    with pytest.raises(SystemExit) as e:
+        puzzles.main(["import", str(src), "--out", str(tmp_path / "out.jsonl")])
+    assert str(e.value.code) == (f"puzzles.py: error: {src}: not a readable parquet file (ValueError: Parquet magic "
+                                 "bytes not found in footer. Either the file is corrupted or this is not a parquet file.)")
 
 
 def test_import_json_array(tmp_path):
