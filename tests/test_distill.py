@@ -774,15 +774,6 @@ def test_insufficient_quota_in_the_error_type_alone_stops_the_run(tmp_path, monk
     assert info.value.fatal and len(calls) == 1
 
 
-def test_408_is_retried(tmp_path, monkeypatch):
-    """HTTP 408 (request timeout) is retried like a 429, and the retry's answer is kept."""
-    answers = iter([httpx.Response(408, text="timeout"), httpx.Response(200, json=OK)])
-    mock_server(monkeypatch, lambda request: next(answers))
-    respond = api.api_responder("http://server.test/v1", "m", "", str(tmp_path / "c.jsonl"), backoff_s=0,
-                                progress=False)
-    assert respond(toy_puzzles(1), 1) == [["ok"]] and respond.usage["requests"] == 2
-
-
 def test_status_300_is_a_redirect_that_stops_the_run(tmp_path, monkeypatch):
     """Every 3xx, 300 included, stops the run as a moved endpoint."""
     mock_server(monkeypatch, lambda request: httpx.Response(300, headers={"location": "https://x.test/v1"}))
@@ -852,3 +843,77 @@ def test_model_teacher_samples_at_temperature_1_unless_told(monkeypatch):
     distill.make_teacher(args, None)
     distill.make_teacher(argparse.Namespace(**{**vars(args), "temperature": 0.0}), None)
     assert seen == [1.0, 0.0]
+
+
+@pytest.mark.parametrize("typed", ["y", "Y", "yes", " YES "])
+def test_the_cost_prompt_takes_yes_in_any_case(monkeypatch, capsys, typed):
+    respond = lambda records, k: None
+    respond.pending = lambda records, k: {(0, 0)}
+    args = argparse.Namespace(samples=1, est_output_tokens=2000, price_input=15.0, price_output=60.0,
+                              reasoning="no", api_model="m", yes=False)
+    monkeypatch.setattr(sys.stdin, "isatty", lambda: True, raising=False)
+    monkeypatch.setattr("builtins.input", lambda prompt: typed)
+    distill.confirm_cost(args, toy_puzzles(1), respond)  # no SystemExit
+    monkeypatch.setattr("builtins.input", lambda prompt: "no")
+    with pytest.raises(SystemExit, match="stopped before sending any request"):
+        distill.confirm_cost(args, toy_puzzles(1), respond)
+
+
+@pytest.mark.parametrize("model", ["O1", "OpenAI/O3-Mini", "GPT-5"])
+def test_reasoning_model_names_are_matched_case_insensitively(model):
+    assert api.is_reasoning_model(model)
+    assert "temperature" not in api.request_body(model, [], temperature=0.7)
+
+
+@pytest.mark.parametrize("status", [408, 409, 425])
+def test_retryable_4xx_are_retried(tmp_path, monkeypatch, status):
+    answers = iter([httpx.Response(status, text="again"), httpx.Response(200, json=OK)])
+    mock_server(monkeypatch, lambda request: next(answers))
+    respond = api.api_responder("http://server.test/v1", "m", "", str(tmp_path / "c.jsonl"), backoff_s=0,
+                                progress=False)
+    assert respond(toy_puzzles(1), 1) == [["ok"]] and respond.usage["requests"] == 2
+
+
+def test_a_negative_retry_after_is_no_wait():
+    assert api.parse_retry_after("-5") == 0.0
+
+
+def test_an_answer_without_usage_has_no_token_count(tmp_path, monkeypatch):
+    """None, not 0: a length of 0 would pull eval's mean length down."""
+    mock_server(monkeypatch, lambda request: httpx.Response(200, json=OK))
+    respond = api.api_responder("http://server.test/v1", "m", "", str(tmp_path / "c.jsonl"), progress=False)
+    assert respond(toy_puzzles(1), 1) == [["ok"]] and respond.num_tokens == [[None]]
+
+
+def test_a_base_url_with_a_trailing_slash(tmp_path, monkeypatch):
+    paths = []
+    mock_server(monkeypatch, lambda request: paths.append(request.url.path) or httpx.Response(200, json=OK))
+    respond = api.api_responder("http://server.test/v1/", "m", "", str(tmp_path / "c.jsonl"), progress=False)
+    assert respond(toy_puzzles(1), 1) == [["ok"]] and paths == ["/v1/chat/completions"]
+
+
+def test_a_null_content_is_an_empty_answer_not_a_retry(tmp_path, monkeypatch):
+    """A reasoning model that spent its whole budget thinking answers content null: that is its answer
+    (scored malformed), not a broken body to pay for again."""
+    body = {"choices": [{"message": {"content": None}, "finish_reason": "length"}]}
+    mock_server(monkeypatch, lambda request: httpx.Response(200, json=body))
+    respond = api.api_responder("http://server.test/v1", "m", "", str(tmp_path / "c.jsonl"), backoff_s=0,
+                                progress=False)
+    assert respond(toy_puzzles(1), 1) == [[""]]
+    assert respond.usage["requests"] == 1 and respond.errors == {}
+
+
+@pytest.mark.parametrize("status", [400, 413, 422])
+def test_a_refused_request_is_marked_refused_and_asked_once(tmp_path, monkeypatch, status):
+    mock_server(monkeypatch, lambda request: httpx.Response(status, text="prompt too long"))
+    records = toy_puzzles(1)
+    respond = api.api_responder("http://server.test/v1", "m", "", str(tmp_path / "c.jsonl"), backoff_s=0,
+                                progress=False)
+    assert respond(records, 1) == [[""]]
+    assert respond.usage["requests"] == 1 and respond.refused == {(records[0]["id"], 0)}
+
+
+def test_o1_mini_folding_keeps_the_later_messages():
+    messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"},
+                {"role": "assistant", "content": "A"}]
+    assert api.request_body("o1-mini", messages)["messages"] == [{"role": "user", "content": "S\n\nU"}, messages[2]]

@@ -542,3 +542,30 @@ def test_the_last_row_of_a_key_in_the_partial_file_wins(tmp_path):
     cello.write_jsonl_atomic(partial, [{"id": "p1", "sample": 0, "response": "old"},
                                        {"id": "p1", "sample": 0, "response": "new"}])
     assert evaluate.load_partial(partial) == {("p1", 0): {"id": "p1", "sample": 0, "response": "new"}}
+
+
+def test_local_responders_are_deterministic_unless_told(files, monkeypatch):
+    """eval's default for expert and model is temperature 0 (the expert's own default, 0.1, is for
+    distillation): without --temperature the expert gets 0.0, not None."""
+    seen = {}
+    real = evaluate.responders.make_responder
+
+    def spy(name, **options):
+        seen[name] = options.get("temperature")
+        return real(name, **options)
+
+    monkeypatch.setattr(evaluate.responders, "make_responder", spy)
+    args = evaluate.parse_args(["--puzzles", str(files / "test.jsonl"), "--responder", "expert", "random",
+                                "--train", str(files / "train.jsonl"), "--out-dir", str(files / "out")])
+    for name in args.responder:
+        evaluate.build(name, args, cello.read_jsonl(files / "train.jsonl"))
+    assert seen == {"expert": 0.0, "random": 0.0}
+
+
+def test_an_explicit_temperature_0_is_refused_with_samples_too(files):
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--puzzles", str(files / "test.jsonl"), "--responder", "expert", "--train",
+                       str(files / "train.jsonl"), "--num-samples", "2", "--temperature", "0",
+                       "--out-dir", str(files / "out")])
+    assert e.value.code == ("eval.py: error: --num-samples 2 at temperature 0 gives expert 2 copies of one "
+                            "deterministic answer: pass --temperature > 0 (or --num-samples 1)")

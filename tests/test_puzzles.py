@@ -938,3 +938,27 @@ def test_split_counts_may_send_a_whole_stratum_to_test():
     """Rounded half up and capped at n only: 2 x 0.75 = 1.5 gives 2 test items, 1 x 0.5 gives 1."""
     assert puzzles.split_counts(2, 0.0, 0.75) == (2, 0)
     assert puzzles.split_counts(1, 0.5, 0.5) == (1, 0)
+
+
+def test_draw_puzzles_gives_up_after_20_k_tries():
+    """Two types of one cell each make a single distinct puzzle: asked for 3, draw_puzzles returns it
+    once, after exactly 20 * 3 = 60 tries (each try draws its N types once)."""
+    class Counting:
+        def __init__(self):
+            self.rng, self.tries = np.random.default_rng(0), 0
+
+        def choice(self, a, size=None, replace=True):
+            self.tries += size is not None  # the types of a try (a cell is drawn without size)
+            return self.rng.choice(a, size=size, replace=replace)
+
+        def permutation(self, n):
+            return self.rng.permutation(n)
+
+    rng = Counting()
+    out = puzzles.draw_puzzles({"a": [0], "b": [1]}, 2, 3, rng, set())
+    assert len(out) == 1 and sorted(out[0]) == [(0, "a"), (1, "b")]
+    assert rng.tries == 60
+
+
+def test_import_split_from_the_file_name_ignores_case(tmp_path):
+    assert run_import(tmp_path, ROWS[:1], "CellPuzzles_TEST.jsonl")[0]["split"] == "test"

@@ -193,3 +193,10 @@ def test_huge_and_nested_inputs():
     _check("<think><think></think></think>\n<answer><answer>a</answer></answer>", ["a"])
     _check("|" * 1_000_000, ["a", "b"])
     assert reward.reward(None, ["a"]) == -1.0
+
+
+def test_metrics_by_n_are_in_ascending_n_for_any_ns():
+    """Ascending N, also where a set would not iterate in order ({9, 3} iterates 9 first in CPython)."""
+    scores = [reward.score("<think>x</think>\n<answer>" + " | ".join(g) + "</answer>", g)
+              for g in (list("abcdefghi"), list("abc"))]
+    assert list(reward.metrics(scores)["by_n"]) == [3, 9]
