@@ -11,7 +11,7 @@ A library for distill.py and eval.py (through responders.make_responder("api", .
     respond.errors                   # {(puzzle id, sample index): error text} of the failed samples
 
 One request per sample (sample k of puzzle p), max_concurrency requests in flight (threads sharing one
-httpx.Client). A request is retried with exponential backoff and jitter on 429, 408, 5xx, timeouts,
+httpx.Client). A request is retried with exponential backoff and jitter on 408, 409, 425, 429, 5xx, timeouts,
 connection errors and broken or malformed bodies, honouring Retry-After (or retry-after-ms); after
 max_attempts the sample is recorded as failed (with its error), not lost, and the run goes on.
 401/403/404 (wrong key, URL or model), 402 or OpenAI's 429 "insufficient_quota" (no credit) and
@@ -147,6 +147,11 @@ def sampling_settings(model, temperature=None, max_tokens=None, reasoning=None, 
     return {key: value for key, value in body.items() if key not in ("model", "messages")}
 
 
+def default_cache_path(out_dir):
+    """Where a run keeps its api answers unless told otherwise (eval.py --api-cache, distill.py --api-cache)."""
+    return os.path.join(out_dir, "api_cache.jsonl")
+
+
 def load_cache(path):
     """{(id, sample, model, prompt_sha): entry} from a cache JSONL file; the last line of a key wins.
     prompt_sha (the prompt and the sampling settings) is part of the key, so answers to other settings
@@ -159,10 +164,8 @@ def load_cache(path):
     cache = {}
     if not os.path.exists(path):
         return cache
-    last = b"\n"
     with open(path, "rb") as f:  # line by line: a paper-scale cache (80k samples) can be large
         for number, line in enumerate(f, 1):
-            last = line
             try:
                 entry = json.loads(line)
             except (UnicodeDecodeError, json.JSONDecodeError):
@@ -172,9 +175,7 @@ def load_cache(path):
             except (KeyError, TypeError):
                 raise ValueError(f"the cache {path} line {number} is not an API cache entry (no id, sample and "
                                  "model): give the cache a file of its own") from None
-    if not last.endswith(b"\n"):
-        with open(path, "ab") as f:
-            f.write(b"\n")
+    cello.end_torn_line(path)
     return cache
 
 
@@ -186,10 +187,8 @@ def cache_key(entry):
 
 def pending(records, num_samples, model, cache, retry_failed=False, settings=None):
     """The (record index, sample index) pairs that need a request: no cache entry for the same prompt
-    and settings (or, with retry_failed, a cached failure). cache: load_cache's dict (or a cache path);
-    settings: sampling_settings' dict."""
-    if isinstance(cache, str):
-        cache = load_cache(cache)
+    and settings (or, with retry_failed, a cached failure). cache: load_cache's dict; settings:
+    sampling_settings' dict."""
     todo = set()
     for i, record in enumerate(records):
         sha = prompt_hash(cello.render_messages(record), settings)
@@ -270,9 +269,45 @@ def post_once(client, url, headers, body, secret=None):
     return content, usage, choice.get("finish_reason")
 
 
+def chat_url(base_url):
+    """(the chat-completions URL, the same URL without user:password@ for messages), or ValueError when
+    base_url is not an http(s) URL with a host: else every request would fail as a "connection error",
+    be retried and be cached as failed."""
+    try:
+        parsed = urllib.parse.urlsplit(base_url)
+        parsed.port  # raises ValueError for a port that is not a number
+        valid_url = parsed.scheme in ("http", "https") and bool(parsed.hostname)
+    except ValueError:  # also an unclosed [IPv6 address
+        valid_url = False
+    if not valid_url:
+        shown = f" {base_url!r}" if "/" in base_url or "." in base_url else ""  # not a key pasted in its place
+        raise ValueError(f"base URL{shown} is not an http(s) URL with a host (e.g. https://api.openai.com/v1)")
+    url = base_url.rstrip("/") + "/chat/completions"
+    return url, url.replace(parsed.netloc, parsed.netloc.rpartition("@")[2], 1)
+
+
+def read_api_key(api_key_env):
+    """The key in environment variable api_key_env (None when api_key_env is "" or None: local servers),
+    or ValueError naming the variable, never showing the key (nor a key pasted in place of the name)."""
+    if not api_key_env:
+        return None
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", api_key_env):  # not echoed: it may be a key
+        raise ValueError("the API key variable must be the NAME of an environment variable (such as "
+                         "OPENAI_API_KEY), not the key itself")
+    secret = (os.environ.get(api_key_env) or "").strip()  # a key pasted from a file often ends in "\n"
+    if not secret:
+        if not api_key_env.isupper() and len(api_key_env) > 20:  # a key pasted in place of the name (gsk_...)
+            raise ValueError("the API key variable names no set environment variable, and its name is not "
+                             "shown as it looks like a key: give the NAME of the variable that holds the key")
+        raise ValueError(f"environment variable {api_key_env} is not set (it should hold the API key)")
+    if not all(33 <= ord(c) < 127 for c in secret):  # else httpx's error would quote the header, key and all
+        raise ValueError(f"environment variable {api_key_env} holds characters an HTTP header cannot carry")
+    return secret
+
+
 def api_responder(base_url, model, api_key_env, cache_path, max_concurrency=8, timeout_s=600.0, max_attempts=6,
                   temperature=None, max_tokens=None, reasoning=None, reasoning_effort=None, retry_failed=False,
-                  backoff_s=1.0, max_backoff_s=60.0, progress=True):
+                  backoff_s=1.0, progress=True):
     """A respond(records, num_samples) -> [puzzle][sample] texts that asks a chat-completions endpoint.
 
     base_url      e.g. https://api.openai.com/v1 (requests go to {base_url}/chat/completions)
@@ -281,7 +316,7 @@ def api_responder(base_url, model, api_key_env, cache_path, max_concurrency=8, t
     timeout_s     per-request timeout (connect, read and write, each) in seconds
     max_attempts  requests per sample before it is recorded as failed
     temperature, max_tokens, reasoning, reasoning_effort: see request_body (None = server default)
-    backoff_s, max_backoff_s: the backoff schedule (see backoff_delay)
+    backoff_s: the first backoff in seconds (see backoff_delay)
 
     respond.usage sums over every call: prompt_tokens and completion_tokens of the samples returned
     (cached ones included: that is what the data set cost), requests (HTTP requests sent by this
@@ -296,30 +331,8 @@ def api_responder(base_url, model, api_key_env, cache_path, max_concurrency=8, t
     variable is unset, or the cache cannot be written (all before any request), ApiError on a fatal
     answer (401/402/403/404, a 429 for no credit, or a redirect).
     """
-    try:
-        parsed = urllib.parse.urlsplit(base_url)
-        parsed.port  # raises ValueError for a port that is not a number
-        valid_url = parsed.scheme in ("http", "https") and bool(parsed.hostname)
-    except ValueError:  # also an unclosed [IPv6 address
-        valid_url = False
-    if not valid_url:  # else every request fails as a "connection error", is retried and cached as failed
-        shown = f" {base_url!r}" if "/" in base_url or "." in base_url else ""  # not a key pasted in its place
-        raise ValueError(f"base URL{shown} is not an http(s) URL with a host (e.g. https://api.openai.com/v1)")
-    secret = None
-    if api_key_env and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", api_key_env):  # not echoed: it may be a key
-        raise ValueError("the API key variable must be the NAME of an environment variable (such as "
-                         "OPENAI_API_KEY), not the key itself")
-    if api_key_env:
-        secret = (os.environ.get(api_key_env) or "").strip()  # a key pasted from a file often ends in "\n"
-        if not secret:
-            if not api_key_env.isupper() and len(api_key_env) > 20:  # a key pasted in place of the name (gsk_...)
-                raise ValueError("the API key variable names no set environment variable, and its name is not "
-                                 "shown as it looks like a key: give the NAME of the variable that holds the key")
-            raise ValueError(f"environment variable {api_key_env} is not set (it should hold the API key)")
-        if not all(33 <= ord(c) < 127 for c in secret):  # else httpx's error would quote the header, key and all
-            raise ValueError(f"environment variable {api_key_env} holds characters an HTTP header cannot carry")
-    url = base_url.rstrip("/") + "/chat/completions"
-    url_shown = url.replace(parsed.netloc, parsed.netloc.rpartition("@")[2], 1)  # no user:password@ in messages
+    url, url_shown = chat_url(base_url)
+    secret = read_api_key(api_key_env)
     try:  # before any request: an answer that cannot be saved is paid for and lost
         os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
         open(cache_path, "a").close()
@@ -331,14 +344,10 @@ def api_responder(base_url, model, api_key_env, cache_path, max_concurrency=8, t
     stop = threading.Event()  # set on a fatal error: the other workers give up
     client = httpx.Client(timeout=timeout_s, limits=httpx.Limits(max_connections=max_concurrency))
 
-    def save(entry):
-        line = json.dumps(entry, ensure_ascii=False) + "\n"  # its error is redacted already (fetch)
+    def save(entry):  # its error is redacted already (fetch)
         with lock:
-            with open(cache_path, "a", encoding="utf-8") as f:
-                f.write(line)
-                f.flush()
-                os.fsync(f.fileno())
-            cache[cache_key(entry)] = json.loads(line)
+            cello.append_jsonl(cache_path, [entry], durable=True)
+            cache[cache_key(entry)] = json.loads(json.dumps(entry))  # as a rerun will read it back
 
     def fetch(record, k, messages):
         """Ask for sample k of one puzzle until it succeeds, fails for good, or attempts run out."""
@@ -366,7 +375,7 @@ def api_responder(base_url, model, api_key_env, cache_path, max_concurrency=8, t
                                  refused=exc.refused)
                     save(entry)
                     return entry
-                stop.wait(backoff_delay(attempt, exc.retry_after, backoff_s, max_backoff_s))  # sleep, unless stopped
+                stop.wait(backoff_delay(attempt, exc.retry_after, backoff_s))  # sleep, unless stopped
                 continue
             entry.update(ok=True, content=content, usage=usage, finish_reason=finish_reason, attempts=attempt,
                          error=None)
@@ -418,6 +427,5 @@ def api_responder(base_url, model, api_key_env, cache_path, max_concurrency=8, t
 
     respond.usage = {"prompt_tokens": 0, "completion_tokens": 0, "requests": 0, "cached": 0, "failed": 0}
     respond.errors, respond.refused, respond.num_tokens = {}, set(), []
-    respond.model = model
     respond.pending = lambda records, num_samples: pending(records, num_samples, model, cache, retry_failed, settings)
     return respond

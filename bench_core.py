@@ -42,7 +42,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 import cello
 import sft
 
-parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=cello.HelpFormatter)
 parser.add_argument("--parts", default="speed,logprobs,sft,memory",
                     help="comma-separated: speed, logprobs, sft, memory, scale")
 parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 keeps figures steadier on a shared machine)")

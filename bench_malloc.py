@@ -32,7 +32,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 MODES = ("glibc defaults", "keep_freed_memory")
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                 formatter_class=cello.HelpFormatter)
 parser.add_argument("--demo-dir", default="runs/demo", help="a finished demo run: its puzzles, traces and SFT model")
 parser.add_argument("--work-dir", required=True, help="folder for the runs' outputs (replaced run by run)")
 parser.add_argument("--sft-steps", type=int, default=80, help="SFT steps per run (from the small preset's init)")

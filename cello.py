@@ -181,7 +181,7 @@ def read_puzzles(path, flag, script, need_response=False):
     return records
 
 
-# What a numeric flag expects -> its test (NaN and infinity fail every number range).
+# What a numeric flag expects -> its test (NaN fails every number range, infinity all but "inf: no limit").
 RANGES = {
     "an integer >= 2": lambda v: v >= 2,
     "an integer >= 1": lambda v: v >= 1,
@@ -229,7 +229,7 @@ def check_unique_ids(records, flag, path, script):
 _created_out_dirs = []  # (the folder, the topmost folder this process created for it), for a failed run
 
 
-def make_out_dir(path, script, flag="--out-dir"):
+def make_out_dir(path, script):
     """Create the output folder (and its parents), or exit with one line saying why not (say, a file of
     that name exists). A folder created here is removed again if the run then fails before it holds
     any work (remove_unused_out_dirs), so bad input found late still leaves no folder behind."""
@@ -240,11 +240,11 @@ def make_out_dir(path, script, flag="--out-dir"):
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as e:
-        sys.exit(f"{script}: error: {flag} {path}: cannot create the folder ({e.strerror})")
+        sys.exit(f"{script}: error: --out-dir {path}: cannot create the folder ({e.strerror})")
     try:  # an existing read-only folder would fail only at the first write, after the work
         tempfile.TemporaryFile(dir=path).close()
     except OSError as e:
-        sys.exit(f"{script}: error: {flag} {path}: cannot write in the folder ({e.strerror})")
+        sys.exit(f"{script}: error: --out-dir {path}: cannot write in the folder ({e.strerror})")
     if topmost_new is not None:
         _created_out_dirs.append((os.path.abspath(path), topmost_new))
 
@@ -264,7 +264,7 @@ def remove_unused_out_dirs():
                 os.rmdir(path)
 
 
-def check_device(device, script, flag="--device"):
+def check_device(device, script):
     """The device to use: device (None: default_device()), or exit with one line unless it is cpu or a
     cuda device this machine and torch build have."""
     device = device or default_device()
@@ -273,11 +273,11 @@ def check_device(device, script, flag="--device"):
     except RuntimeError:
         parsed = None
     if parsed is None or parsed.type not in ("cpu", "cuda"):
-        sys.exit(f"{script}: error: {flag}: expected cpu, cuda or cuda:N, got {device!r}")
+        sys.exit(f"{script}: error: --device: expected cpu, cuda or cuda:N, got {device!r}")
     if parsed.type == "cuda" and not torch.cuda.is_available():
-        sys.exit(f"{script}: error: {flag} {device}: no CUDA device here (or a CPU-only torch build)")
+        sys.exit(f"{script}: error: --device {device}: no CUDA device here (or a CPU-only torch build)")
     if parsed.type == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():
-        sys.exit(f"{script}: error: {flag} {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        sys.exit(f"{script}: error: --device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 
@@ -306,10 +306,24 @@ def write_json_atomic(path, obj):
     write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
-def append_jsonl(path, row):
-    """Append one JSON line (a metrics row) to a file."""
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
+def append_jsonl(path, rows, durable=False):
+    """Append rows to a file as JSON lines. durable: flushed and fsync'd before returning, for work a
+    kill must not lose (eval's partial rows, paid API answers)."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def end_torn_line(path):
+    """End the file's last line with a newline when a kill cut it short, so that the next appended line
+    starts a line of its own (the torn one is skipped by its reader)."""
+    if os.path.isfile(path) and os.path.getsize(path):
+        with open(path, "rb+") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
 
 
 def write_jsonl_atomic(path, rows):
@@ -622,25 +636,13 @@ def example_ids(tokenizer, record, response):
 # ---------------------------------------------------------------------------------------------
 # 3. Sampling and log-probabilities
 # ---------------------------------------------------------------------------------------------
-# Token lists go in and out; padded tensors exist only inside these functions. Rows are group-major
+# Token lists go in and out; padded tensors exist only inside these functions (but the reference
+# helpers at the end of the section). Rows are group-major
 # everywhere: prompt p's G samples (or responses) are rows p*G .. p*G+G-1.
 
 
 def _device_of(model):
     return next(model.parameters()).device
-
-
-def left_pad(seqs, pad_id, device):
-    """Left-pad token lists -> ids [B, T], attention mask [B, T] (1 on real tokens), positions [B, T]."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if s:
-            ids[i, width - len(s):] = torch.tensor(s)
-            mask[i, width - len(s):] = 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # every real token at its unpadded position
-    return ids.to(device), mask.to(device), positions.to(device)
 
 
 def right_pad(rows, fill=0, dtype=torch.long):
@@ -727,7 +729,7 @@ def _shared_prefix_attention(module, query, key, value, attention_mask, scaling,
     """
     prefix_keys_t = shared_prefix["keys_t"][module.layer_idx]  # [P, kv_heads, d, W]
     prefix_values = shared_prefix["values"][module.layer_idx]  # [P, kv_heads, W, d]
-    prompts, kv_heads, dim, width = prefix_keys_t.shape
+    prompts, kv_heads, _, width = prefix_keys_t.shape
     group, live, length = shared_prefix["group"], shared_prefix["live"], shared_prefix["length"]
     rows, heads = query.shape[:2]
     per_kv = heads // kv_heads  # grouped-query attention: query heads per key/value head
@@ -739,17 +741,17 @@ def _shared_prefix_attention(module, query, key, value, attention_mask, scaling,
     def to_rows(x):  # the inverse: [P, kv_heads, G * per_kv, n] -> [P * G, H, n]
         return x.view(prompts, kv_heads, group, per_kv, -1).transpose(1, 2).reshape(prompts * group, heads, -1)
 
-    everyone = rows == prompts * group  # no row has finished yet: no scatter into the P * G layout needed
+    all_live = rows == prompts * group  # no row has finished yet: no scatter into the P * G layout needed
 
     def scatter(x):  # [R, H, n] -> [P * G, H, n]; finished rows get zeros (cheap, and keep the layout)
-        if everyone:
+        if all_live:
             return x
         full = x.new_zeros((prompts * group, *x.shape[1:]))
         full[live] = x
         return full
 
     def gather(x):  # [P * G, H, n] -> [R, H, n]
-        return x if everyone else x[live]
+        return x if all_live else x[live]
 
     query = query * scaling  # [R, H, 1, d]: scaling the query is cheaper than scaling the scores
     prefix_scores = to_groups(scatter(query[:, :, 0])) @ prefix_keys_t  # [P, kv_heads, G * per_kv, W]
@@ -771,6 +773,36 @@ AttentionMaskInterface.register("cello_shared_prefix", lambda **kwargs: None)
 
 
 @torch.no_grad()
+def _prefill_prompts(model, prompts, num_samples, device):
+    """Run each prompt once; returns (the logits of each prompt's last position [P, V] float32, the
+    shared-prefix dict _shared_prefix_attention reads: every prompt's keys and values, left-padded)."""
+    # Prefill each prompt once, alone: no padding mask, so attention takes its fast causal path
+    # and does no work on padding (25% faster than one left-padded batch on CPU, bench_core.py).
+    # Logits only for the last position.
+    last_logits, prompt_caches = [], []
+    for prompt in prompts:
+        prompt_caches.append(DynamicCache(config=model.config))
+        out = model(input_ids=torch.tensor([prompt], device=device), cache=prompt_caches[-1], use_cache=True,
+                    logits_to_keep=1)
+        last_logits.append(out.logits[0, -1].float())
+    # Keep each prompt's keys and values once, left-padded to the longest: [P, kv_heads, width, head_dim]
+    # per layer (keys stored transposed). Decoding attends to them through _shared_prefix_attention,
+    # which reads each group's prompt once per step for all its G rows instead of G copies of it.
+    width = max(len(p) for p in prompts)
+    prefix_keys, prefix_values = [], []
+    for layer_idx in range(len(prompt_caches[0].layers)):
+        for states, padded in (("keys", prefix_keys), ("values", prefix_values)):
+            first = getattr(prompt_caches[0].layers[layer_idx], states)  # [1, kv_heads, n, head_dim]
+            full = first.new_zeros((len(prompts), first.shape[1], width, first.shape[3]))
+            for i, prompt_cache in enumerate(prompt_caches):
+                full[i, :, width - len(prompts[i]):] = getattr(prompt_cache.layers[layer_idx], states)[0]
+            padded.append(full.transpose(-1, -2).contiguous() if states == "keys" else full)
+    padding = torch.tensor([[True] * (width - len(p)) + [False] * len(p) for p in prompts], device=device)
+    shared = {"keys_t": prefix_keys, "values": prefix_values, "group": num_samples,
+              "bias": torch.zeros(padding.shape, device=device).masked_fill(padding, float("-inf"))[:, None, None]}
+    return torch.stack(last_logits), shared
+
+
 def sample(model, prompts, num_samples, max_new_tokens, stop_ids, pad_id, temperature=1.0, top_p=1.0,
            generator=None):
     """Sample num_samples responses per prompt with a KV cache; each prompt is prefilled once, and its
@@ -799,35 +831,11 @@ def sample(model, prompts, num_samples, max_new_tokens, stop_ids, pad_id, temper
         return {"responses": [[] for _ in range(rows)], "logprobs": [[] for _ in range(rows)],
                 "finished": [False] * rows}
     with gathered_weights(model):
-        # Prefill each prompt once, alone: no padding mask, so attention takes its fast causal path
-        # and does no work on padding (25% faster than one left-padded batch on CPU, bench_core.py).
-        # Logits only for the last position.
-        last_logits, prompt_caches = [], []
-        for prompt in prompts:
-            prompt_caches.append(DynamicCache(config=model.config))
-            out = model(input_ids=torch.tensor([prompt], device=device), cache=prompt_caches[-1], use_cache=True,
-                        logits_to_keep=1)
-            last_logits.append(out.logits[0, -1].float())
-        # Keep each prompt's keys and values once, left-padded to the longest: [P, kv_heads, width, head_dim]
-        # per layer (keys stored transposed). Decoding attends to them through _shared_prefix_attention,
-        # which reads each group's prompt once per step for all its G rows instead of G copies of it.
-        width = max(len(p) for p in prompts)
-        prefix_keys, prefix_values = [], []
-        for layer_idx in range(len(prompt_caches[0].layers)):
-            for states, padded in (("keys", prefix_keys), ("values", prefix_values)):
-                first = getattr(prompt_caches[0].layers[layer_idx], states)  # [1, kv_heads, n, head_dim]
-                full = first.new_zeros((len(prompts), first.shape[1], width, first.shape[3]))
-                for i, prompt_cache in enumerate(prompt_caches):
-                    full[i, :, width - len(prompts[i]):] = getattr(prompt_cache.layers[layer_idx], states)[0]
-                padded.append(full.transpose(-1, -2).contiguous() if states == "keys" else full)
-        del prompt_caches
-        padding = torch.tensor([[True] * (width - len(p)) + [False] * len(p) for p in prompts], device=device)
-        shared = {"keys_t": prefix_keys, "values": prefix_values, "group": num_samples,
-                  "bias": torch.zeros(padding.shape, device=device).masked_fill(padding, float("-inf"))[:, None, None]}
+        last_logits, shared = _prefill_prompts(model, prompts, num_samples, device)  # [P, V], the prompts' cache
         # The responses' own keys and values: a preallocated cache written in place (a DynamicCache
         # would torch.cat every layer's cache at every step, which took 70% of decoding on CPU).
         cache = StaticCache(config=model.config, max_cache_len=max(1, max_new_tokens - 1))
-        logits = torch.stack(last_logits).repeat_interleave(num_samples, 0)  # [R, V]
+        logits = last_logits.repeat_interleave(num_samples, 0)  # [R, V]
         next_pos = torch.tensor([len(p) for p in prompts], device=device).repeat_interleave(num_samples, 0)  # [R]
         live = torch.arange(rows, device=device)  # output row of each row still decoding
         attention = model.config._attn_implementation
@@ -908,20 +916,6 @@ def _logprobs_of(model, hidden, targets, temperature, chunk_size):
         else:
             pieces.append(_chunk_logprobs(lm_head, h, t, temperature))
     return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
-
-
-def token_logprobs(model, input_ids, attention_mask, temperature=1.0, chunk_size=None):
-    """Per-token log-probs: out[b, t] = log softmax(logits[b, t] / T)[input_ids[b, t + 1]].
-
-    input_ids, attention_mask: [B, T] (left or right padding). Returns [B, T - 1] float32, 0 where
-    token t or t + 1 is padding (a left-padded row's first token has no context to be predicted from).
-    The [B, T, V] float32 logits never exist: only chunks of positions do.
-    """
-    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    hidden = _final_hidden(model, input_ids=input_ids, attention_mask=attention_mask, position_ids=positions)
-    real = attention_mask[:, :-1].bool() & attention_mask[:, 1:].bool()  # [B, T-1]: real token after a real one
-    values = _logprobs_of(model, hidden[:, :-1][real], input_ids[:, 1:][real], temperature, chunk_size)
-    return torch.zeros(real.shape, dtype=torch.float32, device=values.device).masked_scatter(real, values)
 
 
 class _PrefixLayer(DynamicLayer):
@@ -1070,6 +1064,37 @@ def response_logprobs(model, prompts, responses, temperature=1.0, shared_prompt=
     return logprobs, mask.float()
 
 
+# Reference helpers, for tests, check_gpu.py and bench_core.py only: padded batches as Hugging Face's
+# generate() takes them, and per-token log-probs of padded rows (the chunked head checked against a
+# naive one). The pipeline itself uses sample and response_logprobs above.
+
+def left_pad(seqs, pad_id, device):
+    """Left-pad token lists -> ids [B, T], attention mask [B, T] (1 on real tokens), positions [B, T]."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, width - len(s):] = torch.tensor(s)
+            mask[i, width - len(s):] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # every real token at its unpadded position
+    return ids.to(device), mask.to(device), positions.to(device)
+
+
+def token_logprobs(model, input_ids, attention_mask, temperature=1.0, chunk_size=None):
+    """Per-token log-probs: out[b, t] = log softmax(logits[b, t] / T)[input_ids[b, t + 1]].
+
+    input_ids, attention_mask: [B, T] (left or right padding). Returns [B, T - 1] float32, 0 where
+    token t or t + 1 is padding (a left-padded row's first token has no context to be predicted from).
+    The [B, T, V] float32 logits never exist: only chunks of positions do.
+    """
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    hidden = _final_hidden(model, input_ids=input_ids, attention_mask=attention_mask, position_ids=positions)
+    real = attention_mask[:, :-1].bool() & attention_mask[:, 1:].bool()  # [B, T-1]: real token after a real one
+    values = _logprobs_of(model, hidden[:, :-1][real], input_ids[:, 1:][real], temperature, chunk_size)
+    return torch.zeros(real.shape, dtype=torch.float32, device=values.device).masked_scatter(real, values)
+
+
 # ---------------------------------------------------------------------------------------------
 # 4. Distributed setup, training helpers and checkpoints
 # ---------------------------------------------------------------------------------------------
@@ -1138,17 +1163,15 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
-def all_reduce(values, op="sum"):
-    """Sum (op="sum") or mean (op="mean") of a float, or of a list of floats elementwise, over all
-    ranks; the values themselves when single process. Every rank must call it."""
+def all_reduce(values):
+    """Sum of a float, or of a list of floats elementwise, over all ranks; the values themselves when
+    single process. Every rank must call it."""
     single = not isinstance(values, (list, tuple))
     if not dist.is_initialized():
         return float(values) if single else [float(v) for v in values]
     device = "cuda" if dist.get_backend() == "nccl" else "cpu"
     t = torch.tensor([values] if single else list(values), dtype=torch.float64, device=device)
     dist.all_reduce(t)
-    if op == "mean":
-        t /= dist.get_world_size()
     return t.item() if single else t.tolist()
 
 
@@ -1329,7 +1352,7 @@ def save_checkpoint(out_dir, model, tokenizer, optimizer=None, scheduler=None, s
     gathered to rank 0's CPU, which writes everything into out_dir + ".tmp" and then renames it into
     place, so a crash never leaves a half-written folder under out_dir. An older checkpoint there is
     replaced (it survives as out_dir + ".old" if a crash hits between the renames and its deletion;
-    run_checkpoint resumes from it when out_dir is missing). out_dir
+    checkpoint_to_resume resumes from it when out_dir is missing). out_dir
     belongs to the checkpoint: a non-empty folder that is not a checkpoint is refused, not deleted.
     """
     from huggingface_hub import save_torch_state_dict
@@ -1407,7 +1430,7 @@ def _remove_folder(path):
         shutil.rmtree(trash, ignore_errors=True)
 
 
-def run_checkpoint(run_dir, resume, script):
+def checkpoint_to_resume(run_dir, resume, script):
     """The checkpoint a run in run_dir continues from: RUN_DIR/last for --resume, None for a fresh run.
 
     --resume takes last/, or last.old when a crash between save_checkpoint's two renames left only
@@ -1600,10 +1623,9 @@ def plot_grpo(metrics_path, png_path):
 
 def demo(argv):
     """The whole pipeline on the bundled data, each stage timed, then the results table and a plot."""
-    import argparse
     import subprocess
     import time
-    parser = argparse.ArgumentParser(prog="cello.py demo", description=demo.__doc__)
+    parser = argparse.ArgumentParser(prog="cello.py demo", description=demo.__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--out-dir", default="runs/demo", help="run folder: every stage writes below it")
     parser.add_argument("--data", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "data",
                                                        "pbmc68k_reduced.h5ad"), help="AnnData file of the demo")
@@ -1656,7 +1678,6 @@ def demo(argv):
         if result.returncode != 0:
             sys.exit(f"cello.py demo: stage '{name}' failed (exit {result.returncode}); fix it and run the demo "
                      f"again: finished stages are kept")
-    import reward
     rows = read_json(f"{args.out_dir}/eval/baselines/summary.json")
     rows["SFT"] = read_json(f"{args.out_dir}/eval/sft/summary.json")["model"]
     rows["SFT+GRPO"] = read_json(f"{args.out_dir}/eval/grpo/summary.json")["model"]

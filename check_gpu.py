@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 import cello
 
-parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=cello.HelpFormatter)
 parser.add_argument("--model", required=True, help="a local Hugging Face model folder (e.g. runs/demo/sft/final)")
 parser.add_argument("--puzzles", required=True, help="puzzles JSONL whose prompts are used")
 parser.add_argument("--prompts", type=int, default=8, help="prompts per check")

@@ -202,7 +202,7 @@ def format_acceptance(report):
     return "\n".join(lines)
 
 
-def main():
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=cello.HelpFormatter)
     group = parser.add_argument_group("data")
     group.add_argument("--puzzles", required=True, help="puzzles JSONL to distill (records of puzzles.py)")
@@ -235,7 +235,7 @@ def main():
     group.add_argument("--api-key-env", default="OPENAI_API_KEY",
                        help="name of the environment variable holding the key ('' for none); "
                             "the key itself never goes on the command line")
-    group.add_argument("--cache", default=None,
+    group.add_argument("--api-cache", dest="cache", default=None,
                        help="the api answer cache JSONL (default: OUT_DIR/api_cache.jsonl); keyed by model name, "
                             "prompt and sampling settings, not by --base-url")
     group.add_argument("--max-concurrency", type=int, default=8, help="requests in flight at once")
@@ -262,15 +262,36 @@ def main():
     group.add_argument("--est-output-tokens", type=int, default=2000,
                        help="expected output tokens per sample (reasoning included), for the estimate")
     group.add_argument("--yes", action="store_true", help="send without asking (needed when stdin is not a terminal)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     cello.check_ranges("distill.py", args, {
         "--samples": "an integer >= 1", "--limit": "an integer >= 1", "--seed": "an integer in [0, 2^63)",
         "--temperature": "a number >= 0", "--max-new-tokens": "an integer >= 1", "--batch-size": "an integer >= 1",
         "--max-concurrency": "an integer >= 1", "--timeout": "a number > 0", "--max-attempts": "an integer >= 1",
         "--backoff": "a number >= 0", "--max-tokens": "an integer >= 1", "--price-input": "a number >= 0",
         "--price-output": "a number >= 0", "--est-output-tokens": "an integer >= 0"})
+    args.cache = args.cache or api.default_cache_path(args.out_dir)
+    return args
+
+
+def acceptance_report(args, rows, sft, respond):
+    """report.json: acceptance overall and by N, token usage, and the reward metrics of the samples."""
+    return {
+        "teacher": args.teacher,
+        "teacher_model": args.api_model if args.teacher == "api" else args.model_path,
+        "puzzles_file": args.puzzles,
+        "samples_per_puzzle": args.samples,
+        "keep": "all" if args.keep_all else "first",
+        "sft_rows": len(sft),
+        "overall": acceptance(rows),
+        "by_n": {n: acceptance([r for r in rows if r["n"] == n]) for n in sorted({r["n"] for r in rows})},
+        "usage": getattr(respond, "usage", None),
+        "metrics": reward.metrics([r["score"] for r in rows if r["score"] is not None]),
+    }
+
+
+def main(argv=None):
+    args = parse_args(argv)
     cello.refuse_torchrun("distill.py")
-    args.cache = args.cache or os.path.join(args.out_dir, "api_cache.jsonl")
     records = cello.read_puzzles(args.puzzles, "--puzzles", "distill.py")[:args.limit]
     cello.check_unique_ids(records, "--puzzles", args.puzzles, "distill.py")
     check_teacher_flags(args)
@@ -292,21 +313,7 @@ def main():
         print(f"distill.py: {summary}")
 
     sft = select_sft(records, texts, rows, args.keep_all)
-    by_n = {}
-    for n in sorted({r["n"] for r in rows}):
-        by_n[n] = acceptance([r for r in rows if r["n"] == n])
-    report = {
-        "teacher": args.teacher,
-        "teacher_model": args.api_model if args.teacher == "api" else args.model_path,
-        "puzzles_file": args.puzzles,
-        "samples_per_puzzle": args.samples,
-        "keep": "all" if args.keep_all else "first",
-        "sft_rows": len(sft),
-        "overall": acceptance(rows),
-        "by_n": by_n,
-        "usage": getattr(respond, "usage", None),
-        "metrics": reward.metrics([r["score"] for r in rows if r["score"] is not None]),
-    }
+    report = acceptance_report(args, rows, sft, respond)
     columns = ("id", "sample", "n", "status", "reward", "num_tokens", "error")
     cello.write_jsonl_atomic(os.path.join(args.out_dir, "samples.jsonl"), [{c: r[c] for c in columns} for r in rows])
     cello.write_json_atomic(os.path.join(args.out_dir, "report.json"), report)

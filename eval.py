@@ -23,13 +23,13 @@ Run (one process; the model responder uses cello's sampler on --device):
 """
 import argparse
 import hashlib
-import importlib
 import json
 import os
 import sys
 
 from tqdm import tqdm
 
+import api
 import cello
 import responders
 import reward
@@ -63,16 +63,16 @@ def parse_args(argv=None):
     model.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (1 = off)")
     model.add_argument("--device", default=None,
                        help="torch device for the model responder (default: cuda when there is a GPU, else cpu)")
-    api = parser.add_argument_group("api responder (an OpenAI-compatible endpoint)")
-    api.add_argument("--base-url", help="endpoint base URL, e.g. https://api.openai.com/v1")
-    api.add_argument("--api-model", help="model name the endpoint serves")
-    api.add_argument("--api-key-env", default="OPENAI_API_KEY",
-                     help="name of the environment variable holding the key ('' for none)")
-    api.add_argument("--api-cache", help="append-only response cache JSONL (default: OUT_DIR/api_cache.jsonl); "
-                                         "keyed by model name, prompt and sampling settings, not by --base-url")
-    api.add_argument("--max-concurrency", type=int, default=8, help="concurrent API requests")
-    api.add_argument("--retry-failed", action="store_true",
-                     help="ask again the samples cached as failed (default: cached failures are final)")
+    api_flags = parser.add_argument_group("api responder (an OpenAI-compatible endpoint)")
+    api_flags.add_argument("--base-url", help="endpoint base URL, e.g. https://api.openai.com/v1")
+    api_flags.add_argument("--api-model", help="model name the endpoint serves")
+    api_flags.add_argument("--api-key-env", default="OPENAI_API_KEY",
+                           help="name of the environment variable holding the key ('' for none)")
+    api_flags.add_argument("--api-cache", help="append-only response cache JSONL (default: OUT_DIR/api_cache.jsonl); "
+                                               "keyed by model name, prompt and sampling settings, not by --base-url")
+    api_flags.add_argument("--max-concurrency", type=int, default=8, help="concurrent API requests")
+    api_flags.add_argument("--retry-failed", action="store_true",
+                           help="ask again the samples cached as failed (default: cached failures are final)")
     args = parser.parse_args(argv)
 
     cello.check_ranges("eval.py", args, {
@@ -130,7 +130,7 @@ def build(name, args, train_records):
 
 def api_cache(args):
     """The api responder's cache: --api-cache, else OUT_DIR/api_cache.jsonl."""
-    return args.api_cache or os.path.join(args.out_dir, "api_cache.jsonl")
+    return args.api_cache or api.default_cache_path(args.out_dir)
 
 
 def check_answered(respond, total, args):
@@ -181,12 +181,8 @@ def evaluate(respond, records, num_samples, batch_size, desc, resume_path=None):
     puzzle whose rows are all there is not asked again, so a killed run goes on where it stopped. Greedy
     rows come out the same; sampled ones are new draws, as the generator starts again at its seed."""
     done = load_partial(resume_path) if resume_path else {}
-    if resume_path and os.path.isfile(resume_path) and os.path.getsize(resume_path):
-        # a line torn by a kill (maybe the only line): end it, so that the next row starts a line of its own
-        with open(resume_path, "rb+") as f:
-            f.seek(-1, os.SEEK_END)
-            if f.read(1) != b"\n":
-                f.write(b"\n")
+    if resume_path:
+        cello.end_torn_line(resume_path)
     rows = []
     bar = tqdm(total=len(records), desc=desc, unit="puzzle", file=sys.stderr)
     for start in range(0, len(records), batch_size):
@@ -209,10 +205,7 @@ def evaluate(respond, records, num_samples, batch_size, desc, resume_path=None):
                         s["error"] = f"refused by the server: {failed[key]}"
                     fresh[key] = {"id": record["id"], "sample": k, "response": text, "answer": record["answer"], **s}
             if resume_path:
-                with open(resume_path, "a", encoding="utf-8") as f:
-                    f.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in fresh.values()))
-                    f.flush()
-                    os.fsync(f.fileno())
+                cello.append_jsonl(resume_path, fresh.values(), durable=True)
         asked = {record["id"] for record in todo}
         for record in chunk:
             for k in range(num_samples):
@@ -254,10 +247,9 @@ def main(argv=None):
         respond = build(name, args, train_records)
         # the api responder runs its own concurrent requests (and progress bar): give it every puzzle at once
         per_call = len(records) if name == "api" else args.batch_size
-        fatal = (importlib.import_module("api").ApiError,) if name == "api" else ()  # loaded only when asked for
         try:
             rows = evaluate(respond, records, args.num_samples, per_call, name, model_partial if name == "model" else None)
-        except fatal as e:  # wrong key, URL or model: every request would fail the same way
+        except api.ApiError as e:  # wrong key, URL or model: every request would fail the same way
             fail(f"--responder api: {e}")
         check_answered(respond, len(records) * args.num_samples, args)
         predictions += [{"responder": name, **r} for r in rows]

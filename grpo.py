@@ -500,7 +500,7 @@ def main(argv=None):
         sys.exit(f"grpo.py: error: each rank's {local_puzzles} puzzles per step must split evenly into "
                  f"--minibatches {args.minibatches}")
     torch.manual_seed(args.seed)
-    resume_dir = cello.run_checkpoint(args.out_dir, args.resume, "grpo.py")  # None for a fresh run
+    resume_dir = cello.checkpoint_to_resume(args.out_dir, args.resume, "grpo.py")  # None for a fresh run
     train = cello.read_puzzles(args.train, "--train", "grpo.py")
     val = cello.read_puzzles(args.val, "--val", "grpo.py")[:args.eval_puzzles or None] if args.val else []
     cello.check_model_name(args.model, "grpo.py")
@@ -574,7 +574,7 @@ def main(argv=None):
     if val and args.eval_every and step == 0:
         row = {"step": 0, **evaluate(model, tokenizer, stop_ids, val, args, rank, world_size)}
         if rank == 0:
-            cello.append_jsonl(metrics_path, row)
+            cello.append_jsonl(metrics_path, [row])
     G = args.group_size
     bar = tqdm(range(step, args.steps), initial=step, total=args.steps, disable=rank != 0, desc="grpo")
     for step in bar:
@@ -624,7 +624,7 @@ def main(argv=None):
         if val and args.eval_every and ((step + 1) % args.eval_every == 0 or last):
             row.update(evaluate(model, tokenizer, stop_ids, val, args, rank, world_size))
         if rank == 0:  # the line first: a resume drops lines newer than its checkpoint, never misses one
-            cello.append_jsonl(metrics_path, row)
+            cello.append_jsonl(metrics_path, [row])
             bar.set_postfix(reward=f"{row['reward_mean']:.3f}", acc=f"{row['cell_accuracy']:.3f}",
                             kl="-" if row["kl"] is None else f"{row['kl']:.4f}", gnorm=f"{row['grad_norm']:.3f}",
                             zero_groups=f"{zero_groups:.2f}", s=f"{row['time_step']:.1f}")

@@ -129,7 +129,7 @@ def shared_prefix_length(rows):
 
 
 # ---------------------------------------------------------------------------------------------
-# Loss, schedule, one optimizer step, validation
+# Loss, one optimizer step, validation
 # ---------------------------------------------------------------------------------------------
 
 def summed_response_nll(model, rows, share_prefix=True):
@@ -263,7 +263,7 @@ def main(argv=None):
     args = parse_args(argv)
     rank, world_size, device = cello.setup_distributed()
     torch.manual_seed(args.seed)
-    resume_dir = cello.run_checkpoint(args.out_dir, args.resume, "sft.py")  # None for a fresh run
+    resume_dir = cello.checkpoint_to_resume(args.out_dir, args.resume, "sft.py")  # None for a fresh run
 
     # Data: the validation split is drawn with its own seeded generator, the same on every rank.
     train_records = cello.read_puzzles(args.data, "--data", "sft.py", need_response=True)
@@ -353,7 +353,7 @@ def main(argv=None):
             with cello.bf16_autocast(model, args.bf16):
                 row["val_loss"] = validation_loss(model, val, rank, world_size, args.micro_batch_size, pad_id, device)
         if rank == 0:
-            cello.append_jsonl(metrics_path, row)
+            cello.append_jsonl(metrics_path, [row])
         progress.update(1)
         progress.set_postfix(loss=f"{loss:.4f}", **({"val": f"{row['val_loss']:.4f}"} if "val_loss" in row else {}))
         if step % args.save_every == 0 or step == total_steps:  # the last too: --resume --max-steps N continues

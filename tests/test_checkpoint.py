@@ -53,7 +53,7 @@ def train_step(model, optimizer, scheduler, batch):
 
 def test_single_process_helpers_are_plain():
     assert cello.setup_distributed()[:2] == (0, 1)
-    assert cello.all_reduce(2.5) == 2.5 and cello.all_reduce([1.0, 3.0], op="mean") == [1.0, 3.0]
+    assert cello.all_reduce(2.5) == 2.5 and cello.all_reduce([1.0, 3.0]) == [1.0, 3.0]
     model = torch.nn.Linear(2, 2)
     assert cello.shard_model(model, torch.device("cpu")) is model
     # --bf16 in one process autocasts; without the flag nothing is cast
@@ -241,7 +241,7 @@ def test_resume_skips_a_folder_that_lacks_resume_pt_or_config_json(model_dir, tm
         shutil.rmtree(run / "last", ignore_errors=True)
         shutil.copytree(run / "last.old", run / "last")
         os.remove(run / "last" / missing)
-        assert cello.run_checkpoint(str(run), True, "sft.py") == f"{run}/last.old"
+        assert cello.checkpoint_to_resume(str(run), True, "sft.py") == f"{run}/last.old"
         with pytest.raises(SystemExit) as stop:
             cello.load_resume(str(run / "last"), model)
         assert stop.value.code == (f"cello: error: {run}/last is not a resumable checkpoint "
@@ -338,7 +338,7 @@ def test_two_process_fsdp2_matches_one_process(model_dir, tmp_path):
     # resuming into a fresh sharded model continued exactly like the uninterrupted sharded run
     assert result["resumed_state"] == {"step": 1}
     assert result["resumed_max_diff"] == 0.0
-    assert result["mean_rank"] == 0.5 and result["sum_rank"] == 1.0
+    assert result["sum_rank"] == 1.0
     assert result["gathered"] == ["rank 0", 0, "rank 1", 1]  # concatenated in rank order
     # each rank resumed its own Python stream (seeded 100 + rank before the save)
     assert result["python_draws"] == [random.Random(100).random(), random.Random(101).random()]
@@ -398,7 +398,7 @@ def worker(model_dir, work_dir):
         autocast_under_fsdp = torch.is_autocast_enabled("cpu")
     result = {"autocast_under_fsdp": autocast_under_fsdp, "grad_norm": grad_norm, "resumed_state": state,
               "resumed_max_diff": resumed_max_diff,
-              "mean_rank": cello.all_reduce(float(rank), op="mean"), "sum_rank": cello.all_reduce(float(rank)),
+              "sum_rank": cello.all_reduce(float(rank)),
               "gathered": cello.all_gather_list([f"rank {rank}", rank]),
               "python_draws": cello.all_gather_list([python_draw]),
               "bf16_loss": loss.item(), "bf16_grad_dtype": str(mixed.model.embed_tokens.weight.grad.dtype),
@@ -415,28 +415,28 @@ if __name__ == "__main__":
     cello.exit_after_torchrun()
 
 
-def test_run_checkpoint_resumes_last_or_last_old_and_a_fresh_run_refuses_an_old_checkpoint(model_dir, tmp_path):
+def test_checkpoint_to_resume_finds_last_or_last_old_and_a_fresh_run_refuses_an_old_checkpoint(model_dir, tmp_path):
     run = str(tmp_path / "run")
     os.makedirs(run)
     with pytest.raises(SystemExit) as stop:
-        cello.run_checkpoint(run, True, "grpo.py")
+        cello.checkpoint_to_resume(run, True, "grpo.py")
     assert stop.value.code == f"grpo.py: error: --resume: no checkpoint {run}/last to resume from"
-    assert cello.run_checkpoint(run, False, "grpo.py") is None  # nothing there: a fresh run may start
+    assert cello.checkpoint_to_resume(run, False, "grpo.py") is None  # nothing there: a fresh run may start
     model = cello.load_model(model_dir)
     optimizer = torch.optim.AdamW(model.parameters())
     cello.save_checkpoint(f"{run}/last", model, cello.load_tokenizer(model_dir), optimizer, state={"step": 4})
-    assert cello.run_checkpoint(run, True, "sft.py") == f"{run}/last"
+    assert cello.checkpoint_to_resume(run, True, "sft.py") == f"{run}/last"
     os.replace(f"{run}/last", f"{run}/last.old")  # a crash between save_checkpoint's two renames
-    assert cello.run_checkpoint(run, True, "sft.py") == f"{run}/last.old"
+    assert cello.checkpoint_to_resume(run, True, "sft.py") == f"{run}/last.old"
     assert cello.load_resume(f"{run}/last.old", model, optimizer) == {"step": 4}
     with pytest.raises(SystemExit) as stop:  # a fresh run here would leave the old run for a later --resume
-        cello.run_checkpoint(run, False, "sft.py")
+        cello.checkpoint_to_resume(run, False, "sft.py")
     assert stop.value.code == (f"sft.py: error: --out-dir {run} holds an earlier run's checkpoint (last.old/): pass "
                                "--resume to continue that run, or choose another --out-dir")
     finished = tmp_path / "finished"
     os.makedirs(finished / "final")  # an older run's final model, with no checkpoint to resume
     with pytest.raises(SystemExit) as stop:
-        cello.run_checkpoint(str(finished), False, "sft.py")
+        cello.checkpoint_to_resume(str(finished), False, "sft.py")
     assert stop.value.code == (f"sft.py: error: --out-dir {finished} holds an earlier run's final model (final/) "
                                "and no checkpoint to resume from: choose another --out-dir")
     # The run resumed from last.old saves its next checkpoint and is killed as it renames it into place:
@@ -452,7 +452,7 @@ def test_run_checkpoint_resumes_last_or_last_old_and_a_fresh_run_refuses_an_old_
         m.setattr(cello.os, "replace", killed_at_the_rename)
         with pytest.raises(KeyboardInterrupt):
             cello.save_checkpoint(f"{run}/last", model, cello.load_tokenizer(model_dir), optimizer, state={"step": 5})
-    assert cello.run_checkpoint(run, True, "sft.py") == f"{run}/last.old"
+    assert cello.checkpoint_to_resume(run, True, "sft.py") == f"{run}/last.old"
     assert cello.load_resume(f"{run}/last.old", model, optimizer) == {"step": 4}
     cello.save_checkpoint(f"{run}/last", model, cello.load_tokenizer(model_dir), optimizer, state={"step": 5})
     assert sorted(os.listdir(run)) == ["last"] and cello.load_resume(f"{run}/last", model, optimizer) == {"step": 5}
@@ -477,13 +477,13 @@ def test_a_save_killed_at_its_rename_keeps_the_previous_checkpoint(model_dir, tm
         m.setattr(cello.os, "replace", killed_at_the_rename)
         cello.save_checkpoint(f"{run}/last", model, tok, optimizer, state={"step": 2})
     assert sorted(os.listdir(run)) == ["last.old", "last.tmp"]  # step 1 moved aside, not deleted
-    assert cello.load_resume(cello.run_checkpoint(run, True, "sft.py"), model, optimizer) == {"step": 1}
+    assert cello.load_resume(cello.checkpoint_to_resume(run, True, "sft.py"), model, optimizer) == {"step": 1}
     cello.save_checkpoint(f"{run}/last", model, tok, optimizer, state={"step": 3})
     with pytest.MonkeyPatch.context() as m:  # killed after the rename, before last.old is dropped
         m.setattr(cello, "_remove_folder", lambda path: None)
         cello.save_checkpoint(f"{run}/last", model, tok, optimizer, state={"step": 4})
     assert sorted(os.listdir(run)) == ["last", "last.old"]
-    assert cello.run_checkpoint(run, True, "sft.py") == f"{run}/last"  # the newer one
+    assert cello.checkpoint_to_resume(run, True, "sft.py") == f"{run}/last"  # the newer one
     # an empty folder may be saved into; a killed save's leftover .tmp is cleared, not merged
     (tmp_path / "empty").mkdir()
     cello.save_checkpoint(str(tmp_path / "empty"), model, tok)

@@ -147,7 +147,7 @@ def test_cache_skips_a_torn_last_line_and_later_lines_win(tmp_path):
 
 
 def test_a_file_that_is_not_a_cache_is_refused_before_anything_is_appended(tmp_path):
-    """--cache pointed at a puzzles file by mistake: its whole JSON lines are not cache entries, so the
+    """--api-cache pointed at a puzzles file by mistake: its whole JSON lines are not cache entries, so the
     file is refused untouched, not appended to."""
     path = tmp_path / "puzzles.jsonl"
     cello.write_jsonl_atomic(path, toy_puzzles(2))
@@ -202,7 +202,7 @@ def test_cache_is_keyed_by_the_sampling_settings_sent(tmp_path):
 
 
 def test_cache_folder_is_made_before_any_request(tmp_path):
-    """A --cache in a folder that does not exist yet is created; one that cannot be written is refused
+    """An --api-cache in a folder that does not exist yet is created; one that cannot be written is refused
     before any request is sent (an answer it could not save would be paid for and lost)."""
     cache = tmp_path / "new" / "folder" / "cache.jsonl"
     api.api_responder("http://127.0.0.1:9/v1", "m", "", str(cache))
