@@ -274,7 +274,8 @@ def expression_matrix(adata):
     return matrix, var, which
 
 
-def build(args):
+def check_build_flags(args):
+    """fail() on a bad flag, before the input is read; returns --context-sentence as (column, template) pairs."""
     if not args.n_min >= 2:
         fail(f"--n-min must be >= 2 (got {args.n_min})")
     if args.n_max < args.n_min:
@@ -303,21 +304,24 @@ def build(args):
              "(each puzzle is drawn and kept in memory)")
     if not (0 <= args.val_frac < 1 and 0 < args.test_frac < 1 and args.val_frac + args.test_frac < 1):
         fail(f"--val-frac and --test-frac must be fractions with val + test < 1 (got {args.val_frac}, {args.test_frac})")
-    adata = load_h5ad(args.input)
+    return extra_sentences
+
+
+def obs_column(adata, key, flag, path):
+    """The values of obs column `key` as a list; fail() naming the flag when the column does not exist."""
+    if key not in adata.obs.columns:
+        fail(f"{flag} {key!r}: no such obs column in {path}; obs columns are: {', '.join(map(str, adata.obs.columns))}")
+    return adata.obs[key].tolist()
+
+
+def cell_metadata(adata, args, stem, extra_sentences):
+    """(cell types, donors, batches, contexts), one value per cell, None where unknown (steps 1 and 4).
+    fail() on obs names that are not unique and on a cell type that an answer could not hold."""
     if not adata.obs_names.is_unique:  # records name cells by obs name: a repeated one would be two cells
         repeated = adata.obs_names[adata.obs_names.duplicated()]
         fail(f"{args.input}: obs names are not unique ({len(repeated)} repeated, e.g. {repeated[0]!r}): make them "
              "unique first (adata.obs_names_make_unique())")
-    obs = adata.obs
-    stem = os.path.splitext(os.path.basename(args.input))[0]
-
-    def column(key, flag):
-        if key not in obs.columns:
-            fail(f"{flag} {key!r}: no such obs column in {args.input}; obs columns are: {', '.join(map(str, obs.columns))}")
-        return obs[key].tolist()
-
-    # Cell types, donors, batches and context, one value per cell.
-    cell_types = [present(v) for v in column(args.cell_type_key, "--cell-type-key")]
+    cell_types = [present(v) for v in obs_column(adata, args.cell_type_key, "--cell-type-key", args.input)]
     by_norm = defaultdict(set)  # the reward compares labels stripped and case-insensitively
     for t in set(cell_types) - {None}:
         by_norm[reward.norm_label(t)].add(t)
@@ -333,9 +337,12 @@ def build(args):
     if clashes:
         fail(f"--cell-type-key {args.cell_type_key!r}: cell types {clashes[0]} differ only in case or surrounding "
              "spaces, which the reward counts as one label: merge them in the file first")
-    # A missing donor (NaN, "unknown", ...) is None, never a donor named "nan": such cells are left out below,
+    # A missing donor (NaN, "unknown", ...) is None, never a donor named "nan": such cells are left out later,
     # as pooling them would make puzzles that mix real donors and a fake donor that counts for the split.
-    donors = [stem] * adata.n_obs if args.donor_key == "none" else [present(v) for v in column(args.donor_key, "--donor-key")]
+    if args.donor_key == "none":
+        donors = [stem] * adata.n_obs
+    else:
+        donors = [present(v) for v in obs_column(adata, args.donor_key, "--donor-key", args.input)]
     if args.batch_key is None:
         batches = [None] * adata.n_obs
     elif args.batch_key == "barcode-suffix":
@@ -345,30 +352,39 @@ def build(args):
             if not match:
                 fail(f"--batch-key barcode-suffix: obs name {name!r} does not end in -<lane number>")
             batches.append(match.group(1))
-    else:
-        batches = [present(v) for v in column(args.batch_key, "--batch-key")]   # missing: grouped by donor only
+    else:  # missing: grouped by donor only
+        batches = [present(v) for v in obs_column(adata, args.batch_key, "--batch-key", args.input)]
+    return cell_types, donors, batches, cell_contexts(adata, args, extra_sentences)
+
+
+def cell_contexts(adata, args, extra_sentences):
+    """Each cell's context: --context, else SPEC.md's sentence from the metadata columns; then the
+    --context-sentence sentences whose column is known for the cell."""
     if args.context is not None:
         contexts = [args.context] * adata.n_obs
     else:
         keys = {flag: getattr(args, flag[2:].replace("-", "_")) for flag in CONTEXT_KEYS}
-        if not any(key in obs.columns for key in keys.values()):
+        if not any(key in adata.obs.columns for key in keys.values()):
             fail(f"{args.input} has none of the context columns ({args.sex_key}, {args.development_stage_key}, "
                  f"{args.ethnicity_key}, {args.tissue_key}, {args.disease_key}): pass --context TEXT")
         fields = []
         for flag, key in keys.items():
             # A missing default column counts as unknown (not every file has every field); a named one must exist
-            if key == CONTEXT_KEYS[flag] and key not in obs.columns:
+            if key == CONTEXT_KEYS[flag] and key not in adata.obs.columns:
                 fields.append([None] * adata.n_obs)
             else:
-                fields.append([present(v) for v in column(key, flag)])
+                fields.append([present(v) for v in obs_column(adata, key, flag, args.input)])
         # Cells whose every field is unknown (e.g. a column of "unknown" only) still get a sentence
         contexts = [context_sentence(*values) or "The cell is from an unknown donor." for values in zip(*fields)]
     for column_key, template in extra_sentences:  # e.g. smoking_status=The patient is a {}.
-        values = [present(v) for v in column(column_key, "--context-sentence")]
+        values = [present(v) for v in obs_column(adata, column_key, "--context-sentence", args.input)]
         contexts = [c if v is None else f"{c} {template.replace('{}', v)}" for c, v in zip(contexts, values)]
+    return contexts
 
-    # Expression and gene symbols.
-    matrix, var, which = expression_matrix(adata)
+
+def gene_symbols(adata, var, path, m):
+    """(symbol of each matrix column, where the names came from): var['feature_name'] when present, else
+    var_names, with any "_ENSG..." suffix stripped. fail() on duplicate names or fewer than m distinct symbols."""
     names = [str(v) for v in (var["feature_name"] if "feature_name" in var.columns else var.index)]
     name_source = "var['feature_name']" if "feature_name" in var.columns else "var_names"
     if "feature_name" not in var.columns and "feature_name" in adata.var.columns:  # .raw.var made without it
@@ -378,24 +394,29 @@ def build(args):
         name_source = f"var['feature_name'] for {mapped} of {len(names)} genes, else var_names"
     duplicated = [name for name, count in Counter(names).items() if count > 1]
     if duplicated:
-        fail(f"duplicate gene names in {name_source} of {args.input}: {', '.join(duplicated[:5])}")
+        fail(f"duplicate gene names in {name_source} of {path}: {', '.join(duplicated[:5])}")
     symbols = [ENSG_SUFFIX.sub("", name) for name in names]
-    distinct = sorted(set(symbols))  # fewer than the columns when symbols collide after the suffix strip
-    if args.genes > len(distinct):
-        fail(f"--genes {args.genes} is more than the {len(distinct)} distinct genes in {args.input}")
-    # Genes expressed per cell, counted by symbol (a cell lists each symbol once: top_genes)
-    if len(distinct) == len(symbols):
-        expressed = np.asarray((matrix > 0).sum(axis=1)).ravel()
-    else:
-        import scipy.sparse  # only for colliding symbols: a [columns, symbols] 0/1 matrix merges their columns
-        column_of = {symbol: k for k, symbol in enumerate(distinct)}
-        merge = scipy.sparse.csr_matrix((np.ones(len(symbols)), (np.arange(len(symbols)),
-                                                                 [column_of[x] for x in symbols])))
-        expressed = np.asarray(((matrix > 0).astype(np.float32) @ merge > 0).sum(axis=1)).ravel()
-    print(f"expression: {which} ({matrix.shape[0]} cells x {matrix.shape[1]} genes), gene symbols: {name_source}")
+    distinct = len(set(symbols))  # fewer than the columns when symbols collide after the suffix strip
+    if m > distinct:
+        fail(f"--genes {m} is more than the {distinct} distinct genes in {path}")
+    return symbols, name_source
 
-    # Eligible cells, by group.
-    typed = [i for i in range(adata.n_obs) if cell_types[i] is not None and expressed[i] >= args.genes]
+
+def expressed_genes(matrix, symbols):
+    """How many distinct symbols each cell expresses (> 0): a cell lists each symbol once (top_genes)."""
+    distinct = sorted(set(symbols))
+    if len(distinct) == len(symbols):
+        return np.asarray((matrix > 0).sum(axis=1)).ravel()
+    import scipy.sparse  # only for colliding symbols: a [columns, symbols] 0/1 matrix merges their columns
+    column_of = {symbol: k for k, symbol in enumerate(distinct)}
+    merge = scipy.sparse.csr_matrix((np.ones(len(symbols)), (np.arange(len(symbols)),
+                                                             [column_of[x] for x in symbols])))
+    return np.asarray(((matrix > 0).astype(np.float32) @ merge > 0).sum(axis=1)).ravel()
+
+
+def eligible_cells(cell_types, donors, expressed, args):
+    """(indices of the cells with a type, a donor and >= --genes expressed genes, why the others were left out)."""
+    typed = [i for i in range(len(cell_types)) if cell_types[i] is not None and expressed[i] >= args.genes]
     usable = [i for i in typed if donors[i] is not None]
     if typed and not usable:
         fail(f"--donor-key {args.donor_key!r}: no usable cell of {args.input} has a donor (every value is missing); "
@@ -404,72 +425,88 @@ def build(args):
                      f"fewer than {args.genes} expressed genes": sum(int(t is not None and expressed[i] < args.genes)
                                                                      for i, t in enumerate(cell_types)),
                      "no donor": len(typed) - len(usable)}
-    rng = np.random.default_rng(args.seed)
+    return usable, skipped_cells
 
-    # Split assignment: split_of[cell index] in SPLITS.
+
+def assign_splits(usable, donors, cell_types, val_frac, test_frac, rng):
+    """The leakage-free split: (mode, split_of, units), split_of[cell index] in SPLITS for each usable cell.
+
+    With >= 3 donors, mode "donor": the donors, sorted and then shuffled by rng, go n_test to test, the next
+    n_val to val, the rest to train (split_counts of the donors, but at least 1 to test, and at least 1 to
+    val when val_frac > 0 and 2 or more donors are left after test); a cell goes with its donor.
+    Else mode "cell": the cells of each (donor, type) stratum, in sorted stratum order, are shuffled by rng
+    and go n_test to test, n_val to val, the rest to train (split_counts of the stratum).
+    units counts the donors (or cells) of each split.
+    """
     donor_names = sorted({donors[i] for i in usable})
-    split_of = {}
     if len(donor_names) >= 3:
-        mode = "donor"
         order = [donor_names[i] for i in rng.permutation(len(donor_names))]
-        n_test, n_val = split_counts(len(order), args.val_frac, args.test_frac)
+        n_test, n_val = split_counts(len(order), val_frac, test_frac)
         n_test = max(n_test, 1)
-        n_val = max(n_val, 1) if args.val_frac > 0 and len(order) - n_test >= 2 else n_val
+        n_val = max(n_val, 1) if val_frac > 0 and len(order) - n_test >= 2 else n_val
         donor_split = {d: "test" if r < n_test else "val" if r < n_test + n_val else "train"
                        for r, d in enumerate(order)}
-        split_of = {i: donor_split[donors[i]] for i in usable}
-    else:
-        mode = "cell"
-        strata = defaultdict(list)
-        for i in usable:
-            strata[(donors[i], cell_types[i])].append(i)
-        for key in sorted(strata):
-            cells = [strata[key][j] for j in rng.permutation(len(strata[key]))]
-            n_test, n_val = split_counts(len(cells), args.val_frac, args.test_frac)
-            for r, i in enumerate(cells):
-                split_of[i] = "test" if r < n_test else "val" if r < n_test + n_val else "train"
+        return "donor", {i: donor_split[donors[i]] for i in usable}, Counter(donor_split.values())
+    split_of = {}
+    strata = defaultdict(list)
+    for i in usable:
+        strata[(donors[i], cell_types[i])].append(i)
+    for key in sorted(strata):
+        cells = [strata[key][j] for j in rng.permutation(len(strata[key]))]
+        n_test, n_val = split_counts(len(cells), val_frac, test_frac)
+        for r, i in enumerate(cells):
+            split_of[i] = "test" if r < n_test else "val" if r < n_test + n_val else "train"
+    return "cell", split_of, Counter(split_of.values())
+
+
+def check_split(mode, units, n_donors, args):
+    """fail() when the fractions leave a split with no donor or cell (train, test, and val when --val-frac > 0);
+    else print the split mode."""
     # Rounding can leave train (or a val/test split that was asked for) without a donor or cell even with valid
     # fractions (5 donors, 0.35 and 0.6): fail before anything is written rather than write an empty split.
-    units = Counter(donor_split.values()) if mode == "donor" else Counter(split_of.values())
     empty = [s for s in SPLITS if not units[s] and (s != "val" or args.val_frac > 0)]
-    if usable and empty:
+    if n_donors and empty:  # no donor: no usable cell, which build reports later
         unit = "donors" if mode == "donor" else "cells (split per donor and type)"
         fail(f"--val-frac {args.val_frac} and --test-frac {args.test_frac} leave the {empty[0]} split empty: "
              f"{sum(units.values())} {unit} go {units['train']} to train, {units['val']} to val, {units['test']} "
              "to test; choose fractions that leave each split at least one")
-    print(f"split: by {mode} ({len(donor_names)} donor{'s' if len(donor_names) != 1 else ''}; "
+    print(f"split: by {mode} ({n_donors} donor{'s' if n_donors != 1 else ''}; "
           + ("each donor in one split)" if mode == "donor" else "each cell in one split, stratified by donor and type)"))
 
-    # Puzzles.
-    groups = defaultdict(lambda: defaultdict(list))   # (split, donor, batch, context) -> type -> cells
-    for i in usable:
-        groups[(split_of[i], donors[i], batches[i] or "", contexts[i])][cell_types[i]].append(i)
-    context_ids = {c: k for k, c in enumerate(sorted({key[3] for key in groups}))}
+
+def draw_all(groups, args, rng, seen):
+    """(every group's puzzles for each N in [--n-min, --n-max], as (group key, n, puzzle) in drawing order,
+    capped by --max-puzzles-per-n; how many (group, N) pairs were skipped for having fewer than N types)."""
     per_group = {"train": args.puzzles_per_group, "val": args.val_puzzles_per_group,
                  "test": args.test_puzzles_per_group}
-    barcodes = [str(v) for v in adata.obs_names]
-    cache = {}
-    # its own generator, so that the puzzles (cells, order) are the same whatever --train-gene-dropout is
-    dropout_rng = np.random.default_rng([args.seed, 1])
-    records = {split: [] for split in SPLITS}
-    skipped_groups = 0
-    seen = excluded_cell_sets(args.exclude_puzzles, barcodes) if args.exclude_puzzles else set()
+    skipped_group_ns = 0
     drawn = []   # (group key, n, puzzle), in drawing order
     for key in sorted(groups):
         types = len(groups[key])
-        skipped_groups += max(0, args.n_max - max(types, args.n_min - 1))  # the Ns above its number of types
+        skipped_group_ns += max(0, args.n_max - max(types, args.n_min - 1))  # the Ns above its number of types
         for n in range(args.n_min, min(args.n_max, types) + 1):  # (a loop to a huge --n-max would never end)
             drawn += [(key, n, puzzle) for puzzle in draw_puzzles(groups[key], n, per_group[key[0]], rng, seen)]
     if args.max_puzzles_per_n is not None:  # own generator: without the flag the files stay the same
         drawn = cap_per_n(drawn, args.max_puzzles_per_n, np.random.default_rng([args.seed, 3]))
+    return drawn, skipped_group_ns
+
+
+def make_records(drawn, groups, matrix, symbols, barcodes, stem, args):
+    """The puzzle records of each split (cello.py, section 1), in drawing order; each cell is its top
+    --genes genes, after --train-gene-dropout for train."""
+    context_ids = {c: k for k, c in enumerate(sorted({key[3] for key in groups}))}
+    dense_rows = {}
+    # its own generator, so that the puzzles (cells, order) are the same whatever --train-gene-dropout is
+    dropout_rng = np.random.default_rng([args.seed, 1])
+    records = {split: [] for split in SPLITS}
     for key, n, puzzle in drawn:
         split, donor, batch, context = key
         cells = []
         for i, _ in puzzle:
-            if i not in cache:
+            if i not in dense_rows:
                 row = matrix[i].toarray().ravel() if hasattr(matrix, "toarray") else np.asarray(matrix[i]).ravel()
-                cache[i] = row.astype(np.float64)
-            row = cache[i]
+                dense_rows[i] = row.astype(np.float64)
+            row = dense_rows[i]
             if split == "train" and args.train_gene_dropout > 0:
                 row = np.where(dropout_rng.random(row.shape) < args.train_gene_dropout, 0.0, row)
             cells.append(top_genes(row, symbols, args.genes))
@@ -487,17 +524,12 @@ def build(args):
             "answer": answer,
             "cell_ids": [barcodes[i] for i, _ in puzzle],
         })
-    if args.train_blank_cells > 0:  # own generator: the puzzles stay the same whatever the share
-        blank_cells(records["train"], args.train_blank_cells, np.random.default_rng([args.seed, 2]))
-    total = sum(len(r) for r in records.values())
-    if total == 0 and not usable:
-        fail(f"no usable cell in {args.input}: a cell needs a cell type, a donor and at least --genes {args.genes} "
-             f"expressed genes (cells left out: {skipped_cells})")
-    if total == 0:
-        fail(f"no puzzle could be built: every group has fewer than --n-min {args.n_min} cell types "
-             f"({skipped_groups} group/N pairs skipped; cells left out: {skipped_cells})")
+    return records
 
-    summary = {
+
+def summarize(args, mode, which, name_source, records, split_of, donors, skipped_group_ns, skipped_cells):
+    """summary.json: where the data came from, how it was split, and what each split holds."""
+    return {
         "source": os.path.basename(args.input),
         "split_mode": mode,
         "expression": which,
@@ -508,20 +540,68 @@ def build(args):
                            "cells": sum(s == split for s in split_of.values()),
                            "donors": sorted({donors[i] for i, s in split_of.items() if s == split})}
                    for split in SPLITS},
-        "skipped_group_n_pairs_with_too_few_types": skipped_groups,
+        "skipped_group_n_pairs_with_too_few_types": skipped_group_ns,
         "skipped_cells": skipped_cells,
         "args": vars(args),
     }
-    make_dir(args.out_dir, "--out-dir")
+
+
+def write_outputs(out_dir, records, summary):
+    """Write {split}.jsonl and summary.json to out_dir, all or nothing, and print what they hold."""
+    make_dir(out_dir, "--out-dir")
     outputs = {f"{split}.jsonl": "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records[split])
                for split in SPLITS}
     outputs["summary.json"] = json.dumps(summary, indent=2, ensure_ascii=False) + "\n"
-    write_all_atomic(args.out_dir, outputs)
+    write_all_atomic(out_dir, outputs)
     for split in SPLITS:
         s = summary["splits"][split]
         print(f"{split}: {s['puzzles']} puzzles {s['by_n']} from {s['cells']} cells")
-    print(f"skipped: {skipped_groups} group/N pairs with too few types; cells: {skipped_cells}")
-    print(f"wrote {', '.join(outputs)} to {args.out_dir}")
+    print(f"skipped: {summary['skipped_group_n_pairs_with_too_few_types']} group/N pairs with too few types; "
+          f"cells: {summary['skipped_cells']}")
+    print(f"wrote {', '.join(outputs)} to {out_dir}")
+
+
+def build(args):
+    """Build train/val/test puzzles from args.input in args.out_dir, in the module docstring's steps."""
+    extra_sentences = check_build_flags(args)
+    adata = load_h5ad(args.input)
+    stem = os.path.splitext(os.path.basename(args.input))[0]
+
+    # 1. Cells: type, donor, batch and context; gene symbols and expressed genes; the eligible ones.
+    cell_types, donors, batches, contexts = cell_metadata(adata, args, stem, extra_sentences)
+    matrix, var, which = expression_matrix(adata)
+    symbols, name_source = gene_symbols(adata, var, args.input, args.genes)
+    expressed = expressed_genes(matrix, symbols)
+    print(f"expression: {which} ({matrix.shape[0]} cells x {matrix.shape[1]} genes), gene symbols: {name_source}")
+    usable, skipped_cells = eligible_cells(cell_types, donors, expressed, args)
+
+    # 3. Split, without leakage; done before step 2, as a group's key starts with its split.
+    rng = np.random.default_rng(args.seed)  # the split, then the puzzles' draws
+    mode, split_of, units = assign_splits(usable, donors, cell_types, args.val_frac, args.test_frac, rng)
+    check_split(mode, units, len({donors[i] for i in usable}), args)
+
+    # 2. Groups: cells sharing split, donor, batch and context, by type.
+    groups = defaultdict(lambda: defaultdict(list))   # (split, donor, batch, context) -> type -> cells
+    for i in usable:
+        groups[(split_of[i], donors[i], batches[i] or "", contexts[i])][cell_types[i]].append(i)
+
+    # 4. Puzzles, 5. their records (each cell's top genes), 6. the train-only augmentations.
+    barcodes = [str(v) for v in adata.obs_names]
+    seen = excluded_cell_sets(args.exclude_puzzles, barcodes) if args.exclude_puzzles else set()
+    drawn, skipped_group_ns = draw_all(groups, args, rng, seen)
+    records = make_records(drawn, groups, matrix, symbols, barcodes, stem, args)
+    if args.train_blank_cells > 0:  # own generator: the puzzles stay the same whatever the share
+        blank_cells(records["train"], args.train_blank_cells, np.random.default_rng([args.seed, 2]))
+    total = sum(len(r) for r in records.values())
+    if total == 0 and not usable:
+        fail(f"no usable cell in {args.input}: a cell needs a cell type, a donor and at least --genes {args.genes} "
+             f"expressed genes (cells left out: {skipped_cells})")
+    if total == 0:
+        fail(f"no puzzle could be built: every group has fewer than --n-min {args.n_min} cell types "
+             f"({skipped_group_ns} group/N pairs skipped; cells left out: {skipped_cells})")
+
+    write_outputs(args.out_dir, records,
+                  summarize(args, mode, which, name_source, records, split_of, donors, skipped_group_ns, skipped_cells))
 
 
 def make_dir(path, flag):

@@ -830,6 +830,24 @@ def test_split_counts_round_half_up():
     assert puzzles.split_counts(10, 0.0, 0.25) == (3, 0)
 
 
+def test_assign_splits_by_hand():
+    """By cell (1 donor): each (donor, type) stratum split on its own; by donor (3 donors): whole donors, with
+    at least one test donor, and one val donor when --val-frac > 0 leaves two after test."""
+    rng = np.random.default_rng(0)
+    # 1 donor; type A: cells 0-4, split_counts(5, .2, .2) = (1, 1); type B: cells 5-6, (0, 0); cell 7 not usable
+    types = ["A"] * 5 + ["B"] * 3
+    mode, split_of, units = puzzles.assign_splits(list(range(7)), ["d"] * 8, types, 0.2, 0.2, rng)
+    assert mode == "cell" and sorted(split_of) == list(range(7))
+    assert units == {"train": 5, "val": 1, "test": 1}
+    assert [split_of[i] for i in (5, 6)] == ["train", "train"]
+    # 3 donors of 3 cells: split_counts(3, .01, .01) = (0, 0), raised to 1 test and 1 val donor (0 val at 0)
+    donors = [f"d{i % 3}" for i in range(9)]
+    for val_frac, expected in ((0.01, {"train": 1, "val": 1, "test": 1}), (0.0, {"train": 2, "test": 1})):
+        mode, split_of, units = puzzles.assign_splits(list(range(9)), donors, ["A"] * 9, val_frac, 0.01, rng)
+        assert mode == "donor" and units == expected
+        assert all(split_of[i] == split_of[i % 3] for i in range(9))  # a donor's cells share its split
+
+
 def test_a_small_test_fraction_still_gets_one_test_donor(tmp_path):
     """4 donors with --test-frac 0.1 (0.4 donors) still give one test donor rather than an error."""
     path, _ = cellxgene_like(tmp_path / "f.h5ad", donors=4)
