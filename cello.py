@@ -15,6 +15,7 @@ Run the whole pipeline on the bundled data (2-core CPU: 12-14 minutes in most ho
 import argparse
 import contextlib
 import ctypes
+import fcntl
 import hashlib
 import json
 import math
@@ -227,12 +228,14 @@ def check_unique_ids(records, flag, path, script):
 
 
 _created_out_dirs = []  # (the folder, the topmost folder this process created for it), for a failed run
+_out_dir_locks = {}  # folder -> the open .lock file this process holds (flock), until it exits
 
 
 def make_out_dir(path, script):
     """Create the output folder (and its parents), or exit with one line saying why not (say, a file of
-    that name exists). A folder created here is removed again if the run then fails before it holds
-    any work (remove_unused_out_dirs), so bad input found late still leaves no folder behind."""
+    that name exists, or another run is using it). A folder created here is removed again if the run
+    then fails before it holds any work (remove_unused_out_dirs), so bad input found late still leaves
+    no folder behind. Every rank calls it; rank 0 locks the folder for the run."""
     topmost_new = None
     parent = os.path.abspath(path)
     while not os.path.exists(parent):
@@ -247,13 +250,49 @@ def make_out_dir(path, script):
         sys.exit(f"{script}: error: --out-dir {path}: cannot write in the folder ({e.strerror})")
     if topmost_new is not None:
         _created_out_dirs.append((os.path.abspath(path), topmost_new))
+    exit_together(_lock_out_dir(path, script) if get_rank() == 0 else None)
+
+
+def _lock_out_dir(path, script):
+    """Take OUT_DIR/.lock (an exclusive flock, released when the process ends, even by a kill); returns
+    None, or the one-line error when another run holds it: two runs in one folder would mix their
+    checkpoints and metrics."""
+    key = os.path.realpath(path)
+    if key in _out_dir_locks:  # this process took it already (a test that runs main() twice)
+        return None
+    lock = open(os.path.join(path, ".lock"), "a")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        return f"{script}: error: --out-dir {path}: another run is using it (it holds {path}/.lock); wait for it, or choose another --out-dir"
+    _out_dir_locks[key] = lock
+    return None
+
+
+def release_out_dirs():
+    """Let go of the folders this process locked (a process's end does it too)."""
+    for lock in _out_dir_locks.values():
+        lock.close()
+    _out_dir_locks.clear()
+
+
+def exit_together(problem):
+    """Exit with rank 0's one-line problem on every rank (None: go on). Under torchrun a rank that
+    exited alone would leave the others waiting on it, then failing with a traceback."""
+    if dist.is_initialized():
+        shared = [problem]
+        dist.broadcast_object_list(shared, src=0)
+        problem = shared[0]
+    if problem:
+        sys.exit(problem)
 
 
 def remove_unused_out_dirs():
     """After a failed run: remove each folder make_out_dir created that holds nothing, or only preset
     models built by this run (<preset>-init: rebuilt in seconds from the same data and seed), and the
     parents created with it. A folder with anything else (a checkpoint, metrics, an API cache) is kept."""
-    rebuilt = {f"{name}-init" for name in PRESETS}
+    rebuilt = {f"{name}-init" for name in PRESETS} | {".lock"}
     for path, topmost_new in _created_out_dirs:
         if not os.path.isdir(path) or not set(os.listdir(path)) <= rebuilt:
             continue
@@ -1442,6 +1481,9 @@ def checkpoint_to_resume(run_dir, resume, script):
         for folder in (last, last + ".old"):
             if os.path.isfile(os.path.join(folder, "resume.pt")) and is_checkpoint_complete(folder):
                 return folder
+        if os.path.isdir(last):  # not written by save_checkpoint (its rename is atomic): copied or edited by hand
+            sys.exit(f"{script}: error: --resume: {last} is incomplete (it needs config.json, the weights and "
+                     "resume.pt): restore it from a copy, or start afresh in another --out-dir")
         sys.exit(f"{script}: error: --resume: no checkpoint {last} to resume from")
     for name in ("last", "last.old"):
         if os.path.exists(os.path.join(run_dir, name)):
@@ -1468,6 +1510,19 @@ def _load_pickle(path):
     return _read_checkpoint_part(lambda p: torch.load(p, map_location="cpu", weights_only=False), path)
 
 
+def _read_on_rank0(read):
+    """read() on rank 0 (every process when single), {} on the others. A damaged file stops every rank
+    with rank 0's one line: the others would otherwise wait in the broadcast for a rank that has exited."""
+    result, problem = {}, None
+    if get_rank() == 0 or not dist.is_initialized():
+        try:
+            result = read()
+        except SystemExit as e:  # _read_checkpoint_part's one-line error
+            problem = str(e.code)
+    exit_together(problem)
+    return result
+
+
 def load_resume(out_dir, model, optimizer=None, scheduler=None, expect=None):
     """Restore a save_checkpoint folder into model (weights), optimizer, scheduler and this rank's RNG;
     returns the saved state dict (e.g. {"step": ..., ...}). Works for sharded and plain models; every
@@ -1488,12 +1543,10 @@ def load_resume(out_dir, model, optimizer=None, scheduler=None, expect=None):
                      f"this run has {value}: resume with the run's own flags, or start afresh in another --out-dir")
     rank, sharded = get_rank(), dist.is_initialized()
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=sharded)
-    weights = {}
-    if rank == 0 or not sharded:
-        weights = _read_checkpoint_part(_read_weights, out_dir, f"the weights in {out_dir}")
-        tied = _tied_weight_names(model)
-        if tied:
-            weights[tied[0]] = weights[tied[1]]
+    weights = _read_on_rank0(lambda: _read_checkpoint_part(_read_weights, out_dir, f"the weights in {out_dir}"))
+    tied = _tied_weight_names(model)
+    if tied and weights:
+        weights[tied[0]] = weights[tied[1]]
     try:
         set_model_state_dict(model, weights, options=options)
     except RuntimeError as e:  # another architecture: "size mismatch for ...", "Missing key(s) ..."
@@ -1502,7 +1555,7 @@ def load_resume(out_dir, model, optimizer=None, scheduler=None, expect=None):
         optimizer_path = os.path.join(out_dir, "optimizer.pt")
         if not os.path.isfile(optimizer_path):
             sys.exit(f"cello: error: {out_dir} has no optimizer state (optimizer.pt)")
-        optimizer_state = _load_pickle(optimizer_path) if rank == 0 or not sharded else {}
+        optimizer_state = _read_on_rank0(lambda: _load_pickle(optimizer_path))
         set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
     if scheduler is not None and resume["scheduler"] is not None:
         scheduler.load_state_dict(resume["scheduler"])

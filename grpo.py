@@ -74,7 +74,8 @@ Choices this file makes (each is tested in tests/test_grpo.py):
 - Sampling randomness comes from generators seeded by (seed, step, puzzle position in the step), one
   per sampling call of --sample-batch puzzles: a resumed run repeats exactly what the uninterrupted
   run would have done, and with --sample-batch 1 (or any divisor of each rank's share) K processes
-  sample exactly what 1 process samples.
+  sample exactly what 1 process samples in float32 (with --bf16 they differ: one process autocasts,
+  FSDP2 casts the weights).
 """
 import argparse
 import math

@@ -569,9 +569,9 @@ if os.environ.get("REF_LOG"):  # the reference's parameters each rank still hold
 exit_after = int(os.environ.get("EXIT_AFTER_STEP", "0"))
 if exit_after:  # simulate a kill right after that step's metrics line, before its checkpoint
     append = grpo.cello.append_jsonl
-    def append_then_die(path, row):
-        append(path, row)
-        if row["step"] == exit_after:
+    def append_then_die(path, rows):
+        append(path, rows)
+        if rows[-1]["step"] == exit_after:
             os._exit(137)
     grpo.cello.append_jsonl = append_then_die
 grpo.main(sys.argv[1:])

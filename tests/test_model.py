@@ -307,6 +307,26 @@ def test_an_out_dir_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
     assert str(exit_info.value.code) == f"eval.py: error: --out-dir {tmp_path}: cannot write in the folder (Permission denied)"
 
 
+def test_a_second_run_in_the_same_out_dir_is_refused(tmp_path):
+    """Two runs in one --out-dir would mix checkpoints and metrics: the second is refused while the first
+    holds OUT_DIR/.lock, and the lock goes with the first process, however it ends."""
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", f"import cello, sys, time; cello.make_out_dir({str(out)!r}, "
+                               "'sft.py'); print('locked', flush=True); time.sleep(60)"], cwd=ROOT,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        with pytest.raises(SystemExit) as exit_info:
+            cello.make_out_dir(str(out), "grpo.py")
+        assert str(exit_info.value.code) == (f"grpo.py: error: --out-dir {out}: another run is using it (it holds "
+                                             f"{out}/.lock); wait for it, or choose another --out-dir")
+    finally:
+        holder.kill()
+        holder.wait()
+    cello.make_out_dir(str(out), "grpo.py")  # the killed run's lock is gone
+    cello.release_out_dirs()
+
+
 def test_one_process_scripts_refuse_torchrun(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(SystemExit) as exit_info:

@@ -428,6 +428,29 @@ def test_two_process_fsdp2_matches_one_process(tmp_path, micro_batch_size):
         torch.testing.assert_close(final_two[name], final_one[name], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
+def test_two_processes_stop_together_on_a_damaged_checkpoint(tmp_path):
+    """Rank 0 reads the optimizer state; cut short, it stops rank 1 too with rank 0's one line, instead
+    of leaving it to fail in the broadcast with gloo's "Connection closed by peer" traceback."""
+    data = write(tmp_path / "sft.jsonl", make_records(8))
+    flags = ["--data", data, "--model", "tiny", "--batch-size", "2", "--save-every", "1", "--val-fraction", "0",
+             "--out-dir", str(tmp_path / "run")]
+    sft.main(flags + ["--max-steps", "1"])
+    cello.release_out_dirs()  # this process's run is over: the torchrun below takes the folder
+    state = tmp_path / "run" / "last" / "optimizer.pt"
+    with open(state, "r+b") as f:
+        f.truncate(os.path.getsize(state) // 2)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             os.path.join(ROOT, "sft.py"), *flags, "--max-steps", "2", "--resume"],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    message = f"cello: error: cannot read {tmp_path / 'run' / 'last' / 'optimizer.pt'} ("
+    # rank 0's line always; rank 1's too unless torchrun, seeing rank 0 fail, terminates it first
+    assert 1 <= sum(line.startswith(message) for line in result.stderr.splitlines()) <= 2, result.stderr[-3000:]
+    assert "Connection closed" not in result.stderr and "[rank1]: Traceback" not in result.stderr
+
+
 # ---- bad input: one clear line, non-zero exit ----
 
 @pytest.mark.parametrize("content, message", [
@@ -482,12 +505,12 @@ def test_a_late_bad_input_leaves_no_out_dir_behind(tmp_path):
     assert os.listdir(tmp_path) == ["sft.jsonl"]
     (tmp_path / "mine").mkdir()
     run(tmp_path / "mine")  # the user's own folder stays
-    assert os.listdir(tmp_path / "mine") == ["tiny-init"]
+    assert sorted(os.listdir(tmp_path / "mine")) == [".lock", "tiny-init"]
     # a folder this run created that holds anything but a preset is kept, and so are its parents
     cello.make_out_dir(str(tmp_path / "a" / "b"), "sft.py")
     (tmp_path / "a" / "b" / "metrics.jsonl").write_text("{}\n")
     cello.remove_unused_out_dirs()
-    assert os.listdir(tmp_path / "a" / "b") == ["metrics.jsonl"]
+    assert sorted(os.listdir(tmp_path / "a" / "b")) == [".lock", "metrics.jsonl"]
 
 
 def test_a_non_finite_loss_stops_before_the_weights_change(tiny):
