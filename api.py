@@ -347,7 +347,7 @@ def api_responder(base_url, model, api_key_env, cache_path, max_concurrency=8, t
     def save(entry):  # its error is redacted already (fetch)
         with lock:
             cello.append_jsonl(cache_path, [entry], durable=True)
-            cache[cache_key(entry)] = json.loads(json.dumps(entry))  # as a rerun will read it back
+            cache[cache_key(entry)] = entry
 
     def fetch(record, k, messages):
         """Ask for sample k of one puzzle until it succeeds, fails for good, or attempts run out."""

@@ -1495,31 +1495,29 @@ def checkpoint_to_resume(run_dir, resume, script):
     return None
 
 
-def _read_checkpoint_part(read, path, what=None):
+def _unpickle(path):
+    """Our own resume.pt / optimizer.pt (RNG states need pickle)."""
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _read_checkpoint_part(read, path, what=None, rank0_only=False):
     """read(path) for a part of a resume checkpoint; a file cut short or damaged (torch's, safetensors'
-    or the OS's error) is a one-line error naming `what` (default: the path), not a traceback."""
-    try:
-        return read(path)
-    except Exception as e:
-        sys.exit(f"cello: error: cannot read {what or path} ({type(e).__name__}: {' '.join(str(e).split())[:200]}): "
-                 "the checkpoint is damaged; resume from an intact copy or start afresh")
-
-
-def _load_pickle(path):
-    """torch.load of our own resume.pt / optimizer.pt (RNG states need pickle), damage reported in one line."""
-    return _read_checkpoint_part(lambda p: torch.load(p, map_location="cpu", weights_only=False), path)
-
-
-def _read_on_rank0(read):
-    """read() on rank 0 (every process when single), {} on the others. A damaged file stops every rank
-    with rank 0's one line: the others would otherwise wait in the broadcast for a rank that has exited."""
+    or the OS's error) is a one-line error naming `what` (default: the path), not a traceback.
+    rank0_only: rank 0 reads, the other ranks get {} (rank 0 broadcasts what it read); a damaged file
+    then stops every rank with rank 0's line, as the others would otherwise wait in the broadcast for a
+    rank that has exited."""
     result, problem = {}, None
-    if get_rank() == 0 or not dist.is_initialized():
+    if not rank0_only or get_rank() == 0:
         try:
-            result = read()
-        except SystemExit as e:  # _read_checkpoint_part's one-line error
-            problem = str(e.code)
-    exit_together(problem)
+            result = read(path)
+        except Exception as e:
+            problem = (f"cello: error: cannot read {what or path} ({type(e).__name__}: "
+                       f"{' '.join(str(e).split())[:200]}): the checkpoint is damaged; resume from an intact copy "
+                       "or start afresh")
+    if rank0_only:
+        exit_together(problem)
+    elif problem:
+        sys.exit(problem)
     return result
 
 
@@ -1536,14 +1534,14 @@ def load_resume(out_dir, model, optimizer=None, scheduler=None, expect=None):
     path = os.path.join(out_dir, "resume.pt")
     if not os.path.isfile(path) or not is_checkpoint_complete(out_dir):
         sys.exit(f"cello: error: {out_dir} is not a resumable checkpoint (needs config.json and resume.pt)")
-    resume = _load_pickle(path)
+    resume = _read_checkpoint_part(_unpickle, path)
     for key, value in (expect or {}).items():  # (a checkpoint older than these keys is not checked)
         if key in resume["state"] and resume["state"][key] != value:
             sys.exit(f"cello: error: --resume: {out_dir} was saved with {key} {resume['state'][key]}, "
                      f"this run has {value}: resume with the run's own flags, or start afresh in another --out-dir")
     rank, sharded = get_rank(), dist.is_initialized()
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=sharded)
-    weights = _read_on_rank0(lambda: _read_checkpoint_part(_read_weights, out_dir, f"the weights in {out_dir}"))
+    weights = _read_checkpoint_part(_read_weights, out_dir, f"the weights in {out_dir}", rank0_only=sharded)
     tied = _tied_weight_names(model)
     if tied and weights:
         weights[tied[0]] = weights[tied[1]]
@@ -1555,7 +1553,7 @@ def load_resume(out_dir, model, optimizer=None, scheduler=None, expect=None):
         optimizer_path = os.path.join(out_dir, "optimizer.pt")
         if not os.path.isfile(optimizer_path):
             sys.exit(f"cello: error: {out_dir} has no optimizer state (optimizer.pt)")
-        optimizer_state = _read_on_rank0(lambda: _load_pickle(optimizer_path))
+        optimizer_state = _read_checkpoint_part(_unpickle, optimizer_path, rank0_only=sharded)
         set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
     if scheduler is not None and resume["scheduler"] is not None:
         scheduler.load_state_dict(resume["scheduler"])
