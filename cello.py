@@ -542,6 +542,21 @@ def load_model(path, device="cpu"):
     return model.to(device)
 
 
+def check_fits_context(config, path, script, max_new_tokens, max_prompt_tokens=None):
+    """Exit with one line when max_new_tokens (plus max_prompt_tokens, when given) is more than the
+    model's context, config.max_position_embeddings: positions past it are untrained (garbage at best),
+    and a typo such as --max-new-tokens 100000000000 would fail on a huge allocation instead."""
+    context = getattr(config, "max_position_embeddings", None)
+    need = max_new_tokens + (max_prompt_tokens or 0)
+    if context is None or need <= context:
+        return
+    flags = f"--max-new-tokens {max_new_tokens}"
+    if max_prompt_tokens is not None:
+        flags = f"--max-prompt-tokens {max_prompt_tokens} + {flags} = {need} tokens"
+    sys.exit(f"{script}: error: {flags} is more than the model's context of {context} tokens "
+             f"(max_position_embeddings in {os.path.join(path, 'config.json')})")
+
+
 def unsupported_features(config):
     """What of a model's config cello's own attention (_shared_prefix_attention) and log-prob head
     (_chunk_logprobs) leave out, as text ('' when nothing): sliding-window attention (Mistral v0.1,

@@ -528,6 +528,7 @@ def main(argv=None):
     tokenizer = cello.load_tokenizer(model_path)
     stop_ids = cello.stop_token_ids(model_path, tokenizer)
     model = cello.load_model(model_path, device)
+    cello.check_fits_context(model.config, model_path, "grpo.py", args.max_new_tokens, args.max_prompt_tokens)
     # No dropout anywhere: the ratio must compare the same function, so eval mode (gradients still
     # flow). Activation checkpointing acts in train mode only (Hugging Face's rule), which is the same
     # function when the model has no dropout (Llama's and Qwen's attention_dropout is 0).

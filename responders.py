@@ -204,6 +204,7 @@ def model_responder(path, batch_size=8, max_new_tokens=1024, temperature=0.0, to
     if torch.device(device).type == "cpu":
         cello.keep_freed_memory()
     model = cello.load_model(path, device=device)
+    cello.check_fits_context(model.config, path, "cello", max_new_tokens)
     model.eval()
     tokenizer = cello.load_tokenizer(path)
     stop_ids = cello.stop_token_ids(path, tokenizer)

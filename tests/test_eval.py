@@ -373,6 +373,18 @@ def test_cli_model_responder(files):
                 os.remove(files / "resumed" / "predictions.jsonl")
 
 
+def test_cli_model_responder_refuses_a_response_longer_than_the_model_s_context(files):
+    # a typo once failed on allocating 6.4 TB for the response buffer, with a traceback
+    path = cello.prepare_model("tiny", str(files / "models"), cello.read_jsonl(files / "test.jsonl"))
+    out = files / "too-long"
+    with pytest.raises(SystemExit) as stop:
+        evaluate.main(["--puzzles", str(files / "test.jsonl"), "--responder", "model", "--model-path", path,
+                       "--max-new-tokens", "100000000000", "--out-dir", str(out)])
+    assert str(stop.value) == ("cello: error: --max-new-tokens 100000000000 is more than the model's context of "
+                               f"4096 tokens (max_position_embeddings in {os.path.join(path, 'config.json')})")
+    assert not os.path.exists(out / "predictions.jsonl")
+
+
 def test_cli_model_responder_writing_into_the_model_folder(files):
     """--out-dir the model's own folder: the run removes its partial file at the end (its name does not
     change as predictions.jsonl is written beside the weights), and the model keeps its identity."""

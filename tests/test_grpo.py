@@ -663,6 +663,18 @@ def test_activation_checkpointing_refuses_a_model_with_dropout(toy_run, tmp_path
     assert row["rho_mean"] == pytest.approx(1.0, abs=1e-5)
 
 
+def test_a_prompt_and_response_longer_than_the_model_s_context_are_refused(toy_run, tmp_path):
+    runner, d, flags = toy_run
+    model = flags[flags.index("--model") + 1]
+    with pytest.raises(SystemExit) as stop:
+        grpo.main(flags + ["--out-dir", str(tmp_path / "out"), "--steps", "1", "--max-prompt-tokens", "4000",
+                           "--max-new-tokens", "97"])
+    assert str(stop.value) == ("grpo.py: error: --max-prompt-tokens 4000 + --max-new-tokens 97 = 4097 tokens is more "
+                               "than the model's context of 4096 tokens "
+                               f"(max_position_embeddings in {os.path.join(model, 'config.json')})")
+    assert not os.path.exists(tmp_path / "out" / "metrics.jsonl")  # refused before the first step
+
+
 @pytest.mark.slow
 def test_cli_runs_logs_and_checkpoints(toy_run, tmp_path):
     # at a temperature other than 1, so that the update's and the reference's log-probs must use it too
