@@ -1110,7 +1110,7 @@ def test_resume_with_another_starting_model_is_refused_a_moved_one_is_not(toy_ru
     cello.write_jsonl_atomic(str(fewer), cello.read_jsonl(flags[train_at])[:-1])
     for changed, key in ((["--group-size", "2"], "--group-size 4, this run has 2"),
                          (["--lr", "2e-3"], "--lr 0.001, this run has 0.002"),  # the optimizer state keeps its own
-                         (["--max-prompt-tokens", "4096"], "--max-prompt-tokens 2048, this run has 4096"),  # which are kept
+                         (["--max-prompt-tokens", "3000"], "--max-prompt-tokens 2048, this run has 3000"),  # which are kept
                          (["--train", str(fewer)], "--train " + cello.file_fingerprint(flags[train_at]))):
         with pytest.raises(SystemExit) as stop:
             grpo.main(flags + changed + ["--out-dir", out, "--steps", "2", "--eval-every", "0", "--resume"])
