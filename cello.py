@@ -826,7 +826,6 @@ AttentionInterface.register("cello_shared_prefix", _shared_prefix_attention)
 AttentionMaskInterface.register("cello_shared_prefix", lambda **kwargs: None)
 
 
-@torch.no_grad()
 def _prefill_prompts(model, prompts, num_samples, device):
     """Run each prompt once; returns (the logits of each prompt's last position [P, V] float32, the
     shared-prefix dict _shared_prefix_attention reads: every prompt's keys and values, left-padded)."""
@@ -857,6 +856,7 @@ def _prefill_prompts(model, prompts, num_samples, device):
     return torch.stack(last_logits), shared
 
 
+@torch.no_grad()
 def sample(model, prompts, num_samples, max_new_tokens, stop_ids, pad_id, temperature=1.0, top_p=1.0,
            generator=None):
     """Sample num_samples responses per prompt with a KV cache; each prompt is prefilled once, and its

@@ -79,6 +79,20 @@ def test_greedy_equals_generate_token_for_token(model):
     assert len({len(r) for r in out["responses"]}) > 1  # rows really stopped at different steps
 
 
+def test_sampling_records_no_autograd_graph_even_when_the_caller_has_gradients_on(model):
+    # bench_core.py and check_gpu.py call sample without torch.no_grad(); a graph over every decode
+    # step would cost time and keep every step's activations alive
+    grad_modes = []
+    hook = model.register_forward_pre_hook(lambda module, args: grad_modes.append(torch.is_grad_enabled()))
+    try:
+        with torch.enable_grad():
+            cello.sample(model, PROMPTS, 2, 5, stop_ids=-1, pad_id=PAD, temperature=1.0,
+                         generator=torch.Generator().manual_seed(0))
+    finally:
+        hook.remove()
+    assert len(grad_modes) == len(PROMPTS) + 4 and not any(grad_modes)  # 4 prefills, then 4 decode steps
+
+
 def test_a_row_stops_at_any_of_several_stop_ids_as_generate_does(model, tmp_path):
     ids, mask, _ = cello.left_pad(PROMPTS, PAD, "cpu")
     free = cello.sample(model, PROMPTS, 1, 15, stop_ids=-1, pad_id=PAD, temperature=0)["responses"]
